@@ -1,0 +1,185 @@
+"""The 14 messages of ``rhizomedb-federation-v1`` (PROTOCOL.md "Messages") as typed values.
+
+Python names are snake_case; on the wire they are camelCase (``system_id`` is ``systemId``).
+Optional fields are omitted from the JSON when absent. Unknown fields are ignored on decoding,
+as v1 requires. Every message carries ``timestamp``: the sender's wall clock in milliseconds.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, TypeAlias
+
+import msgspec
+
+from ._delta import Delta, Timestamp
+from ._filter import DeltaFilter
+
+__all__ = [
+    "PROTOCOL_VERSION",
+    "Delta",
+    "DeltaAck",
+    "DeltaMessage",
+    "DeltaNack",
+    "ErrorMessage",
+    "FederationConfig",
+    "Hello",
+    "HelloAck",
+    "InitialSync",
+    "Message",
+    "Mode",
+    "Pause",
+    "Ping",
+    "Pong",
+    "ReconnectConfig",
+    "Resume",
+    "SyncBatch",
+    "SyncComplete",
+    "SyncRequest",
+    "SyncStart",
+]
+
+#: The protocol string of ``hello`` and ``hello_ack``.
+PROTOCOL_VERSION = "rhizomedb-federation-v1"
+
+Mode: TypeAlias = Literal["push", "pull", "bidirectional"]
+InitialSync: TypeAlias = Literal["full", "from_timestamp", "none"]
+Count = Annotated[int, msgspec.Meta(ge=0)]
+NonNegative: TypeAlias = (
+    Annotated[int, msgspec.Meta(ge=0)] | Annotated[float, msgspec.Meta(ge=0)]
+)
+NonEmptyStr = Annotated[str, msgspec.Meta(min_length=1)]
+
+
+class ReconnectConfig(msgspec.Struct, frozen=True, omit_defaults=True, rename="camel"):
+    """The ``reconnect`` part of a ``hello`` config (times in milliseconds)."""
+
+    enabled: bool | None = None
+    max_attempts: Count | None = None
+    initial_delay: NonNegative | None = None
+    max_delay: NonNegative | None = None
+    backoff_multiplier: NonNegative | None = None
+
+
+class FederationConfig(msgspec.Struct, frozen=True, omit_defaults=True, rename="camel"):
+    """The link configuration a client announces in ``hello``; every field is optional.
+
+    It is informational for the server, except ``pull_filter`` and ``mode`` which narrow what the
+    server sends. ``trust_policy`` is kept as the JSON the peer sent and never applied.
+    """
+
+    mode: Mode | None = None
+    initial_sync: InitialSync | None = None
+    sync_from_timestamp: NonNegative | None = None
+    push_filter: DeltaFilter | None = None
+    pull_filter: DeltaFilter | None = None
+    reconnect: ReconnectConfig | None = None
+    trust_policy: dict[str, Any] | None = None
+
+
+class _Message(msgspec.Struct, frozen=True, tag_field="type", rename="camel", omit_defaults=True):
+    timestamp: Timestamp
+
+
+class Hello(_Message, tag="hello", kw_only=True):
+    """Client to server, first message: who the client is and how it wants the link."""
+
+    system_id: NonEmptyStr
+    config: FederationConfig = FederationConfig()
+    protocol: str = PROTOCOL_VERSION
+
+
+class HelloAck(_Message, tag="hello_ack", kw_only=True):
+    """Server to client: the handshake succeeded."""
+
+    system_id: NonEmptyStr
+    link_id: str
+    protocol: str = PROTOCOL_VERSION
+
+
+class DeltaMessage(_Message, tag="delta", kw_only=True):
+    """Either way: one live delta, answered with ``delta_ack`` or ``delta_nack``."""
+
+    delta: Delta
+
+
+class DeltaAck(_Message, tag="delta_ack", kw_only=True):
+    """Either way: the delta was accepted."""
+
+    delta_id: str
+
+
+class DeltaNack(_Message, tag="delta_nack", kw_only=True):
+    """Either way: the delta was rejected, and why."""
+
+    delta_id: str
+    reason: str
+
+
+class SyncRequest(_Message, tag="sync_request", kw_only=True):
+    """Client to server: start the initial sync."""
+
+    filter: DeltaFilter | None = None
+    from_timestamp: NonNegative | None = None
+
+
+class SyncStart(_Message, tag="sync_start", kw_only=True):
+    """Server to client: a sync of ``total_deltas`` deltas in batches of ``batch_size``."""
+
+    total_deltas: Count
+    batch_size: Annotated[int, msgspec.Meta(ge=1)]
+
+
+class SyncBatch(_Message, tag="sync_batch", kw_only=True):
+    """Server to client: one batch of the sync, numbered from 0."""
+
+    deltas: tuple[Delta, ...]
+    batch_number: Count
+    is_last_batch: bool
+
+
+class SyncComplete(_Message, tag="sync_complete", kw_only=True):
+    """Server to client: the sync is over; ``deltas_processed`` deltas were sent in its batches."""
+
+    deltas_processed: Count
+
+
+class Pause(_Message, tag="pause"):
+    """Either way: send me no live deltas until ``resume``."""
+
+
+class Resume(_Message, tag="resume"):
+    """Either way: you may send again."""
+
+
+class Ping(_Message, tag="ping"):
+    """Either way: are you there? Answered with ``pong``."""
+
+
+class Pong(_Message, tag="pong"):
+    """Either way: the answer to ``ping``."""
+
+
+class ErrorMessage(_Message, tag="error", kw_only=True):
+    """Either way: something went wrong; when ``fatal`` the sender closes after it."""
+
+    code: str
+    message: str
+    fatal: bool | None = None
+
+
+Message: TypeAlias = (
+    Hello
+    | HelloAck
+    | DeltaMessage
+    | DeltaAck
+    | DeltaNack
+    | SyncRequest
+    | SyncStart
+    | SyncBatch
+    | SyncComplete
+    | Pause
+    | Resume
+    | Ping
+    | Pong
+    | ErrorMessage
+)

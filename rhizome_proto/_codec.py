@@ -17,13 +17,11 @@ from ._messages import Message
 __all__ = ["MESSAGE_TYPES", "decode", "encode"]
 
 _encoder = msgspec.json.Encoder()
-_decoder = msgspec.json.Decoder(Message)
+_decoder: msgspec.json.Decoder[Message] = msgspec.json.Decoder(Message)
 _any_decoder = msgspec.json.Decoder()
 
 #: The ``type`` strings of v1, mapped to their classes.
-MESSAGE_TYPES: dict[str, type[Any]] = {
-    cls.__struct_config__.tag: cls for cls in Message.__args__  # type: ignore[attr-defined]
-}
+MESSAGE_TYPES: dict[str, type[Any]] = {cls.__struct_config__.tag: cls for cls in Message.__args__}
 
 _DECODE_ERRORS = (msgspec.MsgspecError, UnicodeError, RecursionError, ValueError, OverflowError)
 

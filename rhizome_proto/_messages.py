@@ -44,9 +44,7 @@ PROTOCOL_VERSION = "rhizomedb-federation-v1"
 Mode: TypeAlias = Literal["push", "pull", "bidirectional"]
 InitialSync: TypeAlias = Literal["full", "from_timestamp", "none"]
 Count = Annotated[int, msgspec.Meta(ge=0)]
-NonNegative: TypeAlias = (
-    Annotated[int, msgspec.Meta(ge=0)] | Annotated[float, msgspec.Meta(ge=0)]
-)
+NonNegative: TypeAlias = Annotated[int, msgspec.Meta(ge=0)] | Annotated[float, msgspec.Meta(ge=0)]
 NonEmptyStr = Annotated[str, msgspec.Meta(min_length=1)]
 
 
@@ -80,7 +78,7 @@ class _Message(msgspec.Struct, frozen=True, tag_field="type", rename="camel", om
     timestamp: Timestamp
 
 
-class Hello(_Message, tag="hello", kw_only=True):
+class Hello(_Message, frozen=True, tag="hello", kw_only=True):
     """Client to server, first message: who the client is and how it wants the link."""
 
     system_id: NonEmptyStr
@@ -88,7 +86,7 @@ class Hello(_Message, tag="hello", kw_only=True):
     protocol: str = PROTOCOL_VERSION
 
 
-class HelloAck(_Message, tag="hello_ack", kw_only=True):
+class HelloAck(_Message, frozen=True, tag="hello_ack", kw_only=True):
     """Server to client: the handshake succeeded."""
 
     system_id: NonEmptyStr
@@ -96,40 +94,40 @@ class HelloAck(_Message, tag="hello_ack", kw_only=True):
     protocol: str = PROTOCOL_VERSION
 
 
-class DeltaMessage(_Message, tag="delta", kw_only=True):
+class DeltaMessage(_Message, frozen=True, tag="delta", kw_only=True):
     """Either way: one live delta, answered with ``delta_ack`` or ``delta_nack``."""
 
     delta: Delta
 
 
-class DeltaAck(_Message, tag="delta_ack", kw_only=True):
+class DeltaAck(_Message, frozen=True, tag="delta_ack", kw_only=True):
     """Either way: the delta was accepted."""
 
     delta_id: str
 
 
-class DeltaNack(_Message, tag="delta_nack", kw_only=True):
+class DeltaNack(_Message, frozen=True, tag="delta_nack", kw_only=True):
     """Either way: the delta was rejected, and why."""
 
     delta_id: str
     reason: str
 
 
-class SyncRequest(_Message, tag="sync_request", kw_only=True):
+class SyncRequest(_Message, frozen=True, tag="sync_request", kw_only=True):
     """Client to server: start the initial sync."""
 
     filter: DeltaFilter | None = None
     from_timestamp: NonNegative | None = None
 
 
-class SyncStart(_Message, tag="sync_start", kw_only=True):
+class SyncStart(_Message, frozen=True, tag="sync_start", kw_only=True):
     """Server to client: a sync of ``total_deltas`` deltas in batches of ``batch_size``."""
 
     total_deltas: Count
     batch_size: Annotated[int, msgspec.Meta(ge=1)]
 
 
-class SyncBatch(_Message, tag="sync_batch", kw_only=True):
+class SyncBatch(_Message, frozen=True, tag="sync_batch", kw_only=True):
     """Server to client: one batch of the sync, numbered from 0."""
 
     deltas: tuple[Delta, ...]
@@ -137,29 +135,29 @@ class SyncBatch(_Message, tag="sync_batch", kw_only=True):
     is_last_batch: bool
 
 
-class SyncComplete(_Message, tag="sync_complete", kw_only=True):
+class SyncComplete(_Message, frozen=True, tag="sync_complete", kw_only=True):
     """Server to client: the sync is over; ``deltas_processed`` deltas were sent in its batches."""
 
     deltas_processed: Count
 
 
-class Pause(_Message, tag="pause"):
+class Pause(_Message, frozen=True, tag="pause"):
     """Either way: send me no live deltas until ``resume``."""
 
 
-class Resume(_Message, tag="resume"):
+class Resume(_Message, frozen=True, tag="resume"):
     """Either way: you may send again."""
 
 
-class Ping(_Message, tag="ping"):
+class Ping(_Message, frozen=True, tag="ping"):
     """Either way: are you there? Answered with ``pong``."""
 
 
-class Pong(_Message, tag="pong"):
+class Pong(_Message, frozen=True, tag="pong"):
     """Either way: the answer to ``ping``."""
 
 
-class ErrorMessage(_Message, tag="error", kw_only=True):
+class ErrorMessage(_Message, frozen=True, tag="error", kw_only=True):
     """Either way: something went wrong; when ``fatal`` the sender closes after it."""
 
     code: str

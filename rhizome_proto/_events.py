@@ -1,0 +1,160 @@
+"""Events a federation connection reports to the application.
+
+Frozen, slotted, keyword-only values. The application reads them with ``events()`` after each
+input and answers with method calls (``ack``, ``nack``, ``start_sync`` ...). Nothing follows
+:class:`Closed`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ._delta import Delta
+from ._filter import DeltaFilter
+from ._messages import FederationConfig
+
+__all__ = [
+    "Closed",
+    "DeltaAcked",
+    "DeltaReceived",
+    "DeltaRejected",
+    "ErrorReceived",
+    "Event",
+    "HandshakeComplete",
+    "Paused",
+    "PingTimeout",
+    "ProtocolViolation",
+    "Resumed",
+    "SyncBatchReceived",
+    "SyncCompleted",
+    "SyncRequested",
+    "SyncStarted",
+]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Event:
+    """Base class of all events."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HandshakeComplete(Event):
+    """``hello`` / ``hello_ack`` exchanged: the link is open.
+
+    On a server ``remote_config`` is the client's ``hello`` config; on a client it is ``None``.
+    ``link_id`` is the server-chosen id of the link.
+    """
+
+    remote_system_id: str
+    link_id: str
+    remote_config: FederationConfig | None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DeltaReceived(Event):
+    """A live delta arrived. Answer it with ``ack(delta.id)`` or ``nack(delta.id, reason)``."""
+
+    delta: Delta
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DeltaAcked(Event):
+    """The peer accepted one of our deltas."""
+
+    delta_id: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DeltaRejected(Event):
+    """The peer rejected one of our deltas (live, or sent in a sync batch)."""
+
+    delta_id: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SyncRequested(Event):
+    """Server side: the client asked for the initial sync.
+
+    Answer with ``start_sync(total)``, then ``send_sync_batch`` ..., then ``complete_sync()``;
+    or ``reject_sync(...)``.
+    """
+
+    filter: DeltaFilter | None
+    from_timestamp: float | None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SyncStarted(Event):
+    """Client side: the server announced a sync of ``total_deltas`` deltas."""
+
+    total_deltas: int
+    batch_size: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SyncBatchReceived(Event):
+    """Client side: one batch of the sync. Deltas that fail trust may be ``nack``-ed."""
+
+    deltas: tuple[Delta, ...]
+    batch_number: int
+    is_last_batch: bool
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SyncCompleted(Event):
+    """Client side: the sync is over. ``deltas_processed`` is what the server says it sent,
+    ``deltas_received`` what arrived in this sync's batches."""
+
+    deltas_processed: int
+    deltas_received: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Paused(Event):
+    """The peer asked us to pause: live deltas we send are held until it resumes."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Resumed(Event):
+    """The peer resumed: held deltas have been queued for sending, in order."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PingTimeout(Event):
+    """Nothing at all arrived within the heartbeat timeout: the link is dead (closed follows)."""
+
+    silent_for: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ErrorReceived(Event):
+    """The peer sent an ``error`` message; when ``fatal`` it is about to close."""
+
+    code: str
+    message: str
+    fatal: bool
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ProtocolViolation(Event):
+    """The peer sent something the protocol does not allow; it has been answered (an ``error``
+    or a ``delta_nack``) and the link stays open. Fatal violations raise
+    :class:`RemoteProtocolError` instead."""
+
+    code: str
+    message: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Closed(Event):
+    """The link is closed; the last event.
+
+    ``code`` is the WebSocket close code (1006 when the transport was lost without a close
+    handshake). ``unsettled`` holds our deltas the peer never acknowledged or rejected, in send
+    order, including those held while paused: a new link should send them again.
+    """
+
+    code: int
+    reason: str
+    unsettled: tuple[Delta, ...] = ()

@@ -1,0 +1,73 @@
+"""The store interface the federation logic calls: small, synchronous, and durable when it says so.
+
+Implementations live in ``rhizome_adapters.storage`` (``MemoryStore``, ``SQLiteStore``). Every
+stored delta gets a local sequence number (1, 2, 3, ... in insertion order); scans are keyset
+paginated, so streaming a store of any size holds one page in memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Literal, Protocol, TypeAlias
+
+from ._delta import Delta
+from ._filter import DeltaFilter
+
+__all__ = ["DeltaStore", "ScanOrder"]
+
+#: ``"sequence"``: storage order (local sequence numbers ascending).
+#: ``"timestamp"``: oldest first by delta timestamp, ties broken by sequence number.
+ScanOrder: TypeAlias = Literal["sequence", "timestamp"]
+
+
+class DeltaStore(Protocol):
+    """What ``FederationNode`` needs of a store. All methods are synchronous and thread-confined
+    to the caller (adapters call them from one thread or one event loop)."""
+
+    def put(self, delta: Delta) -> int | None:
+        """Store ``delta`` unless a delta with its id is stored; return its new sequence number,
+        or ``None`` when it was already there (the stored one is kept). Durable on return."""
+        ...
+
+    def get(self, delta_id: str) -> Delta | None:
+        """The stored delta with this id, or ``None``."""
+        ...
+
+    def __contains__(self, delta_id: object) -> bool:
+        """Whether a delta with this id is stored."""
+        ...
+
+    def count(self, filter: DeltaFilter | None = None, *, from_timestamp: float = 0) -> int:
+        """How many stored deltas match ``filter`` and have ``timestamp >= from_timestamp``."""
+        ...
+
+    def scan(
+        self,
+        *,
+        after: tuple[float, int] | int | None = None,
+        filter: DeltaFilter | None = None,
+        from_timestamp: float = 0,
+        limit: int = 100,
+        order: ScanOrder = "sequence",
+    ) -> list[tuple[int, Delta]]:
+        """Up to ``limit`` ``(seq, delta)`` pairs that match, in ``order``, strictly after the
+        position ``after`` (for ``"sequence"`` a sequence number; for ``"timestamp"`` a
+        ``(timestamp, seq)`` pair; ``None`` starts at the beginning). The filter honours
+        negation by this store's own deltas (``include_negated``)."""
+        ...
+
+    def is_negated(self, delta_id: str) -> bool:
+        """Whether a delta in effect in this store negates ``delta_id`` (spec section 2.5)."""
+        ...
+
+    def last_sequence(self) -> int:
+        """The highest sequence number given so far (0 when empty)."""
+        ...
+
+    def subscribe(self, callback: Callable[[int, Delta], None]) -> Callable[[], None]:
+        """Call ``callback(seq, delta)`` after each new delta is stored; returns unsubscribe."""
+        ...
+
+    def close(self) -> None:
+        """Release resources; further calls may fail."""
+        ...

@@ -4,6 +4,7 @@ No sockets, threads, event loops or clock reads: bytes and time go in, bytes and
 """
 
 from ._codec import MESSAGE_TYPES, decode, encode
+from ._config import LinkConfig, ReconnectPolicy
 from ._connection import DEFAULT_MAX_MESSAGE_SIZE, DEFAULT_PATH, FederationConnection
 from ._delta import MAX_TIMESTAMP, Delta, InvalidDeltaError, Pointer, Reference, validate_delta
 from ._errors import (
@@ -54,6 +55,7 @@ from ._messages import (
     SyncRequest,
     SyncStart,
 )
+from ._node import FederationEvent, FederationNode, LinkStats, NodeLink
 from ._protocol import DEFAULT_BATCH_SIZE, FederationProtocol, Role, State
 from ._store import DeltaStore, ScanOrder
 from ._trust import (
@@ -98,16 +100,21 @@ __all__ = [
     "Event",
     "FederationConfig",
     "FederationConnection",
+    "FederationEvent",
+    "FederationNode",
     "FederationProtocol",
     "HandshakeComplete",
     "Hello",
     "HelloAck",
     "InitialSync",
     "InvalidDeltaError",
+    "LinkConfig",
+    "LinkStats",
     "LocalProtocolError",
     "Message",
     "Mode",
     "NegationIndex",
+    "NodeLink",
     "Pause",
     "Paused",
     "PermissiveTrustPolicy",
@@ -118,6 +125,7 @@ __all__ = [
     "ProtocolError",
     "ProtocolViolation",
     "ReconnectConfig",
+    "ReconnectPolicy",
     "Reference",
     "RemoteProtocolError",
     "Resume",

@@ -78,16 +78,20 @@ class _Message(msgspec.Struct, frozen=True, tag_field="type", rename="camel", om
     timestamp: Timestamp
 
 
-class Hello(_Message, frozen=True, tag="hello", kw_only=True):
-    """Client to server, first message: who the client is and how it wants the link."""
+class Hello(_Message, frozen=True, tag="hello", kw_only=True, omit_defaults=False):
+    """Client to server, first message: who the client is and how it wants the link.
+
+    ``config`` and ``protocol`` are always sent, even when default: a v1 peer compares
+    ``protocol`` with its own string and reads ``config``.
+    """
 
     system_id: NonEmptyStr
     config: FederationConfig = FederationConfig()
     protocol: str = PROTOCOL_VERSION
 
 
-class HelloAck(_Message, frozen=True, tag="hello_ack", kw_only=True):
-    """Server to client: the handshake succeeded."""
+class HelloAck(_Message, frozen=True, tag="hello_ack", kw_only=True, omit_defaults=False):
+    """Server to client: the handshake succeeded (``protocol`` is always sent)."""
 
     system_id: NonEmptyStr
     link_id: str

@@ -7,7 +7,7 @@ paginated, so streaming a store of any size holds one page in memory.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Literal, Protocol, TypeAlias
 
 from ._delta import Delta
@@ -27,6 +27,10 @@ class DeltaStore(Protocol):
     def put(self, delta: Delta) -> int | None:
         """Store ``delta`` unless a delta with its id is stored; return its new sequence number,
         or ``None`` when it was already there (the stored one is kept). Durable on return."""
+        ...
+
+    def put_many(self, deltas: Sequence[Delta]) -> list[int | None]:
+        """:meth:`put` for several deltas in one durable transaction; results in order."""
         ...
 
     def get(self, delta_id: str) -> Delta | None:

@@ -1,0 +1,505 @@
+"""``FederationNode``: the logic of one instance with many links (pure: no I/O of its own).
+
+The adapter owns sockets and timers; it attaches each link's :class:`FederationProtocol` (or
+:class:`FederationConnection`) here, calls :meth:`FederationNode.handle_events` after feeding the
+connection, writes what every connection has to send, and calls :meth:`sync_step` while a
+server link streams its initial sync and its transport has room. The node decides which delta
+goes to which link and what happens to what arrives:
+
+* modes: ``push`` only sends, ``pull`` only receives, enforced on both ends (a delta arriving
+  where the mode forbids it is nacked);
+* filters: our push filter and the peer's pull filter narrow what we send; our pull filter
+  narrows what we accept;
+* trust: our own policy (per link, else the node's), never one the peer declares; rejected
+  deltas are nacked, counted, reported and never stored;
+* idempotency: a stored delta is acked again but not stored or relayed twice; a delta is never
+  sent back on the link it came from; with ``auto_broadcast`` new deltas are relayed to the
+  other links, which makes hub-and-spoke converge and keeps federated hubs from looping;
+* a delta is stored only after it validated and passed trust, and acknowledged only after it
+  is stored;
+* initial sync streams from the store in batches, oldest first, one batch in memory;
+* nothing is lost: deltas a link could not deliver (closed before the ack) and deltas meant for
+  an outgoing link while it is disconnected wait in its outbox for the next connection.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from ._config import LinkConfig
+from ._delta import Delta, validate_delta
+from ._errors import ErrorCode, LocalProtocolError
+from ._events import (
+    Closed,
+    DeltaAcked,
+    DeltaReceived,
+    DeltaRejected,
+    ErrorReceived,
+    Event,
+    HandshakeComplete,
+    Paused,
+    PingTimeout,
+    ProtocolViolation,
+    Resumed,
+    SyncBatchReceived,
+    SyncCompleted,
+    SyncRequested,
+    SyncStarted,
+)
+from ._filter import DeltaFilter
+from ._protocol import DEFAULT_BATCH_SIZE, FederationProtocol, Role, State
+from ._store import DeltaStore
+from ._trust import PermissiveTrustPolicy, TrustPolicy
+
+__all__ = ["FederationEvent", "FederationNode", "LinkStats", "NodeLink"]
+
+
+@dataclass(slots=True)
+class LinkStats:
+    """Counters of one link (times are wall-clock milliseconds from the node's clock)."""
+
+    deltas_sent: int = 0
+    deltas_received: int = 0
+    deltas_rejected: int = 0
+    deltas_rejected_by_peer: int = 0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    connected_at: float | None = None
+    last_sync_at: float | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FederationEvent:
+    """An application-level event, named as the seed names them: ``link:connecting``,
+    ``link:connected``, ``link:disconnected``, ``link:error``, ``link:paused``,
+    ``link:resumed``, ``delta:sent``, ``delta:received``, ``delta:rejected``, ``sync:started``,
+    ``sync:progress``, ``sync:completed``."""
+
+    type: str
+    link_id: str
+    delta: Delta | None = None
+    delta_id: str | None = None
+    reason: str | None = None
+    count: int | None = None
+    total: int | None = None
+
+
+@dataclass(slots=True, eq=False)
+class NodeLink:
+    """The node's record of one link; it outlives connections of an outgoing link."""
+
+    id: str
+    config: LinkConfig
+    outgoing: bool
+    remote_url: str | None = None
+    conn: FederationProtocol | None = None
+    remote_system_id: str | None = None
+    remote_pull_filter: DeltaFilter | None = None
+    stats: LinkStats = field(default_factory=LinkStats)
+    #: deltas waiting for the next connection (unsettled by the last one, or sent while down)
+    outbox: deque[Delta] = field(default_factory=deque)
+    # the running initial sync (server side): filters, position, batch size
+    _sync_filters: tuple[DeltaFilter, ...] = ()
+    _sync_from: float = 0
+    _sync_after: tuple[float, int] | None = None
+    _sync_total: int = 0
+    _sync_sent: int = 0
+    _sync_active: bool = False
+
+    @property
+    def connected(self) -> bool:
+        return self.conn is not None and self.conn.is_open
+
+    @property
+    def syncing(self) -> bool:
+        """A server-side initial sync is being streamed on this link."""
+        return self._sync_active
+
+
+class FederationNode:
+    """One RhizomeDB instance's federation logic over a :class:`DeltaStore`.
+
+    Parameters:
+        system_id: this instance's id.
+        store: where deltas live (called synchronously).
+        clock: wall clock in milliseconds (for stats).
+        trust_policy: applied to deltas arriving on links without a policy of their own
+            (incoming links always); permissive by default.
+        auto_broadcast: relay deltas received on one link to the others.
+        batch_size: deltas per ``sync_batch`` when serving an initial sync.
+    """
+
+    def __init__(
+        self,
+        system_id: str,
+        store: DeltaStore,
+        *,
+        clock: Callable[[], int | float],
+        trust_policy: TrustPolicy | None = None,
+        auto_broadcast: bool = True,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+        self.system_id = system_id
+        self.store = store
+        self.trust_policy: TrustPolicy = trust_policy or PermissiveTrustPolicy()
+        self.auto_broadcast = auto_broadcast
+        self.batch_size = batch_size
+        self._clock = clock
+        self._links: dict[str, NodeLink] = {}
+
+    # ---------------------------------------------------------------- links
+
+    @property
+    def links(self) -> list[NodeLink]:
+        return list(self._links.values())
+
+    def link(self, link_id: str) -> NodeLink | None:
+        return self._links.get(link_id)
+
+    def add_link(
+        self,
+        link_id: str,
+        config: LinkConfig | None = None,
+        *,
+        outgoing: bool,
+        remote_url: str | None = None,
+    ) -> NodeLink:
+        """Register a link (before its first connection). Ids are the application's."""
+        if link_id in self._links:
+            raise LocalProtocolError(
+                f"link {link_id!r} already exists", code=ErrorCode.UNEXPECTED_MESSAGE
+            )
+        link = NodeLink(
+            id=link_id, config=config or LinkConfig(), outgoing=outgoing, remote_url=remote_url
+        )
+        self._links[link_id] = link
+        return link
+
+    def attach(self, link_id: str, conn: FederationProtocol) -> None:
+        """Give the link a (new) connection; the outbox goes out once it is open."""
+        link = self._require(link_id)
+        if link.conn is not None and not link.conn.closed:
+            raise LocalProtocolError(
+                f"link {link_id!r} already has a live connection", code=ErrorCode.UNEXPECTED_MESSAGE
+            )
+        link.conn = conn
+        link._sync_active = False
+
+    def remove_link(self, link_id: str) -> NodeLink | None:
+        """Forget a link (after its connection closed); returns its record."""
+        return self._links.pop(link_id, None)
+
+    # ---------------------------------------------------------------- local deltas
+
+    def persist_delta(self, delta: Delta) -> bool:
+        """Store a locally authored delta and broadcast it to every link that should get it.
+
+        Raises :class:`InvalidDeltaError` for an invalid delta; returns ``False`` when a delta
+        with this id was already stored (nothing is sent again).
+        """
+        delta = validate_delta(delta)
+        if self.store.put(delta) is None:
+            return False
+        self._broadcast(delta, source=None)
+        return True
+
+    def send_delta(self, link_id: str, delta: Delta) -> None:
+        """Send one delta on one link (held in its outbox while disconnected)."""
+        link = self._require(link_id)
+        validate_delta(delta)
+        self._send(link, delta)
+
+    # ---------------------------------------------------------------- events
+
+    def handle_events(self, link_id: str) -> list[FederationEvent]:
+        """Act on everything the link's connection reported; return application events."""
+        link = self._require(link_id)
+        conn = link.conn
+        if conn is None:
+            return []
+        out: list[FederationEvent] = []
+        for event in conn.events():
+            self._handle(link, conn, event, out)
+        return out
+
+    def _handle(
+        self,
+        link: NodeLink,
+        conn: FederationProtocol,
+        event: Event,
+        out: list[FederationEvent],
+    ) -> None:
+        lid = link.id
+        if isinstance(event, DeltaReceived):
+            self._receive(link, conn, event.delta, live=True, out=out)
+        elif isinstance(event, SyncBatchReceived):
+            self._receive_batch(link, conn, event.deltas, out)
+            out.append(FederationEvent(type="sync:progress", link_id=lid, count=len(event.deltas)))
+        elif isinstance(event, DeltaAcked):
+            link.stats.deltas_sent += 1
+            out.append(FederationEvent(type="delta:sent", link_id=lid, delta_id=event.delta_id))
+        elif isinstance(event, DeltaRejected):
+            link.stats.deltas_rejected_by_peer += 1
+            out.append(
+                FederationEvent(
+                    type="delta:rejected", link_id=lid, delta_id=event.delta_id, reason=event.reason
+                )
+            )
+        elif isinstance(event, HandshakeComplete):
+            self._connected(link, conn, event)
+            out.append(FederationEvent(type="link:connected", link_id=lid))
+        elif isinstance(event, SyncRequested):
+            self._start_serving_sync(link, conn, event)
+        elif isinstance(event, SyncStarted):
+            out.append(FederationEvent(type="sync:started", link_id=lid, total=event.total_deltas))
+        elif isinstance(event, SyncCompleted):
+            link.stats.last_sync_at = self._clock()
+            out.append(
+                FederationEvent(type="sync:completed", link_id=lid, count=event.deltas_received)
+            )
+        elif isinstance(event, Paused):
+            out.append(FederationEvent(type="link:paused", link_id=lid))
+        elif isinstance(event, Resumed):
+            out.append(FederationEvent(type="link:resumed", link_id=lid))
+        elif isinstance(event, ErrorReceived | ProtocolViolation):
+            out.append(
+                FederationEvent(
+                    type="link:error", link_id=lid, reason=f"{event.code}: {event.message}"
+                )
+            )
+        elif isinstance(event, PingTimeout):
+            out.append(FederationEvent(type="link:error", link_id=lid, reason="ping timeout"))
+        elif isinstance(event, Closed):
+            link.outbox.extendleft(reversed(event.unsettled))
+            link._sync_active = False
+            out.append(FederationEvent(type="link:disconnected", link_id=lid, reason=event.reason))
+
+    def _connected(
+        self, link: NodeLink, conn: FederationProtocol, event: HandshakeComplete
+    ) -> None:
+        link.remote_system_id = event.remote_system_id
+        link.stats.connected_at = self._clock()
+        if conn.role is Role.SERVER:
+            remote = event.remote_config
+            link.config = LinkConfig.mirror(remote)
+            link.remote_pull_filter = remote.pull_filter if remote else None
+        else:
+            cfg = link.config
+            if cfg.receives and cfg.initial_sync != "none":
+                conn.request_sync(
+                    filter=cfg.pull_filter,
+                    from_timestamp=cfg.sync_from_timestamp
+                    if cfg.initial_sync == "from_timestamp"
+                    else None,
+                )
+        sent: set[str] = set()
+        while link.outbox:
+            delta = link.outbox.popleft()
+            if delta.id not in sent:
+                sent.add(delta.id)
+                conn.send_delta(delta)
+
+    # ---------------------------------------------------------------- receiving
+
+    def _verdict(self, link: NodeLink, delta: Delta) -> str | None:
+        """Why ``delta`` may not be stored from this link, or ``None``."""
+        cfg = link.config
+        if not cfg.receives:
+            return f"link mode {cfg.mode} does not accept deltas"
+        if cfg.pull_filter is not None and not cfg.pull_filter.matches(delta):
+            return "filtered out by pull filter"
+        policy = cfg.trust_policy or self.trust_policy
+        return policy.check(delta)
+
+    def _receive(
+        self,
+        link: NodeLink,
+        conn: FederationProtocol,
+        delta: Delta,
+        *,
+        live: bool,
+        out: list[FederationEvent],
+    ) -> None:
+        if delta.id in self.store:
+            if live:
+                conn.ack(delta.id)
+            return
+        reason = self._verdict(link, delta)
+        if reason is not None:
+            link.stats.deltas_rejected += 1
+            conn.nack(delta.id, reason)
+            out.append(
+                FederationEvent(type="delta:rejected", link_id=link.id, delta=delta, reason=reason)
+            )
+            return
+        if self.store.put(delta) is not None:
+            link.stats.deltas_received += 1
+            out.append(FederationEvent(type="delta:received", link_id=link.id, delta=delta))
+            if self.auto_broadcast:
+                self._broadcast(delta, source=link)
+        if live:
+            conn.ack(delta.id)
+
+    def _receive_batch(
+        self,
+        link: NodeLink,
+        conn: FederationProtocol,
+        deltas: Iterable[Delta],
+        out: list[FederationEvent],
+    ) -> None:
+        accepted: list[Delta] = []
+        for delta in deltas:
+            if delta.id in self.store:
+                continue
+            reason = self._verdict(link, delta)
+            if reason is None:
+                accepted.append(delta)
+            else:
+                link.stats.deltas_rejected += 1
+                conn.nack(delta.id, reason)
+                out.append(
+                    FederationEvent(
+                        type="delta:rejected", link_id=link.id, delta=delta, reason=reason
+                    )
+                )
+        if not accepted:
+            return
+        for delta, seq in zip(accepted, self.store.put_many(accepted), strict=True):
+            if seq is None:
+                continue
+            link.stats.deltas_received += 1
+            out.append(FederationEvent(type="delta:received", link_id=link.id, delta=delta))
+            if self.auto_broadcast:
+                self._broadcast(delta, source=link)
+
+    # ---------------------------------------------------------------- sending
+
+    def _wants(self, link: NodeLink, delta: Delta) -> bool:
+        cfg = link.config
+        if not cfg.sends:
+            return False
+        is_negated = self.store.is_negated
+        for flt in (cfg.push_filter, link.remote_pull_filter):
+            if flt is not None and not flt.matches(delta, is_negated):
+                return False
+        return True
+
+    def _send(self, link: NodeLink, delta: Delta) -> None:
+        conn = link.conn
+        if conn is None or conn.state in (State.CLOSING, State.CLOSED):
+            link.outbox.append(delta)
+        else:
+            conn.send_delta(delta)
+
+    def _broadcast(self, delta: Delta, source: NodeLink | None) -> None:
+        for link in self._links.values():
+            if link is source or not self._wants(link, delta):
+                continue
+            if link.conn is None and not link.outgoing:
+                continue
+            self._send(link, delta)
+
+    # ---------------------------------------------------------------- serving a sync
+
+    def _start_serving_sync(
+        self, link: NodeLink, conn: FederationProtocol, event: SyncRequested
+    ) -> None:
+        if not link.config.sends:
+            conn.reject_sync(
+                f"link mode {link.config.mode} does not send", code=ErrorCode.SYNC_NOT_SUPPORTED
+            )
+            return
+        filters = tuple(
+            f
+            for f in (event.filter, link.config.push_filter, link.remote_pull_filter)
+            if f is not None
+        )
+        # the first filter is pushed down to the store; the others are checked here
+        link._sync_filters = filters
+        link._sync_from = event.from_timestamp or 0
+        link._sync_after = None
+        link._sync_sent = 0
+        link._sync_total = self._count(filters, link._sync_from)
+        link._sync_active = True
+        conn.start_sync(link._sync_total, self.batch_size)
+
+    def _count(self, filters: tuple[DeltaFilter, ...], from_timestamp: float) -> int:
+        if len(filters) <= 1:
+            return self.store.count(filters[0] if filters else None, from_timestamp=from_timestamp)
+        total, after = 0, None
+        while True:
+            page = self._page(filters, from_timestamp, after, 1000)
+            if page is None:
+                return total
+            after, deltas = page
+            total += len(deltas)
+
+    def _page(
+        self,
+        filters: tuple[DeltaFilter, ...],
+        from_timestamp: float,
+        after: tuple[float, int] | None,
+        limit: int,
+    ) -> tuple[tuple[float, int], list[Delta]] | None:
+        """One page of matching deltas, oldest first, and the position after it."""
+        rows = self.store.scan(
+            after=after,
+            filter=filters[0] if filters else None,
+            from_timestamp=from_timestamp,
+            limit=limit,
+            order="timestamp",
+        )
+        if not rows:
+            return None
+        is_negated = self.store.is_negated
+        last_seq, last = rows[-1]
+        deltas = [d for _, d in rows if all(f.matches(d, is_negated) for f in filters[1:])]
+        return (last.timestamp, last_seq), deltas
+
+    def sync_step(self, link_id: str) -> bool:
+        """Send the next batch of the link's initial sync; ``True`` while more remain.
+
+        Call it while the link's transport has room; it sends nothing while the peer has paused
+        us (the batch would only be held) and returns ``True`` so the caller tries again later.
+        """
+        link = self._require(link_id)
+        conn = link.conn
+        if not link._sync_active or conn is None or not conn.is_open:
+            link._sync_active = False
+            return False
+        if conn.peer_paused:
+            return True
+        batch: list[Delta] = []
+        finished = False
+        while len(batch) < self.batch_size:
+            page = self._page(
+                link._sync_filters,
+                link._sync_from,
+                link._sync_after,
+                self.batch_size - len(batch),
+            )
+            if page is None:
+                finished = True
+                break
+            link._sync_after, deltas = page
+            batch.extend(deltas)
+        if not finished:  # look ahead, so the last batch carries the flag
+            finished = self._page(link._sync_filters, link._sync_from, link._sync_after, 1) is None
+        if batch or (finished and link._sync_sent > 0):
+            conn.send_sync_batch(batch, last=finished)
+        link._sync_sent += len(batch)
+        if finished:
+            conn.complete_sync()
+            link._sync_active = False
+            link.stats.last_sync_at = self._clock()
+        return not finished
+
+    def _require(self, link_id: str) -> NodeLink:
+        link = self._links.get(link_id)
+        if link is None:
+            raise LocalProtocolError(f"no link {link_id!r}", code=ErrorCode.UNEXPECTED_MESSAGE)
+        return link

@@ -32,7 +32,15 @@ from ._events import (
     SyncRequested,
     SyncStarted,
 )
-from ._filter import NEGATES_ROLE, DeltaFilter, NegationIndex, TimestampRange, negated_targets
+from ._filter import (
+    MAX_NEGATION_DEPTH,
+    NEGATES_ROLE,
+    DeltaFilter,
+    NegationIndex,
+    TimestampRange,
+    negated_targets,
+    resolve_negation,
+)
 from ._messages import (
     PROTOCOL_VERSION,
     DeltaAck,
@@ -75,6 +83,7 @@ __all__ = [
     "DEFAULT_BATCH_SIZE",
     "DEFAULT_MAX_MESSAGE_SIZE",
     "DEFAULT_PATH",
+    "MAX_NEGATION_DEPTH",
     "MAX_TIMESTAMP",
     "MESSAGE_TYPES",
     "NEGATES_ROLE",
@@ -151,5 +160,6 @@ __all__ = [
     "decode",
     "encode",
     "negated_targets",
+    "resolve_negation",
     "validate_delta",
 ]

@@ -40,7 +40,7 @@ from wsproto.extensions import Extension, PerMessageDeflate
 from wsproto.frame_protocol import CloseReason, FrameDecoder, FrameProtocol
 from wsproto.utilities import RemoteProtocolError as WSRemoteProtocolError
 
-from ._errors import CloseCode, ErrorCode, RemoteProtocolError
+from ._errors import CloseCode, ErrorCode, LocalProtocolError, RemoteProtocolError
 from ._messages import FederationConfig
 from ._protocol import FederationProtocol, Role, State
 
@@ -159,14 +159,16 @@ class FederationConnection(FederationProtocol):
         self._closing_since: float | None = None
         self._reject_status: int | None = None
         self._reject_body = bytearray()
+        #: wsproto hit a framing error: its input is dead, no close reply can be read
+        self._ws_failed = False
 
     # ---------------------------------------------------------------- driving
 
     def start(self, now: float) -> None:
         """The transport is connected: a client sends its upgrade request; both arm the
         opening timeout. (The federation ``hello`` follows once the upgrade completes.)"""
-        if self._ws_started:
-            super().start(now)  # raises the usual "already started" error
+        if self._ws_started or self.state in (State.CLOSING, State.CLOSED):
+            raise LocalProtocolError("already started", code=ErrorCode.UNEXPECTED_MESSAGE)
         self._ws_started = True
         self._now = now
         self._open_deadline = now + self.open_timeout
@@ -296,6 +298,14 @@ class FederationConnection(FederationProtocol):
                 ConnectionState.REJECTING,
             ):
                 self._abort(self.close_reason or "closed before the upgrade completed")
+        if (
+            self._ws_failed
+            and self.state is State.CLOSING
+            and self._ws.state is not ConnectionState.OPEN
+        ):
+            # RFC 6455 7.1.7: after a framing error, close without waiting for the peer's close
+            self.should_close = True
+            self.connection_closed(self.close_code or CloseCode.PROTOCOL_ERROR, self.close_reason)
         if self.state is State.CLOSED:
             self.should_close = True
 
@@ -348,8 +358,10 @@ class FederationConnection(FederationProtocol):
             self.should_close = True
             self.connection_closed(self.close_code or int(event.code), self.close_reason)
         elif event.code == CloseCode.MESSAGE_TOO_BIG:  # our deflate bound tripped
+            self._ws_failed = True
             self._too_big()
         else:  # wsproto found a framing error: fail the connection with its code
+            self._ws_failed = True
             self._begin_close(event.code, event.reason or "")
             raise RemoteProtocolError(
                 f"WebSocket protocol error: {event.reason}",

@@ -8,22 +8,38 @@ store (which deltas negate which), so :meth:`DeltaFilter.matches` takes a predic
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from typing import Annotated, TypeAlias
 
 import msgspec
 
-from ._delta import Delta, Reference, Timestamp
+from ._delta import MAX_TIMESTAMP, Delta, Reference
 
-__all__ = ["NEGATES_ROLE", "DeltaFilter", "NegationIndex", "TimestampRange", "negated_targets"]
+__all__ = [
+    "MAX_NEGATION_DEPTH",
+    "NEGATES_ROLE",
+    "DeltaFilter",
+    "NegationIndex",
+    "TimestampRange",
+    "negated_targets",
+    "resolve_negation",
+]
 
 #: The pointer role by which a delta negates the delta its reference target names.
 NEGATES_ROLE = "negates"
 
 
+#: A bound of a ``timestampRange``: any number (PROTOCOL.md), so ``0`` ("from the beginning") and
+#: negatives too; integers stay within JavaScript's safe range, like timestamps.
+TimestampBound: TypeAlias = (
+    Annotated[int, msgspec.Meta(ge=-MAX_TIMESTAMP, le=MAX_TIMESTAMP)] | float
+)
+
+
 class TimestampRange(msgspec.Struct, frozen=True, omit_defaults=True):
     """An inclusive range ``start <= timestamp <= end``; either bound may be absent."""
 
-    start: Timestamp | None = None
-    end: Timestamp | None = None
+    start: TimestampBound | None = None
+    end: TimestampBound | None = None
 
 
 class DeltaFilter(msgspec.Struct, frozen=True, omit_defaults=True, rename="camel"):
@@ -87,16 +103,46 @@ def negated_targets(delta: Delta) -> list[str]:
     ]
 
 
+#: How deep a negation chain is followed; beyond it a delta counts as not negated.
+MAX_NEGATION_DEPTH = 256
+
+
+def resolve_negation(delta_id: str, negators_of: Callable[[str], Iterable[str]]) -> bool:
+    """Whether ``delta_id`` is negated, given ``negators_of(id)``: the ids of the deltas that
+    negate ``id`` (spec section 2.5, double negation honoured).
+
+    A delta is negated when some negator *in effect* (itself not negated) negates it. The walk
+    visits each delta at most once per call (work grows with the size of the negation graph,
+    never exponentially), ignores a negator already on its path (a cycle), and treats deltas
+    deeper than :data:`MAX_NEGATION_DEPTH` as not negated. Stores answer ``is_negated`` with it.
+    """
+    memo: dict[str, bool] = {}
+    path: set[str] = set()
+
+    def negated(current: str) -> bool:
+        known = memo.get(current)
+        if known is not None:
+            return known
+        result = False
+        if len(path) < MAX_NEGATION_DEPTH:
+            path.add(current)
+            for negator in sorted(negators_of(current)):
+                if negator not in path and not negated(negator):
+                    result = True
+                    break
+            path.discard(current)
+        memo[current] = result
+        return result
+
+    return negated(delta_id)
+
+
 class NegationIndex:
     """Which deltas are negated, built incrementally from the deltas of a store.
 
-    A delta is negated when some delta *in effect* negates it; a negation delta that is itself
-    negated is not in effect (double negation restores the original, and so on). Negations that
-    form a cycle are resolved by treating the delta where the walk re-enters the cycle as in
-    effect. Negations may arrive before the delta they negate.
+    Negations may arrive before the delta they negate. :meth:`is_negated` follows
+    :func:`resolve_negation`.
     """
-
-    MAX_DEPTH = 256
 
     def __init__(self, deltas: Iterable[Delta] = ()) -> None:
         self._negators: dict[str, set[str]] = {}
@@ -114,16 +160,6 @@ class NegationIndex:
 
     def is_negated(self, delta_id: str) -> bool:
         """Whether ``delta_id`` is negated by a negation in effect."""
-        return self._negated(delta_id, set())
-
-    def _negated(self, delta_id: str, visiting: set[str]) -> bool:
-        negators = self._negators.get(delta_id)
-        if not negators or len(visiting) >= self.MAX_DEPTH:
+        if delta_id not in self._negators:
             return False
-        visiting.add(delta_id)
-        try:
-            return any(
-                n not in visiting and not self._negated(n, visiting) for n in sorted(negators)
-            )
-        finally:
-            visiting.discard(delta_id)
+        return resolve_negation(delta_id, lambda i: self._negators.get(i, ()))

@@ -638,6 +638,12 @@ class FederationProtocol:
         pass
 
     def _on_error(self, message: ErrorMessage) -> None:
+        if (
+            self.role is Role.CLIENT
+            and self._sync is not _Sync.NONE
+            and message.code in (ErrorCode.SYNC_ERROR, ErrorCode.SYNC_NOT_SUPPORTED)
+        ):
+            self._sync = _Sync.NONE  # the server refused or aborted our sync: it is over
         self._events.append(
             ErrorReceived(code=message.code, message=message.message, fatal=bool(message.fatal))
         )

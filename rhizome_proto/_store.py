@@ -33,6 +33,10 @@ class DeltaStore(Protocol):
         """:meth:`put` for several deltas in one durable transaction; results in order."""
         ...
 
+    def __len__(self) -> int:
+        """How many deltas are stored."""
+        ...
+
     def get(self, delta_id: str) -> Delta | None:
         """The stored delta with this id, or ``None``."""
         ...

@@ -1,0 +1,694 @@
+"""Delta stores implementing :class:`rhizome_proto.DeltaStore`: ``MemoryStore`` and ``SQLiteStore``.
+
+Both give every new delta the next local sequence number (1, 2, 3, ...), ignore a delta whose id
+is already stored, answer keyset-paginated scans in sequence or timestamp order, honour negation
+(spec section 2.5, double negation included) and notify subscribers after each new delta.
+
+``scan`` and ``count`` with ``filter=None`` apply no filter at all: every stored delta counts,
+negated or not. With a :class:`~rhizome_proto.DeltaFilter` (even an empty one) the filter's rules
+apply, including leaving out negated deltas unless ``include_negated`` is true.
+
+Stores are thread-confined: use a store from one thread (or one event loop) at a time.
+"""
+
+from __future__ import annotations
+
+import bisect
+import os
+import sqlite3
+from collections.abc import Callable, Iterable, Iterator
+from itertools import islice
+from types import TracebackType
+from typing import Any, Final, Literal, TypeAlias
+
+import msgspec
+
+from rhizome_proto import (
+    Delta,
+    DeltaFilter,
+    NegationIndex,
+    ScanOrder,
+    negated_targets,
+    resolve_negation,
+    validate_delta,
+)
+
+__all__ = ["MemoryStore", "SQLiteStore", "StoreCallback", "open_store"]
+
+#: What :meth:`MemoryStore.subscribe` and :meth:`SQLiteStore.subscribe` accept.
+StoreCallback: TypeAlias = Callable[[int, Delta], None]
+
+#: Where a scan starts, checked: the sequence number a ``"sequence"`` scan continues after (0 for
+#: the beginning) and the ``(timestamp, seq)`` pair a ``"timestamp"`` scan continues after
+#: (``None`` for the beginning).
+_Start: TypeAlias = tuple[int, tuple[float, int] | None]
+_BEGINNING: Final[_Start] = (0, None)
+
+_encoder: Final = msgspec.json.Encoder()
+#: Typed decoder for stored bodies: int timestamps stay int, float timestamps stay float.
+_decoder: Final = msgspec.json.Decoder(Delta)
+
+#: Rows fetched per query when some of a filter must be checked in Python.
+_PAGE_SIZE: Final = 256
+#: Up to this many values, an ``IN`` list is sent as bound parameters; beyond, as one JSON array.
+_MAX_IN_PARAMS: Final = 500
+#: The schema version kept in ``PRAGMA user_version``.
+_SCHEMA_VERSION: Final = 1
+
+
+def _check_limit(limit: int) -> None:
+    if limit < 0:
+        raise ValueError(f"limit must be >= 0, got {limit}")
+
+
+def _start(after: tuple[float, int] | int | None, order: str) -> _Start:
+    """Check ``after`` and ``order`` (raising ``TypeError`` / ``ValueError``) and return where
+    the scan starts."""
+    if order == "sequence":
+        if after is None:
+            return _BEGINNING
+        if isinstance(after, bool) or not isinstance(after, int):
+            raise TypeError(f"after must be a sequence number for order='sequence', got {after!r}")
+        return (after, None)
+    if order == "timestamp":
+        if after is None:
+            return _BEGINNING
+        if not isinstance(after, tuple | list) or len(after) != 2:
+            raise TypeError(
+                f"after must be a (timestamp, seq) pair for order='timestamp', got {after!r}"
+            )
+        timestamp, seq = after
+        return (0, (timestamp, seq))
+    raise ValueError(f"order must be 'sequence' or 'timestamp', got {order!r}")
+
+
+def _matches_nothing(flt: DeltaFilter) -> bool:
+    """Whether a list field of ``flt`` is empty, so that no delta can match."""
+    return any(
+        values is not None and len(values) == 0
+        for values in (flt.ids, flt.authors, flt.systems, flt.target_ids, flt.target_contexts)
+    )
+
+
+def _applies_negation(flt: DeltaFilter | None) -> bool:
+    """Whether scanning with ``flt`` leaves out negated deltas."""
+    return flt is not None and not flt.include_negated
+
+
+def _lower_timestamp(flt: DeltaFilter | None, from_timestamp: float) -> float:
+    """The lowest timestamp a delta may have to match ``flt`` and ``from_timestamp``."""
+    if flt is not None and flt.timestamp_range is not None:
+        start = flt.timestamp_range.start
+        if start is not None and start > from_timestamp:
+            return start
+    return from_timestamp
+
+
+class _Subscribers:
+    """Callbacks to call after each new delta, in subscription order."""
+
+    def __init__(self) -> None:
+        self._callbacks: dict[int, StoreCallback] = {}
+        self._next_token = 0
+
+    def subscribe(self, callback: StoreCallback) -> Callable[[], None]:
+        token = self._next_token
+        self._next_token += 1
+        self._callbacks[token] = callback
+
+        def unsubscribe() -> None:
+            self._callbacks.pop(token, None)
+
+        return unsubscribe
+
+    def notify(self, stored: Iterable[tuple[int, Delta]]) -> None:
+        """Call every callback for every ``(seq, delta)``; then re-raise the first exception.
+
+        A failing callback does not keep the others from being called; the deltas are stored
+        whatever the callbacks do.
+        """
+        first_error: BaseException | None = None
+        for seq, delta in stored:
+            for callback in list(self._callbacks.values()):
+                try:
+                    callback(seq, delta)
+                except Exception as exc:
+                    if first_error is None:
+                        first_error = exc
+        if first_error is not None:
+            raise first_error
+
+    def clear(self) -> None:
+        self._callbacks.clear()
+
+
+class MemoryStore:
+    """A :class:`~rhizome_proto.DeltaStore` held in memory (lost when the process ends).
+
+    Keeps the deltas in insertion order, a dict from id to ``(seq, delta)``, a sorted
+    ``(timestamp, seq)`` index for timestamp-ordered scans, and a
+    :class:`~rhizome_proto.NegationIndex`. ``put`` is "durable on return" only in the sense that
+    the delta is visible to every later call.
+    """
+
+    def __init__(self) -> None:
+        self._by_id: dict[str, tuple[int, Delta]] = {}
+        self._log: list[Delta] = []
+        self._by_timestamp: list[tuple[float, int]] = []
+        self._negations = NegationIndex()
+        self._subscribers = _Subscribers()
+        self._meta: dict[str, str] = {}
+
+    def __enter__(self) -> MemoryStore:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def put(self, delta: Delta) -> int | None:
+        """Store ``delta`` unless its id is stored; return its sequence number or ``None``.
+
+        Raises :class:`~rhizome_proto.InvalidDeltaError` (storing nothing) when ``delta`` breaks
+        a rule of spec section 2.1.1.
+        """
+        return self.put_many((delta,))[0]
+
+    def put_many(self, deltas: Iterable[Delta]) -> list[int | None]:
+        """Store each delta as :meth:`put` would; return their sequence numbers (``None`` for
+        ids already stored, including repeats within ``deltas``).
+
+        Every delta is validated first: when one is invalid, nothing is stored.
+        """
+        valid = [validate_delta(delta) for delta in deltas]
+        results: list[int | None] = []
+        stored: list[tuple[int, Delta]] = []
+        for delta in valid:
+            if delta.id in self._by_id:
+                results.append(None)
+                continue
+            seq = len(self._log) + 1
+            self._log.append(delta)
+            self._by_id[delta.id] = (seq, delta)
+            bisect.insort(self._by_timestamp, (delta.timestamp, seq))
+            self._negations.add(delta)
+            results.append(seq)
+            stored.append((seq, delta))
+        self._subscribers.notify(stored)
+        return results
+
+    def get(self, delta_id: str) -> Delta | None:
+        """The stored delta with this id, or ``None``."""
+        entry = self._by_id.get(delta_id)
+        return None if entry is None else entry[1]
+
+    def __contains__(self, delta_id: object) -> bool:
+        """Whether a delta with this id is stored."""
+        return isinstance(delta_id, str) and delta_id in self._by_id
+
+    def __len__(self) -> int:
+        """The number of stored deltas."""
+        return len(self._log)
+
+    def last_sequence(self) -> int:
+        """The highest sequence number given so far (0 when empty)."""
+        return len(self._log)
+
+    def is_negated(self, delta_id: str) -> bool:
+        """Whether a delta in effect in this store negates ``delta_id`` (spec section 2.5)."""
+        return self._negations.is_negated(delta_id)
+
+    def count(self, filter: DeltaFilter | None = None, *, from_timestamp: float = 0) -> int:
+        """How many stored deltas match ``filter`` and have ``timestamp >= from_timestamp``.
+
+        ``filter=None`` counts every delta, negated or not.
+        """
+        if filter is None and from_timestamp <= 0:
+            return len(self._log)
+        return sum(1 for _ in self._matching(_BEGINNING, filter, from_timestamp, "sequence"))
+
+    def scan(
+        self,
+        *,
+        after: tuple[float, int] | int | None = None,
+        filter: DeltaFilter | None = None,
+        from_timestamp: float = 0,
+        limit: int = 100,
+        order: ScanOrder = "sequence",
+    ) -> list[tuple[int, Delta]]:
+        """Up to ``limit`` ``(seq, delta)`` pairs that match, in ``order``, strictly after
+        ``after`` (a sequence number for ``"sequence"``, a ``(timestamp, seq)`` pair for
+        ``"timestamp"``, ``None`` for the beginning). ``filter=None`` applies no filter at all;
+        a filter leaves out deltas negated in this store unless ``include_negated`` is true."""
+        start = _start(after, order)
+        _check_limit(limit)
+        if limit == 0:
+            return []
+        return list(islice(self._matching(start, filter, from_timestamp, order), limit))
+
+    def _candidates(
+        self, start: _Start, lower: float, order: ScanOrder
+    ) -> Iterator[tuple[int, Delta]]:
+        """Every stored ``(seq, delta)`` past ``start``, in ``order``; for ``"timestamp"``,
+        starting at the first delta with ``timestamp >= lower``."""
+        seq_position, ts_position = start
+        if order == "sequence":
+            for index in range(max(seq_position, 0), len(self._log)):
+                yield index + 1, self._log[index]
+            return
+        keys = self._by_timestamp
+        # ``(lower,)`` sorts before every ``(lower, seq)`` key.
+        first = bisect.bisect_left(keys, (lower,))
+        if ts_position is not None:
+            first = max(first, bisect.bisect_right(keys, ts_position))
+        for index in range(first, len(keys)):
+            seq = keys[index][1]
+            yield seq, self._log[seq - 1]
+
+    def _matching(
+        self, start: _Start, flt: DeltaFilter | None, from_timestamp: float, order: ScanOrder
+    ) -> Iterator[tuple[int, Delta]]:
+        """Every matching ``(seq, delta)`` past ``start``, in ``order``."""
+        if flt is not None and _matches_nothing(flt):
+            return
+        lower = _lower_timestamp(flt, from_timestamp)
+        is_negated = self._negations.is_negated if _applies_negation(flt) else None
+        for seq, delta in self._candidates(start, lower, order):
+            if delta.timestamp < from_timestamp:
+                continue
+            if flt is None or flt.matches(delta, is_negated):
+                yield seq, delta
+
+    def subscribe(self, callback: StoreCallback) -> Callable[[], None]:
+        """Call ``callback(seq, delta)`` after each new delta (not for ignored duplicates);
+        returns a function that unsubscribes. An exception from a callback propagates to the
+        caller of ``put`` after every callback ran; the delta stays stored."""
+        return self._subscribers.subscribe(callback)
+
+    def get_meta(self, key: str) -> str | None:
+        """The value stored under ``key`` by :meth:`set_meta`, or ``None``."""
+        return self._meta.get(key)
+
+    def set_meta(self, key: str, value: str) -> None:
+        """Store ``value`` under ``key`` (replacing any previous value)."""
+        self._meta[key] = value
+
+    def close(self) -> None:
+        """Drop the subscribers; the deltas stay readable."""
+        self._subscribers.clear()
+
+
+#: SQL, for a row of ``deltas``: whether some stored delta negates it (it has negators).
+_HAS_NEGATORS: Final = "EXISTS (SELECT 1 FROM negations WHERE negations.target = deltas.id)"
+
+_SCHEMA: Final = (
+    """CREATE TABLE IF NOT EXISTS deltas (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        id TEXT NOT NULL UNIQUE,
+        timestamp NOT NULL,
+        author,
+        system,
+        body BLOB
+    )""",
+    "CREATE INDEX IF NOT EXISTS deltas_timestamp ON deltas (timestamp, seq)",
+    "CREATE INDEX IF NOT EXISTS deltas_author ON deltas (author)",
+    "CREATE INDEX IF NOT EXISTS deltas_system ON deltas (system)",
+    """CREATE TABLE IF NOT EXISTS negations (
+        target TEXT NOT NULL,
+        negator TEXT NOT NULL,
+        PRIMARY KEY (target, negator)
+    ) WITHOUT ROWID""",
+    "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)",
+)
+
+_SYNCHRONOUS: Final = ("FULL", "NORMAL")
+
+
+class SQLiteStore:
+    """A :class:`~rhizome_proto.DeltaStore` kept in an SQLite file (WAL mode).
+
+    Table ``deltas`` holds one row per delta (``seq`` is its local sequence number, ``body`` its
+    JSON encoding; ``timestamp``, ``author`` and ``system`` are indexed columns for scans),
+    ``negations`` one row per ``(target, negator)`` pair and ``meta`` small key-value settings.
+    Every ``put`` / ``put_many`` is one ``BEGIN IMMEDIATE`` transaction, durable on return with
+    ``synchronous="FULL"`` (the default); ``"NORMAL"`` may lose the last transactions on power
+    loss but never corrupts the file.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        synchronous: Literal["FULL", "NORMAL"] = "FULL",
+    ) -> None:
+        if synchronous not in _SYNCHRONOUS:
+            raise ValueError(f"synchronous must be 'FULL' or 'NORMAL', got {synchronous!r}")
+        self.path = os.fspath(path)
+        self._subscribers = _Subscribers()
+        self._conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        try:
+            self._setup(synchronous)
+        except BaseException:
+            self._conn.close()
+            raise
+        self._json_each = self._has_json_each()
+
+    def _setup(self, synchronous: str) -> None:
+        """Check the schema version, switch to WAL and create the tables if needed."""
+        version = int(self._conn.execute("PRAGMA user_version").fetchone()[0])
+        if version > _SCHEMA_VERSION:
+            raise ValueError(
+                f"{self.path} has schema version {version}, newer than this version of "
+                f"rhizome-federation supports ({_SCHEMA_VERSION})"
+            )
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute(f"PRAGMA synchronous={synchronous}")
+        if version == _SCHEMA_VERSION:
+            return
+        with _Transaction(self._conn):
+            for statement in _SCHEMA:
+                self._conn.execute(statement)
+            self._conn.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
+
+    def _has_json_each(self) -> bool:
+        """Whether this SQLite has the JSON functions (``json_each``)."""
+        try:
+            self._conn.execute("SELECT value FROM json_each('[]')").fetchall()
+        except sqlite3.OperationalError:
+            return False
+        return True
+
+    def __enter__(self) -> SQLiteStore:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def put(self, delta: Delta) -> int | None:
+        """Store ``delta`` unless its id is stored; return its sequence number or ``None``.
+
+        Durable on return. Raises :class:`~rhizome_proto.InvalidDeltaError` (storing nothing)
+        when ``delta`` breaks a rule of spec section 2.1.1.
+        """
+        return self.put_many((delta,))[0]
+
+    def put_many(self, deltas: Iterable[Delta]) -> list[int | None]:
+        """Store each delta as :meth:`put` would, in one transaction; return their sequence
+        numbers (``None`` for ids already stored, including repeats within ``deltas``).
+
+        Every delta is validated first: when one is invalid, nothing is stored. A crash stores
+        all of the batch or none of it.
+        """
+        valid = [validate_delta(delta) for delta in deltas]
+        results: list[int | None] = []
+        stored: list[tuple[int, Delta]] = []
+        with _Transaction(self._conn):
+            # Only new ids are inserted, so AUTOINCREMENT leaves no gaps in the sequence.
+            seen = self._stored_ids({delta.id for delta in valid})
+            for delta in valid:
+                if delta.id in seen:
+                    results.append(None)
+                    continue
+                seen.add(delta.id)
+                cursor = self._conn.execute(
+                    "INSERT INTO deltas (id, timestamp, author, system, body) "
+                    "VALUES (?, ?, ?, ?, ?)",
+                    (delta.id, delta.timestamp, delta.author, delta.system, _encoder.encode(delta)),
+                )
+                seq = cursor.lastrowid
+                assert seq is not None
+                targets = set(negated_targets(delta))
+                if targets:
+                    self._conn.executemany(
+                        "INSERT OR IGNORE INTO negations (target, negator) VALUES (?, ?)",
+                        [(target, delta.id) for target in sorted(targets)],
+                    )
+                results.append(seq)
+                stored.append((seq, delta))
+        self._subscribers.notify(stored)
+        return results
+
+    def _stored_ids(self, delta_ids: set[str]) -> set[str]:
+        """The ids of ``delta_ids`` that are stored."""
+        wanted = sorted(delta_ids)
+        found: set[str] = set()
+        for begin in range(0, len(wanted), _MAX_IN_PARAMS):
+            chunk = wanted[begin : begin + _MAX_IN_PARAMS]
+            rows = self._conn.execute(
+                f"SELECT id FROM deltas WHERE id IN ({', '.join('?' * len(chunk))})", chunk
+            )
+            found.update(str(row[0]) for row in rows)
+        return found
+
+    def get(self, delta_id: str) -> Delta | None:
+        """The stored delta with this id, or ``None``."""
+        row = self._conn.execute("SELECT body FROM deltas WHERE id = ?", (delta_id,)).fetchone()
+        if row is None:
+            return None
+        found: Delta = _decoder.decode(row[0])
+        return found
+
+    def __contains__(self, delta_id: object) -> bool:
+        """Whether a delta with this id is stored."""
+        if not isinstance(delta_id, str):
+            return False
+        row = self._conn.execute("SELECT 1 FROM deltas WHERE id = ?", (delta_id,)).fetchone()
+        return row is not None
+
+    def __len__(self) -> int:
+        """The number of stored deltas."""
+        return int(self._conn.execute("SELECT COUNT(*) FROM deltas").fetchone()[0])
+
+    def last_sequence(self) -> int:
+        """The highest sequence number given so far (0 when empty)."""
+        row = self._conn.execute("SELECT MAX(seq) FROM deltas").fetchone()
+        return 0 if row[0] is None else int(row[0])
+
+    def is_negated(self, delta_id: str) -> bool:
+        """Whether a delta in effect in this store negates ``delta_id`` (spec section 2.5).
+
+        :func:`~rhizome_proto.resolve_negation` over the ``negations`` table, reading only the
+        negators the walk needs.
+        """
+        return resolve_negation(delta_id, self._negators)
+
+    def _negators(self, delta_id: str) -> list[str]:
+        """The ids of the stored deltas negating ``delta_id``, sorted as Python sorts them."""
+        rows = self._conn.execute("SELECT negator FROM negations WHERE target = ?", (delta_id,))
+        return sorted(str(row[0]) for row in rows)
+
+    def count(self, filter: DeltaFilter | None = None, *, from_timestamp: float = 0) -> int:
+        """How many stored deltas match ``filter`` and have ``timestamp >= from_timestamp``.
+
+        ``filter=None`` counts every delta, negated or not. Uses SQL ``COUNT`` for what SQL can
+        decide and checks only the remaining rows in Python, a page at a time.
+        """
+        if filter is None:
+            sql = "SELECT COUNT(*) FROM deltas WHERE timestamp >= ?"
+            return int(self._conn.execute(sql, (from_timestamp,)).fetchone()[0])
+        if _matches_nothing(filter):
+            return 0
+        clauses, params, exact = self._pushdown(filter, from_timestamp)
+        if not exact:
+            return sum(1 for _ in self._matching(_BEGINNING, filter, from_timestamp, "sequence"))
+        if filter.include_negated:
+            return self._sql_count(clauses, params)
+        # Deltas nobody negates match outright; only those with negators need the negation walk.
+        plain = self._sql_count([*clauses, f"NOT {_HAS_NEGATORS}"], params)
+        rest = self._matching(
+            _BEGINNING, filter, from_timestamp, "sequence", extra_clause=_HAS_NEGATORS
+        )
+        return plain + sum(1 for _ in rest)
+
+    def _sql_count(self, clauses: list[str], params: list[object]) -> int:
+        where = " AND ".join(clauses) if clauses else "1"
+        row = self._conn.execute(f"SELECT COUNT(*) FROM deltas WHERE {where}", params).fetchone()
+        return int(row[0])
+
+    def scan(
+        self,
+        *,
+        after: tuple[float, int] | int | None = None,
+        filter: DeltaFilter | None = None,
+        from_timestamp: float = 0,
+        limit: int = 100,
+        order: ScanOrder = "sequence",
+    ) -> list[tuple[int, Delta]]:
+        """Up to ``limit`` ``(seq, delta)`` pairs that match, in ``order``, strictly after
+        ``after`` (a sequence number for ``"sequence"``, a ``(timestamp, seq)`` pair for
+        ``"timestamp"``, ``None`` for the beginning). ``filter=None`` applies no filter at all;
+        a filter leaves out deltas negated in this store unless ``include_negated`` is true."""
+        start = _start(after, order)
+        _check_limit(limit)
+        if limit == 0:
+            return []
+        rows = self._matching(start, filter, from_timestamp, order, limit=limit)
+        return list(islice(rows, limit))
+
+    def _pushdown(
+        self, flt: DeltaFilter | None, from_timestamp: float
+    ) -> tuple[list[str], list[object], bool]:
+        """SQL conditions (and their parameters) implied by ``flt`` and ``from_timestamp``, and
+        whether they decide the filter exactly, negation aside."""
+        clauses: list[str] = []
+        params: list[object] = []
+        exact = True
+        if from_timestamp > 0:
+            clauses.append("timestamp >= ?")
+            params.append(from_timestamp)
+        if flt is None:
+            return clauses, params, exact
+        for column, values in (("id", flt.ids), ("author", flt.authors), ("system", flt.systems)):
+            if values is None:
+                continue
+            clause = self._in_clause(column, values, params)
+            if clause is None:
+                exact = False
+            else:
+                clauses.append(clause)
+        rng = flt.timestamp_range
+        if rng is not None and rng.start is not None:
+            clauses.append("timestamp >= ?")
+            params.append(rng.start)
+        if rng is not None and rng.end is not None:
+            clauses.append("timestamp <= ?")
+            params.append(rng.end)
+        if flt.target_ids is not None or flt.target_contexts is not None:
+            exact = False
+        return clauses, params, exact
+
+    def _in_clause(self, column: str, values: tuple[str, ...], params: list[object]) -> str | None:
+        """``column IN (...)`` for ``values``, appending its parameters; ``None`` when the list
+        is too long for parameters and cannot be sent as JSON (then Python checks it)."""
+        unique = sorted(set(values))
+        if len(unique) <= _MAX_IN_PARAMS:
+            params.extend(unique)
+            return f"{column} IN ({', '.join('?' * len(unique))})"
+        # SQLite's JSON functions cut strings at NUL; such lists are left to Python.
+        if self._json_each and not any("\x00" in value for value in unique):
+            params.append(_encoder.encode(unique).decode())
+            return f"{column} IN (SELECT value FROM json_each(?))"
+        return None
+
+    def _matching(
+        self,
+        start: _Start,
+        flt: DeltaFilter | None,
+        from_timestamp: float,
+        order: ScanOrder,
+        *,
+        limit: int | None = None,
+        extra_clause: str | None = None,
+    ) -> Iterator[tuple[int, Delta]]:
+        """Every matching ``(seq, delta)`` past ``start``, in ``order``, a page at a time.
+
+        ``limit`` is how many the caller wants at most (it sizes the first page when SQL
+        decides the filter exactly); ``extra_clause`` is one more SQL condition.
+        """
+        seq_position, ts_position = start
+        if flt is not None and _matches_nothing(flt):
+            return
+        clauses, params, exact = self._pushdown(flt, from_timestamp)
+        if extra_clause is not None:
+            clauses.append(extra_clause)
+        negation = _applies_negation(flt)
+        page = _PAGE_SIZE
+        if limit is not None and ((exact and not negation) or limit > page):
+            page = limit
+        has_negators = _HAS_NEGATORS if negation else "0"
+        columns = f"seq, timestamp, body, {has_negators}"
+        order_by = "seq" if order == "sequence" else "timestamp, seq"
+        while True:
+            where = list(clauses)
+            where_params = list(params)
+            if order == "sequence":
+                where.append("seq > ?")
+                where_params.append(seq_position)
+            elif ts_position is not None:
+                where.append("(timestamp, seq) > (?, ?)")
+                where_params.extend(ts_position)
+            sql = (
+                f"SELECT {columns} FROM deltas WHERE {' AND '.join(where) if where else '1'} "
+                f"ORDER BY {order_by} LIMIT ?"
+            )
+            rows: list[Any] = self._conn.execute(sql, [*where_params, page]).fetchall()
+            for seq, _timestamp, body, negated_candidate in rows:
+                delta: Delta = _decoder.decode(body)
+                is_negated = self.is_negated if negated_candidate else None
+                if flt is None or flt.matches(delta, is_negated):
+                    yield seq, delta
+            if len(rows) < page:
+                return
+            last_seq, last_timestamp = rows[-1][0], rows[-1][1]
+            if order == "sequence":
+                seq_position = last_seq
+            else:
+                ts_position = (last_timestamp, last_seq)
+
+    def subscribe(self, callback: StoreCallback) -> Callable[[], None]:
+        """Call ``callback(seq, delta)`` after each new delta is committed (not for ignored
+        duplicates); returns a function that unsubscribes. An exception from a callback
+        propagates to the caller of ``put`` after every callback ran; the delta stays stored."""
+        return self._subscribers.subscribe(callback)
+
+    def get_meta(self, key: str) -> str | None:
+        """The value stored under ``key`` by :meth:`set_meta`, or ``None``."""
+        row = self._conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def set_meta(self, key: str, value: str) -> None:
+        """Store ``value`` under ``key`` (replacing any previous value), durably."""
+        self._conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
+
+    def close(self) -> None:
+        """Close the database file; later calls raise ``sqlite3.ProgrammingError``."""
+        self._subscribers.clear()
+        self._conn.close()
+
+
+class _Transaction:
+    """``BEGIN IMMEDIATE`` ... ``COMMIT`` (``ROLLBACK`` on error) on an autocommit connection."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+
+    def __enter__(self) -> None:
+        self._conn.execute("BEGIN IMMEDIATE")
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        try:
+            if exc_type is None:
+                self._conn.execute("COMMIT")
+        finally:
+            if self._conn.in_transaction:
+                self._conn.execute("ROLLBACK")
+
+
+def open_store(
+    storage: Literal["memory", "sqlite"], path: str | os.PathLike[str] | None = None
+) -> MemoryStore | SQLiteStore:
+    """A new store: ``"memory"`` (``path`` is not used) or ``"sqlite"`` kept in the file ``path``.
+
+    Raises ``ValueError`` for an unknown ``storage`` or for ``"sqlite"`` without a path.
+    """
+    if storage == "memory":
+        return MemoryStore()
+    if storage == "sqlite":
+        if path is None or os.fspath(path) == "":
+            raise ValueError("storage 'sqlite' needs a path to the database file")
+        return SQLiteStore(path)
+    raise ValueError(f"unknown storage {storage!r}: expected 'memory' or 'sqlite'")

@@ -203,11 +203,15 @@ class FederationConnection(FederationProtocol):
         except WSRemoteProtocolError as exc:
             self._failed_upgrade(str(exc))
             return
+        except UnicodeError:  # wsproto decodes some handshake headers as ASCII unchecked
+            self._failed_upgrade("Bad HTTP message: non-ASCII header value")
+            return
         for event in self._ws.events():
             if isinstance(event, TextMessage | BytesMessage):
                 self._on_data(event)
             elif isinstance(event, Ping):
-                self._out += self._ws.send(event.response())
+                if self._ws.state is ConnectionState.OPEN:  # not once our close is sent
+                    self._out += self._ws.send(event.response())
             elif isinstance(event, CloseConnection):
                 self._on_close(event)
             elif isinstance(event, Request):
@@ -226,6 +230,9 @@ class FederationConnection(FederationProtocol):
                     self._abort(f"upgrade rejected with HTTP {self._reject_status}: {body}")
             if self.closed:
                 break
+            # frame what this event queued now: once wsproto parses a close frame that
+            # follows in the same data, no message can be sent any more
+            self._frame_messages()
 
     def receive_eof(self, now: float) -> None:
         """The peer closed its side of the transport."""
@@ -279,14 +286,14 @@ class FederationConnection(FederationProtocol):
 
     def _opened(self) -> None:
         self._open_deadline = None
-        super().start(self._now)
+        if self.state is not State.CLOSING:  # else close() came first: _pump sends the close
+            super().start(self._now)
 
     def _pump(self) -> None:
         """Frame queued messages; send the close frame once the protocol is closing."""
         ws_state = self._ws.state
         if ws_state is ConnectionState.OPEN:
-            for text in self.messages_to_send():
-                self._out += self._ws.send(TextMessage(data=text))
+            self._frame_messages()
             if self.state is State.CLOSING:
                 code = self.close_code or CloseCode.NORMAL
                 self._out += self._ws.send(CloseConnection(code=code, reason=self.close_reason))
@@ -308,6 +315,11 @@ class FederationConnection(FederationProtocol):
             self.connection_closed(self.close_code or CloseCode.PROTOCOL_ERROR, self.close_reason)
         if self.state is State.CLOSED:
             self.should_close = True
+
+    def _frame_messages(self) -> None:
+        if self._ws.state is ConnectionState.OPEN:
+            for text in self.messages_to_send():
+                self._out += self._ws.send(TextMessage(data=text))
 
     def _close_deadline(self) -> float | None:
         if self.state is State.CLOSING and self._closing_since is not None:
@@ -379,6 +391,11 @@ class FederationConnection(FederationProtocol):
             [_BoundedDeflate(self.max_message_size)] if self.compression else []
         )
         self._out += self._ws.send(AcceptConnection(extensions=extensions))
+        # wsproto's server handshake drops what arrived after the request in the same read
+        # (h11's trailing data); hand it on so frames sent right behind it are not lost
+        trailing = self._ws.handshake._h11_connection.trailing_data[0]
+        if trailing and self._ws.connection is not None:
+            self._ws.connection.receive_data(trailing)
         self._opened()
 
     def _reject(self, status: int, body: str) -> None:

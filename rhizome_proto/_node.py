@@ -25,11 +25,14 @@ goes to which link and what happens to what arrives:
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
 
 from ._config import LinkConfig
-from ._delta import Delta, validate_delta
+from ._delta import Delta, InvalidDeltaError, Pointer, validate_delta
 from ._errors import ErrorCode, LocalProtocolError
 from ._events import (
     Closed,
@@ -206,6 +209,34 @@ class FederationNode:
             return False
         self._broadcast(delta, source=None)
         return True
+
+    def create_delta(
+        self,
+        author: str,
+        pointers: Iterable[Pointer | Mapping[str, Any]],
+        *,
+        id: str,
+        timestamp: float | None = None,
+    ) -> Delta:
+        """A new, validated delta authored on this instance (``system`` is this node's id).
+
+        ``pointers`` are :class:`Pointer` values or dicts ``{"role": ..., "target": ...}`` whose
+        target is a string, number, boolean or ``{"id": ..., "context"?: ...}``. The id comes from
+        the caller (the core has no randomness); the timestamp defaults to the node's clock.
+        Raises :class:`InvalidDeltaError`. Nothing is stored: see :meth:`persist_delta`.
+        """
+        built: list[Pointer] = []
+        for i, pointer in enumerate(pointers):
+            try:
+                built.append(
+                    pointer if isinstance(pointer, Pointer) else msgspec.convert(pointer, Pointer)
+                )
+            except msgspec.ValidationError as exc:
+                raise InvalidDeltaError(f"pointers[{i}]: {exc}", id or None) from None
+        when = self._clock() if timestamp is None else timestamp
+        return validate_delta(
+            Delta(id=id, timestamp=when, author=author, system=self.system_id, pointers=tuple(built))
+        )
 
     def send_delta(self, link_id: str, delta: Delta) -> None:
         """Send one delta on one link (held in its outbox while disconnected)."""
@@ -399,8 +430,8 @@ class FederationNode:
         for link in self._links.values():
             if link is source or not self._wants(link, delta):
                 continue
-            if link.conn is None and not link.outgoing:
-                continue
+            if not link.outgoing and not link.connected:
+                continue  # an incoming link's mode and pull filter are known after its hello
             self._send(link, delta)
 
     # ---------------------------------------------------------------- serving a sync

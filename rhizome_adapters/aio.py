@@ -149,7 +149,7 @@ class _Session:
                         await self.writer.drain()
                         continue  # more may have been queued meanwhile
                     node_link = link._node_link
-                    if not (node_link.syncing and node_link.conn is conn and not conn.peer_paused):
+                    if not (node_link.conn is conn and node_link.sync_ready):
                         break
                     self.db._node.sync_step(link.id)
                     await asyncio.sleep(0)  # let the reader in between batches

@@ -120,6 +120,13 @@ class NodeLink:
         """A server-side initial sync is being streamed on this link."""
         return self._sync_active
 
+    @property
+    def sync_ready(self) -> bool:
+        """:meth:`FederationNode.sync_step` has a batch to send now (a sync is streaming on
+        this connection and the peer has not paused us): call it when the transport has room."""
+        conn = self.conn
+        return self._sync_active and conn is not None and conn.is_open and not conn.peer_paused
+
 
 class FederationNode:
     """One RhizomeDB instance's federation logic over a :class:`DeltaStore`.
@@ -235,7 +242,9 @@ class FederationNode:
                 raise InvalidDeltaError(f"pointers[{i}]: {exc}", id or None) from None
         when = self._clock() if timestamp is None else timestamp
         return validate_delta(
-            Delta(id=id, timestamp=when, author=author, system=self.system_id, pointers=tuple(built))
+            Delta(
+                id=id, timestamp=when, author=author, system=self.system_id, pointers=tuple(built)
+            )
         )
 
     def send_delta(self, link_id: str, delta: Delta) -> None:

@@ -374,11 +374,11 @@ class FederationConnection(FederationProtocol):
             self._too_big()
         else:  # wsproto found a framing error: fail the connection with its code
             self._ws_failed = True
-            self._begin_close(event.code, event.reason or "")
+            self._begin_close(int(event.code), event.reason or "")
             raise RemoteProtocolError(
                 f"WebSocket protocol error: {event.reason}",
                 code=ErrorCode.MESSAGE_ERROR,
-                close_code=event.code,
+                close_code=int(event.code),
             )
 
     def _on_request(self, event: Request) -> None:

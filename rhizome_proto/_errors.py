@@ -39,8 +39,6 @@ class ErrorCode(StrEnum):
     INVALID_DELTA = "INVALID_DELTA"
     #: a message was over the size limit (the connection closes with 1009).
     MESSAGE_TOO_LARGE = "MESSAGE_TOO_LARGE"
-    #: a binary WebSocket frame (v1 is text only).
-    BINARY_NOT_SUPPORTED = "BINARY_NOT_SUPPORTED"
     #: the peer sent nothing at all within the heartbeat timeout (reported locally, never sent).
     PING_TIMEOUT = "PING_TIMEOUT"
     #: the peer is not allowed to federate with us.

@@ -66,7 +66,8 @@ class DeltaAcked(Event):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class DeltaRejected(Event):
-    """The peer rejected one of our deltas (live, or sent in a sync batch)."""
+    """The peer rejected one of our live deltas. (A nack of a delta sent in a sync batch is not
+    tracked: it is counted in ``stray_acks``.)"""
 
     delta_id: str
     reason: str

@@ -411,6 +411,8 @@ class FederationProtocol:
             raise LocalProtocolError("no sync to reject", code=ErrorCode.SYNC_ERROR)
         self._require_open("reject a sync")
         self._sync = _Sync.NONE
+        # batches held while the peer paused us belong to the sync being abandoned
+        self._held = deque(m for m in self._held if not isinstance(m, SyncBatch | SyncComplete))
         self._send(ErrorMessage(timestamp=self._clock(), code=code, message=message))
 
     def send_error(self, code: ErrorCode | str, message: str, *, fatal: bool = False) -> None:

@@ -1,0 +1,608 @@
+"""The ``rhizome`` command: serve an instance, connect it to others, put and list deltas, demo.
+
+Every failure the user can cause (bad arguments, an unreachable URL, a port in use, a missing
+database) ends in one line on stderr and a non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import signal
+import sqlite3
+import sys
+import uuid
+from collections.abc import Awaitable, Sequence
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from rhizome_proto import (
+    Delta,
+    DeltaFilter,
+    FederationEvent,
+    InitialSync,
+    InvalidDeltaError,
+    LinkConfig,
+    Pointer,
+    ReconnectPolicy,
+    Reference,
+    TimestampRange,
+    TrustPolicy,
+    combine_trust_policies,
+    create_author_trust_policy,
+    create_system_trust_policy,
+)
+
+from .aio import FederatedRhizomeDB, FederationLink
+from .storage import SQLiteStore
+
+log = logging.getLogger("rhizome")
+
+DEFAULT_DB = "rhizome.sqlite"
+
+
+class CLIError(Exception):
+    """A failure to report in one line."""
+
+
+# ------------------------------------------------------------------------- helpers
+
+
+def _storage_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    if args.memory:
+        return {"storage": "memory"}
+    return {"storage": "sqlite", "path": args.db}
+
+
+def _new_system_id() -> str:
+    return f"rhizome-{uuid.uuid4().hex[:12]}"
+
+
+def _system_id(args: argparse.Namespace) -> str:
+    """The given id; else the one kept in the database (made once); else a fresh one."""
+    if getattr(args, "system_id", None):
+        return str(args.system_id)
+    if args.memory or args.db is None:
+        return _new_system_id()
+    store = SQLiteStore(args.db)
+    try:
+        sid = store.get_meta("system_id")
+        if sid is None:
+            sid = _new_system_id()
+            store.set_meta("system_id", sid)
+        return sid
+    finally:
+        store.close()
+
+
+def _check_url(url: str) -> None:
+    """Refuse anything but ``ws://HOST[:PORT]/PATH`` before connecting."""
+    expected = "expected ws://HOST:PORT/PATH"
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 -- raises ValueError for a bad port
+    except ValueError as exc:
+        raise CLIError(f"invalid URL {url!r} ({exc}): {expected}") from None
+    if parts.scheme != "ws" or not parts.hostname:
+        raise CLIError(f"invalid URL {url!r}: {expected}")
+
+
+def _reconnect(attempts: int, max_delay: float = 30.0) -> ReconnectPolicy:
+    """``attempts`` connection attempts in a row (0: forever) as a :class:`ReconnectPolicy`,
+    whose ``max_attempts`` counts the retries after the first attempt."""
+    if attempts == 1:
+        return ReconnectPolicy(enabled=False)
+    return ReconnectPolicy(
+        max_attempts=max(attempts - 1, 0),
+        initial_delay=min(0.5, max_delay),
+        max_delay=max_delay,
+    )
+
+
+async def _open_link(db: FederatedRhizomeDB, url: str, config: LinkConfig) -> FederationLink:
+    """``connect_to_remote``, with its failure as one line: why the last attempt failed."""
+    errors: list[str] = []
+    attempts = 0
+
+    def on_event(event: FederationEvent) -> None:
+        nonlocal attempts
+        if event.type == "link:connecting":
+            attempts += 1
+        elif event.type in ("link:error", "link:disconnected") and event.reason:
+            errors.append(event.reason)
+
+    unsubscribe = db.on_federation_event(on_event)
+    try:
+        return await db.connect_to_remote(url, config)
+    except ConnectionError as exc:
+        reasons = [r for r in errors if not r.startswith("gave up")]  # the policy's summary
+        why = (reasons[-1] if reasons else str(exc)).removeprefix(f"cannot connect to {url}: ")
+        tries = f" ({attempts} attempts)" if attempts > 1 else ""
+        raise CLIError(f"cannot connect to {url}{tries}: {why}") from None
+    finally:
+        unsubscribe()
+
+
+async def _first(*aws: Awaitable[Any]) -> None:
+    """Wait until one of ``aws`` is done; cancel the others."""
+    tasks = [asyncio.ensure_future(a) for a in aws]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+def _trust(args: argparse.Namespace) -> TrustPolicy | None:
+    policies: list[TrustPolicy] = []
+    if args.trust_author:
+        policies.append(create_author_trust_policy(args.trust_author))
+    if args.trust_system:
+        policies.append(create_system_trust_policy(args.trust_system))
+    if not policies:
+        return None
+    return policies[0] if len(policies) == 1 else combine_trust_policies(*policies)
+
+
+def _parse_pointer(text: str) -> Pointer:
+    """``role=text`` (a string target) or ``role:=JSON`` (number, boolean, or a reference
+    ``{"id": ..., "context": ...}``)."""
+    role, sep, raw = text.partition("=")
+    if not sep or not role.rstrip(":"):
+        raise CLIError(f"pointer {text!r}: write role=text or role:=JSON")
+    if not role.endswith(":"):
+        return Pointer(role=role, target=raw)
+    role = role[:-1]
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        raise CLIError(f"pointer {text!r}: {raw!r} is not JSON") from None
+    if isinstance(value, dict):
+        ref_id, context = value.get("id"), value.get("context")
+        if (
+            set(value) - {"id", "context"}
+            or not isinstance(ref_id, str)
+            or not (context is None or isinstance(context, str))
+        ):
+            raise CLIError(
+                f'pointer {text!r}: a reference is {{"id": "...", "context": "..."}} '
+                "(context optional)"
+            )
+        return Pointer(role=role, target=Reference(id=ref_id, context=context))
+    if not isinstance(value, str | int | float | bool):
+        raise CLIError(f"pointer {text!r}: a target is a string, number, boolean or reference")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise CLIError(f"pointer {text!r}: a number must be finite")
+    return Pointer(role=role, target=value)
+
+
+def _filter(args: argparse.Namespace) -> DeltaFilter | None:
+    rng = None
+    if args.since is not None or args.until is not None:
+        rng = TimestampRange(start=args.since, end=args.until)
+    flt = DeltaFilter(
+        ids=tuple(args.id) if args.id else None,
+        authors=tuple(args.author) if args.author else None,
+        systems=tuple(args.system) if args.system else None,
+        target_ids=tuple(args.target_id) if args.target_id else None,
+        target_contexts=tuple(args.target_context) if args.target_context else None,
+        timestamp_range=rng,
+        include_negated=True if args.include_negated else None,
+    )
+    return None if flt == DeltaFilter() else flt
+
+
+def _delta_line(delta: Delta) -> str:
+    parts = []
+    for p in delta.pointers:
+        t = p.target
+        if isinstance(t, Reference):
+            shown = f"@{t.id}" + (f"#{t.context}" if t.context else "")
+        else:
+            shown = json.dumps(t)
+        parts.append(f"{p.role}={shown}")
+    return f"{delta.id}  {delta.timestamp}  {delta.author}@{delta.system}  {' '.join(parts)}"
+
+
+class _Progress:
+    """A one-line progress bar on stderr for the initial sync."""
+
+    def __init__(self, stream: Any = None) -> None:
+        self.stream = sys.stderr if stream is None else stream
+        self.total = 0
+        self.done = 0
+        self.tty = bool(getattr(stream, "isatty", lambda: False)())
+
+    def start(self, total: int) -> None:
+        self.total, self.done = total, 0
+        self.draw()
+
+    def advance(self, n: int) -> None:
+        self.done += n
+        self.draw()
+
+    def draw(self) -> None:
+        width = 30
+        frac = 1.0 if self.total == 0 else min(self.done / self.total, 1.0)
+        bar = "#" * int(frac * width)
+        line = f"syncing [{bar:<{width}}] {self.done}/{self.total}"
+        self.stream.write(("\r" if self.tty else "") + line + ("" if self.tty else "\n"))
+        self.stream.flush()
+
+    def finish(self) -> None:
+        if self.tty:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def _install_stop() -> asyncio.Event:
+    """An event set by SIGINT or SIGTERM: the command then shuts down cleanly."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):  # not on POSIX
+            loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
+def _log_event(event: FederationEvent) -> None:
+    if event.type in ("link:connected", "link:disconnected", "sync:completed"):
+        log.info("%s %s%s", event.type, event.link_id, f" ({event.reason})" if event.reason else "")
+    elif event.type in ("link:error", "delta:rejected"):
+        log.warning("%s %s: %s", event.type, event.link_id, event.reason)
+
+
+# ------------------------------------------------------------------------- commands
+
+
+async def _serve(args: argparse.Namespace) -> int:
+    stop = _install_stop()  # before "listening on": a signal right after it must stop cleanly
+    async with FederatedRhizomeDB(
+        system_id=_system_id(args),
+        trust_policy=_trust(args),
+        auto_broadcast=not args.no_broadcast,
+        **_storage_kwargs(args),
+    ) as db:
+        db.on_federation_event(_log_event)
+        try:
+            url = await db.enable_server(host=args.host, port=args.port, path=args.path)
+        except OSError as exc:  # the message names the address and the reason
+            raise CLIError(exc.strerror or str(exc)) from None
+        print(f"listening on {url}", flush=True)
+        log.info("system id %s, %d deltas stored", db.system_id, len(db.store))
+        await stop.wait()
+        log.info("shutting down")
+    return 0
+
+
+async def _connect(args: argparse.Namespace) -> int:
+    _check_url(args.url)
+    initial_sync: InitialSync = args.initial_sync or (
+        "full" if args.since is None else "from_timestamp"
+    )
+    if initial_sync == "from_timestamp" and args.since is None:
+        raise CLIError("--initial-sync from_timestamp needs --since MS")
+    config = LinkConfig(
+        mode=args.mode,
+        initial_sync=initial_sync,
+        sync_from_timestamp=args.since or 0,
+        reconnect=_reconnect(args.max_attempts, args.max_delay),
+    )
+    stop = _install_stop()
+    async with FederatedRhizomeDB(system_id=_system_id(args), **_storage_kwargs(args)) as db:
+        progress = _Progress()
+        synced = asyncio.Event()
+        failed = asyncio.Event()  # the link gave up reconnecting, or the sync was refused
+        failure = ""
+        received = 0
+        connected = False
+
+        def on_event(event: FederationEvent) -> None:
+            nonlocal connected, failure, received
+            if event.type == "link:connected":
+                connected = True
+            if event.type in ("link:error", "link:disconnected") and not connected:
+                log.debug("%s: %s", event.type, event.reason)  # summed up if connecting fails
+            else:
+                _log_event(event)
+            if event.type == "sync:started":
+                progress.start(event.total or 0)
+            elif event.type == "sync:progress":
+                progress.advance(event.count or 0)
+            elif event.type == "sync:completed":
+                progress.finish()
+                received = event.count or 0
+                synced.set()
+            elif event.type == "link:error" and connected:
+                link = db.get_federation_link(event.link_id)
+                sync_refused = (event.reason or "").startswith("SYNC_") and not synced.is_set()
+                if (link is not None and link.status == "failed") or sync_refused:
+                    failure = event.reason or "the link failed"
+                    failed.set()
+
+        db.on_federation_event(on_event)
+        opening = asyncio.ensure_future(_open_link(db, args.url, config))
+        await _first(opening, stop.wait())
+        if not opening.done():  # interrupted while connecting
+            await asyncio.wait({opening})
+            return 130 if args.once else 0
+        link = opening.result()
+        log.info("connected to %s (%s)", link.remote_system_id, args.url)
+        if args.once:
+            if initial_sync == "none" or args.mode == "push":
+                print(f"connected to {link.remote_system_id}; no initial sync requested")
+                return 0
+            await _first(synced.wait(), failed.wait(), stop.wait())
+            if synced.is_set():
+                print(f"synced {received} deltas from {link.remote_system_id}", flush=True)
+                return 0
+            if failed.is_set():
+                raise CLIError(failure)
+            return 130
+        await _first(failed.wait(), stop.wait())
+        if failed.is_set() and not stop.is_set():
+            raise CLIError(failure)
+    return 0
+
+
+async def _put(args: argparse.Namespace) -> int:
+    pointers = [_parse_pointer(p) for p in args.pointer]
+    if args.to:
+        _check_url(args.to)
+    storage = {"storage": "memory"} if args.db is None else _storage_kwargs(args)
+    async with FederatedRhizomeDB(system_id=_system_id(args), **storage) as db:
+        try:
+            delta = db.create_delta(
+                args.author, pointers, id=args.delta_id, timestamp=args.timestamp
+            )
+        except InvalidDeltaError as exc:
+            raise CLIError(f"invalid delta: {exc}") from None
+        await db.persist_delta(delta)
+        if args.to:
+            config = LinkConfig(mode="push", initial_sync="none", reconnect=_reconnect(1))
+            link = await _open_link(db, args.to, config)
+            done = asyncio.Event()
+            verdict: list[FederationEvent] = []
+
+            def on_event(event: FederationEvent) -> None:
+                ours = event.delta_id == delta.id or (event.delta and event.delta.id == delta.id)
+                if ours and event.type in ("delta:sent", "delta:rejected"):
+                    verdict.append(event)
+                    done.set()
+
+            db.on_federation_event(on_event)
+            await link.send_delta(delta)
+            try:
+                await asyncio.wait_for(done.wait(), args.timeout)
+            except TimeoutError:
+                raise CLIError(f"no answer from {args.to} within {args.timeout} s") from None
+            if verdict[0].type == "delta:rejected":
+                raise CLIError(f"rejected by {link.remote_system_id}: {verdict[0].reason}")
+        print(delta.id)
+    return 0
+
+
+def _ls(args: argparse.Namespace) -> int:
+    if not Path(args.db).exists():
+        raise CLIError(f"no database at {args.db}")
+    store = SQLiteStore(args.db)
+    try:
+        if args.show:
+            delta = store.get(args.show)
+            if delta is None:
+                raise CLIError(f"no delta {args.show!r} in {args.db}")
+            print(json.dumps(_to_json(delta), indent=2))
+            return 0
+        flt = _filter(args)
+        if args.count:
+            print(store.count(flt))
+            return 0
+        shown, after = 0, None
+        while args.limit is None or shown < args.limit:
+            want = 500 if args.limit is None else min(500, args.limit - shown)
+            rows = store.scan(after=after, filter=flt, limit=want)
+            if not rows:
+                break
+            for _, delta in rows:
+                print(json.dumps(_to_json(delta)) if args.json else _delta_line(delta))
+            shown += len(rows)
+            after = rows[-1][0]
+        return 0
+    finally:
+        store.close()
+
+
+def _to_json(delta: Delta) -> Any:
+    import msgspec
+
+    return msgspec.to_builtins(delta)
+
+
+async def _demo(args: argparse.Namespace) -> int:
+    print("demo: one hub and three spokes, in memory, on 127.0.0.1")
+    async with FederatedRhizomeDB(system_id="hub") as hub:
+        url = await hub.enable_server(host="127.0.0.1", port=0)
+        print(f"hub listening on {url}")
+        spokes = [FederatedRhizomeDB(system_id=f"spoke-{i + 1}") for i in range(3)]
+        try:
+            for spoke in spokes:
+                await spoke.__aenter__()
+                await spoke.connect_to_remote(url)
+            for i, spoke in enumerate(spokes):
+                for j in range(args.deltas):
+                    delta = spoke.create_delta(
+                        f"author-{i + 1}",
+                        [
+                            Pointer(
+                                role="movie", target=Reference(id=f"movie-{j}", context="reviews")
+                            ),
+                            Pointer(role="rating", target=(i + j) % 5 + 1),
+                        ],
+                    )
+                    await spoke.persist_delta(delta)
+            expected = 3 * args.deltas
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 10
+            while loop.time() < deadline:
+                counts = [len(s.scan_deltas()) for s in spokes]
+                if all(c == expected for c in counts) and len(hub.scan_deltas()) == expected:
+                    break
+                await asyncio.sleep(0.05)
+            for db in (hub, *spokes):
+                print(f"  {db.system_id:<8} holds {len(db.scan_deltas())} deltas")
+            ok = all(len(db.scan_deltas()) == expected for db in (hub, *spokes))
+            print("converged" if ok else "did NOT converge")
+            return 0 if ok else 1
+        finally:
+            for spoke in spokes:
+                await spoke.close()
+
+
+# ------------------------------------------------------------------------- parsing
+
+
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is 0 to 65535, not {port}")
+    return port
+
+
+def _ms(text: str) -> int | float:
+    """Milliseconds since the epoch (an integer stays an integer)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of milliseconds: {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"not a number of milliseconds: {text!r}")
+    return int(value) if value.is_integer() else value
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"not a count: {text!r}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"not a positive number of seconds: {text!r}")
+    return value
+
+
+def _add_storage(p: argparse.ArgumentParser, default_db: str | None = DEFAULT_DB) -> None:
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--db", default=default_db, help=f"SQLite file (default {DEFAULT_DB})")
+    group.add_argument("--memory", action="store_true", help="keep deltas in memory only")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rhizome", description="RhizomeDB federation: serve, connect, put, ls, demo."
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("serve", help="run a federation server")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=_port, default=8080, help="0 picks a free port")
+    p.add_argument("--path", default="/federation")
+    _add_storage(p)
+    p.add_argument("--system-id", help="this instance's id (default: kept in the database)")
+    p.add_argument("--trust-author", action="append", metavar="A", help="accept only authors A")
+    p.add_argument("--trust-system", action="append", metavar="S", help="accept only systems S")
+    p.add_argument("--no-broadcast", action="store_true", help="do not relay between links")
+
+    p = sub.add_parser("connect", help="connect to a federation server and sync")
+    p.add_argument("url", help="ws://HOST:PORT/PATH")
+    _add_storage(p)
+    p.add_argument("--system-id")
+    p.add_argument("--mode", choices=["bidirectional", "push", "pull"], default="bidirectional")
+    p.add_argument(
+        "--initial-sync",
+        choices=["full", "from_timestamp", "none"],
+        help="what to sync first (default: full, or from_timestamp with --since)",
+    )
+    p.add_argument("--since", type=_ms, metavar="MS", help="sync deltas from MS on")
+    p.add_argument("--once", action="store_true", help="exit after the initial sync")
+    p.add_argument(
+        "--max-attempts", type=_count, default=5, help="connect attempts in a row, 0 = forever"
+    )
+    p.add_argument("--max-delay", type=_seconds, default=30.0, help="longest retry delay, seconds")
+
+    p = sub.add_parser("put", help="author a delta into a database, or send it to a URL")
+    p.add_argument("pointer", nargs="+", help="role=text, or role:=JSON (number, bool, reference)")
+    p.add_argument("--author", required=True)
+    p.add_argument("--id", dest="delta_id", help="delta id (default: a new UUID)")
+    p.add_argument("--timestamp", type=int, help="milliseconds since the epoch (default: now)")
+    _add_storage(p, default_db=None)
+    p.add_argument("--system-id")
+    p.add_argument("--to", metavar="URL", help="send the delta to this federation server")
+    p.add_argument("--timeout", type=_seconds, default=10.0, help="seconds to wait for the ack")
+
+    p = sub.add_parser("ls", help="list, count or show the deltas of a database")
+    p.add_argument("--db", default=DEFAULT_DB)
+    p.add_argument("--count", action="store_true", help="print only how many match")
+    p.add_argument("--show", metavar="ID", help="print one delta as JSON")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.add_argument("--limit", type=int)
+    p.add_argument("--id", action="append", metavar="ID")
+    p.add_argument("--author", action="append", metavar="A")
+    p.add_argument("--system", action="append", metavar="S")
+    p.add_argument("--target-id", action="append", metavar="T")
+    p.add_argument("--target-context", action="append", metavar="C")
+    p.add_argument("--since", type=_ms, metavar="MS")
+    p.add_argument("--until", type=_ms, metavar="MS")
+    p.add_argument("--include-negated", action="store_true")
+
+    p = sub.add_parser("demo", help="a hub and three spokes converge on screen")
+    p.add_argument("--deltas", type=int, default=5, help="deltas authored by each spoke")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+    if args.command == "put" and args.db is None and not args.memory and not args.to:
+        args.db = DEFAULT_DB
+    try:
+        if args.command == "ls":
+            return _ls(args)
+        runner = {"serve": _serve, "connect": _connect, "put": _put, "demo": _demo}[args.command]
+        return asyncio.run(runner(args))
+    except CLIError as exc:
+        print(f"rhizome: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except sqlite3.Error as exc:
+        print(f"rhizome: error: database {getattr(args, 'db', None)}: {exc}", file=sys.stderr)
+        return 1
+    except (OSError, ValueError, InvalidDeltaError) as exc:
+        print(f"rhizome: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

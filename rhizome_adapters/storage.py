@@ -178,13 +178,14 @@ class MemoryStore:
         """
         return self.put_many((delta,))[0]
 
-    def put_many(self, deltas: Iterable[Delta]) -> list[int | None]:
+    def put_many(self, deltas: Iterable[Delta], *, validate: bool = True) -> list[int | None]:
         """Store each delta as :meth:`put` would; return their sequence numbers (``None`` for
         ids already stored, including repeats within ``deltas``).
 
         Every delta is validated first: when one is invalid, nothing is stored.
+        ``validate=False`` skips that for deltas known valid (decoded by the codec).
         """
-        valid = [validate_delta(delta) for delta in deltas]
+        valid = [validate_delta(d) for d in deltas] if validate else list(deltas)
         results: list[int | None] = []
         stored: list[tuple[int, Delta]] = []
         for delta in valid:
@@ -401,14 +402,15 @@ class SQLiteStore:
         """
         return self.put_many((delta,))[0]
 
-    def put_many(self, deltas: Iterable[Delta]) -> list[int | None]:
+    def put_many(self, deltas: Iterable[Delta], *, validate: bool = True) -> list[int | None]:
         """Store each delta as :meth:`put` would, in one transaction; return their sequence
         numbers (``None`` for ids already stored, including repeats within ``deltas``).
 
-        Every delta is validated first: when one is invalid, nothing is stored. A crash stores
-        all of the batch or none of it.
+        Every delta is validated first: when one is invalid, nothing is stored
+        (``validate=False`` skips that for deltas known valid, e.g. decoded by the codec). A
+        crash stores all of the batch or none of it.
         """
-        valid = [validate_delta(delta) for delta in deltas]
+        valid = [validate_delta(d) for d in deltas] if validate else list(deltas)
         results: list[int | None] = []
         stored: list[tuple[int, Delta]] = []
         with _Transaction(self._conn):

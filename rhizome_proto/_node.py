@@ -212,7 +212,7 @@ class FederationNode:
         with this id was already stored (nothing is sent again).
         """
         delta = validate_delta(delta)
-        if self.store.put(delta) is None:
+        if self.store.put_many((delta,), validate=False)[0] is None:
             return False
         self._broadcast(delta, source=None)
         return True
@@ -256,13 +256,18 @@ class FederationNode:
     # ---------------------------------------------------------------- events
 
     def handle_events(self, link_id: str) -> list[FederationEvent]:
-        """Act on everything the link's connection reported; return application events."""
+        """Act on everything the link's connection reported; return application events.
+
+        Events are taken one at a time: if acting on one raises (the store failed), the ones
+        after it stay queued for the next call (a ``Closed`` carrying unsettled deltas must not
+        be lost with it).
+        """
         link = self._require(link_id)
         conn = link.conn
         if conn is None:
             return []
         out: list[FederationEvent] = []
-        for event in conn.events():
+        while (event := conn.next_event()) is not None:
             self._handle(link, conn, event, out)
         return out
 
@@ -376,7 +381,7 @@ class FederationNode:
                 FederationEvent(type="delta:rejected", link_id=link.id, delta=delta, reason=reason)
             )
             return
-        if self.store.put(delta) is not None:
+        if self.store.put_many((delta,), validate=False)[0] is not None:
             link.stats.deltas_received += 1
             out.append(FederationEvent(type="delta:received", link_id=link.id, delta=delta))
             if self.auto_broadcast:
@@ -408,7 +413,7 @@ class FederationNode:
                 )
         if not accepted:
             return
-        for delta, seq in zip(accepted, self.store.put_many(accepted), strict=True):
+        for delta, seq in zip(accepted, self.store.put_many(accepted, validate=False), strict=True):
             if seq is None:
                 continue
             link.stats.deltas_received += 1

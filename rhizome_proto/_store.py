@@ -29,8 +29,10 @@ class DeltaStore(Protocol):
         or ``None`` when it was already there (the stored one is kept). Durable on return."""
         ...
 
-    def put_many(self, deltas: Sequence[Delta]) -> list[int | None]:
-        """:meth:`put` for several deltas in one durable transaction; results in order."""
+    def put_many(self, deltas: Sequence[Delta], *, validate: bool = True) -> list[int | None]:
+        """:meth:`put` for several deltas in one durable transaction; results in order.
+        ``validate=False``: the caller guarantees the deltas are valid (decoded by the codec,
+        or checked by :func:`validate_delta`), so the store need not check them again."""
         ...
 
     def __len__(self) -> int:

@@ -700,3 +700,13 @@ def test_stores_agree_with_python_filtering_at_length(
     one_by_one: bool,
 ) -> None:
     _check_agreement(deltas, flt, from_timestamp, order, limit, one_by_one)
+
+
+def test_put_many_validates_unless_told_the_deltas_are_known_valid(store: Store) -> None:
+    bad = Delta(id="bad", timestamp=1, author="", system="s")
+    with pytest.raises(InvalidDeltaError, match="author"):
+        store.put_many([delta("ok-1"), bad])
+    assert len(store) == 0  # nothing stored when one is invalid
+    # the node passes validate=False for deltas the codec already checked: no second check
+    assert store.put_many([delta("ok-1"), delta("ok-2")], validate=False) == [1, 2]
+    assert store.put_many([delta("ok-2")], validate=False) == [None]

@@ -226,19 +226,20 @@ class FederationLink:
 
     @property
     def status(self) -> LinkStatus:
-        session = self._session
-        if self._state == "connected" and session is not None and session.conn.paused:
+        if self._state == "connected" and self._node_link.paused:
             return "paused"
         return self._state
 
     async def pause(self) -> None:
-        """Ask the peer to send no live deltas until :meth:`resume`."""
-        self._open_conn().pause()
+        """Ask the peer to send no live deltas until :meth:`resume` (also after reconnects)."""
+        self._open_conn()
+        self._db._node.pause(self.id)
         self._db._wake_writers()
 
     async def resume(self) -> None:
         """Let the peer send again."""
-        self._open_conn().resume()
+        self._open_conn()
+        self._db._node.resume(self.id)
         self._db._wake_writers()
 
     async def disconnect(self) -> None:

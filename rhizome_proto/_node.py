@@ -103,6 +103,8 @@ class NodeLink:
     stats: LinkStats = field(default_factory=LinkStats)
     #: deltas waiting for the next connection (unsettled by the last one, or sent while down)
     outbox: deque[Delta] = field(default_factory=deque)
+    #: we asked the peer to pause (asked again on every new connection until resumed)
+    paused: bool = False
     # the running initial sync (server side): filters, position, batch size
     _sync_filters: tuple[DeltaFilter, ...] = ()
     _sync_from: float = 0
@@ -139,6 +141,9 @@ class FederationNode:
             (incoming links always); permissive by default.
         auto_broadcast: relay deltas received on one link to the others.
         batch_size: deltas per ``sync_batch`` when serving an initial sync.
+        max_parked: how many undelivered deltas are kept per remote system id when an incoming
+            link closes, for its next connection (the oldest go first beyond that; a client
+            that reconnects with an initial sync recovers them anyway).
     """
 
     def __init__(
@@ -150,9 +155,12 @@ class FederationNode:
         trust_policy: TrustPolicy | None = None,
         auto_broadcast: bool = True,
         batch_size: int = DEFAULT_BATCH_SIZE,
+        max_parked: int = 10_000,
     ) -> None:
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
+        if max_parked < 0:
+            raise ValueError("max_parked must be >= 0")
         self.system_id = system_id
         self.store = store
         self.trust_policy: TrustPolicy = trust_policy or PermissiveTrustPolicy()
@@ -160,6 +168,11 @@ class FederationNode:
         self.batch_size = batch_size
         self._clock = clock
         self._links: dict[str, NodeLink] = {}
+        self.max_parked = max_parked
+        #: undelivered deltas of closed incoming links, by remote system id
+        self._parked: dict[str, deque[Delta]] = {}
+        #: parked deltas dropped because ``max_parked`` was reached
+        self.parked_dropped = 0
 
     # ---------------------------------------------------------------- links
 
@@ -247,6 +260,20 @@ class FederationNode:
             )
         )
 
+    def pause(self, link_id: str) -> None:
+        """Ask the link's peer to stop sending live deltas, now and after reconnects."""
+        link = self._require(link_id)
+        link.paused = True
+        if link.conn is not None and link.conn.is_open:
+            link.conn.pause()
+
+    def resume(self, link_id: str) -> None:
+        """Let the link's peer send again."""
+        link = self._require(link_id)
+        link.paused = False
+        if link.conn is not None and link.conn.is_open:
+            link.conn.resume()
+
     def send_delta(self, link_id: str, delta: Delta) -> None:
         """Send one delta on one link (held in its outbox while disconnected)."""
         link = self._require(link_id)
@@ -321,7 +348,21 @@ class FederationNode:
         elif isinstance(event, Closed):
             link.outbox.extendleft(reversed(event.unsettled))
             link._sync_active = False
+            if not link.outgoing and link.remote_system_id is not None:
+                self._park(link)
             out.append(FederationEvent(type="link:disconnected", link_id=lid, reason=event.reason))
+
+    def _park(self, link: NodeLink) -> None:
+        """An incoming link closed: keep what it could not deliver for the remote's next
+        connection (an incoming link's record ends with its connection)."""
+        parked = self._parked.setdefault(link.remote_system_id or "", deque())
+        parked.extend(link.outbox)
+        link.outbox.clear()
+        while len(parked) > self.max_parked:
+            parked.popleft()
+            self.parked_dropped += 1
+        if not parked:
+            del self._parked[link.remote_system_id or ""]
 
     def _connected(
         self, link: NodeLink, conn: FederationProtocol, event: HandshakeComplete
@@ -332,6 +373,8 @@ class FederationNode:
             remote = event.remote_config
             link.config = LinkConfig.mirror(remote)
             link.remote_pull_filter = remote.pull_filter if remote else None
+            parked = self._parked.pop(event.remote_system_id, ())
+            link.outbox.extend(d for d in parked if self._wants(link, d))
         else:
             cfg = link.config
             if cfg.receives and cfg.initial_sync != "none":
@@ -341,6 +384,8 @@ class FederationNode:
                     if cfg.initial_sync == "from_timestamp"
                     else None,
                 )
+        if link.paused:
+            conn.pause()
         sent: set[str] = set()
         while link.outbox:
             delta = link.outbox.popleft()

@@ -164,7 +164,8 @@ class _Session:
 
     def fail(self, exc: BaseException) -> None:
         """A transport failure: report it (``link:error``); the core sees the connection lost."""
-        if self.conn.closed:
+        if self.conn.closed:  # the core knows; make sure its last events were handled
+            self.db._pump(self)
             return
         reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
         self.db._transport_error(self.link, reason)

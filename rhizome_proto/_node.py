@@ -353,8 +353,21 @@ class FederationNode:
             out.append(FederationEvent(type="link:disconnected", link_id=lid, reason=event.reason))
 
     def _park(self, link: NodeLink) -> None:
-        """An incoming link closed: keep what it could not deliver for the remote's next
-        connection (an incoming link's record ends with its connection)."""
+        """An incoming link closed: what it could not deliver goes to another open incoming link
+        of the same remote (it reconnected before we noticed this one was dead), else waits for
+        the remote's next connection (an incoming link's record ends with its connection)."""
+        for other in self._links.values():
+            if (
+                other is not link
+                and not other.outgoing
+                and other.connected
+                and other.remote_system_id == link.remote_system_id
+            ):
+                for delta in link.outbox:
+                    if self._wants(other, delta):
+                        self._send(other, delta)
+                link.outbox.clear()
+                return
         parked = self._parked.setdefault(link.remote_system_id or "", deque())
         parked.extend(link.outbox)
         link.outbox.clear()
@@ -386,11 +399,9 @@ class FederationNode:
                 )
         if link.paused:
             conn.pause()
-        sent: set[str] = set()
         while link.outbox:
             delta = link.outbox.popleft()
-            if delta.id not in sent:
-                sent.add(delta.id)
+            if not conn.is_pending(delta.id):
                 conn.send_delta(delta)
 
     # ---------------------------------------------------------------- receiving
@@ -482,7 +493,7 @@ class FederationNode:
         conn = link.conn
         if conn is None or conn.state in (State.CLOSING, State.CLOSED):
             link.outbox.append(delta)
-        else:
+        elif not conn.is_pending(delta.id):
             conn.send_delta(delta)
 
     def _broadcast(self, delta: Delta, source: NodeLink | None) -> None:
@@ -503,10 +514,13 @@ class FederationNode:
                 f"link mode {link.config.mode} does not send", code=ErrorCode.SYNC_NOT_SUPPORTED
             )
             return
+        # the client usually sends its pull filter twice (hello and sync_request): once is enough
         filters = tuple(
-            f
-            for f in (event.filter, link.config.push_filter, link.remote_pull_filter)
-            if f is not None
+            dict.fromkeys(
+                f
+                for f in (event.filter, link.config.push_filter, link.remote_pull_filter)
+                if f is not None
+            )
         )
         # the first filter is pushed down to the store; the others are checked here
         link._sync_filters = filters

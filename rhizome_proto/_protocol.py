@@ -165,6 +165,7 @@ class FederationProtocol:
         self._events: deque[Event] = deque()
         self._unacked: dict[str, Delta] = {}
         self._held: deque[Message] = deque()
+        self._held_ids: set[str] = set()
         self._unanswered: set[str] = set()
         self._sync = _Sync.NONE
         self._sync_next_batch = 0
@@ -183,6 +184,10 @@ class FederationProtocol:
     def held(self) -> tuple[Delta, ...]:
         """Our live deltas held back (peer paused, or handshake not done), in order."""
         return tuple(m.delta for m in self._held if isinstance(m, DeltaMessage))
+
+    def is_pending(self, delta_id: str) -> bool:
+        """Whether our delta with this id is held or awaiting the peer's answer."""
+        return delta_id in self._unacked or delta_id in self._held_ids
 
     @property
     def unanswered(self) -> frozenset[str]:
@@ -297,6 +302,7 @@ class FederationProtocol:
         unsettled = (*self._unacked.values(), *self.held)
         self._unacked.clear()
         self._held.clear()
+        self._held_ids.clear()
         self._events.append(Closed(code=code, reason=reason, unsettled=unsettled))
 
     # ---------------------------------------------------------------- application calls
@@ -305,9 +311,7 @@ class FederationProtocol:
         """Send a live delta. Held (not dropped) while the peer has paused us or the handshake
         is not done; tracked until the peer acknowledges or rejects it."""
         self._require_not_closing("send a delta")
-        if delta.id in self._unacked or any(
-            isinstance(m, DeltaMessage) and m.delta.id == delta.id for m in self._held
-        ):
+        if self.is_pending(delta.id):
             raise LocalProtocolError(
                 f"delta {delta.id!r} is already pending on this link",
                 code=ErrorCode.UNEXPECTED_MESSAGE,
@@ -321,6 +325,7 @@ class FederationProtocol:
         message = DeltaMessage(timestamp=self._clock(), delta=delta)
         if self.state is not State.OPEN or self.peer_paused or self._held:
             self._held.append(message)
+            self._held_ids.add(delta.id)
         else:
             self._unacked[delta.id] = delta
             self._send(message)
@@ -445,6 +450,7 @@ class FederationProtocol:
         while self._held and not self.peer_paused:
             message = self._held.popleft()
             if isinstance(message, DeltaMessage):
+                self._held_ids.discard(message.delta.id)
                 self._unacked[message.delta.id] = message.delta
             self._send(message)
 

@@ -56,7 +56,22 @@ from ._protocol import DEFAULT_BATCH_SIZE, FederationProtocol, Role, State
 from ._store import DeltaStore
 from ._trust import PermissiveTrustPolicy, TrustPolicy
 
-__all__ = ["FederationEvent", "FederationNode", "LinkStats", "NodeLink"]
+__all__ = [
+    "PUSH_CURSOR_KEY",
+    "PUSH_WINDOW",
+    "FederationEvent",
+    "FederationNode",
+    "LinkStats",
+    "NodeLink",
+]
+
+#: Store meta key of an outgoing link's push cursor, by remote system id: every delta stored at
+#: or below this sequence number that the link should carry has been settled by that remote.
+PUSH_CURSOR_KEY = "push_cursor:{}"
+#: Most deltas of a push catch-up in flight (sent, not yet acknowledged) at once.
+PUSH_WINDOW = 1000
+#: Milliseconds between two saves of a push cursor (a stale cursor only means resending more).
+_CURSOR_SAVE_INTERVAL = 1000
 
 
 @dataclass(slots=True)
@@ -112,6 +127,10 @@ class NodeLink:
     _sync_total: int = 0
     _sync_sent: int = 0
     _sync_active: bool = False
+    # the push catch-up of an outgoing link: store positions still to offer, up to _push_upto
+    _push_after: int | None = None
+    _push_upto: int = 0
+    _cursor_saved_at: float = 0
 
     @property
     def connected(self) -> bool:
@@ -123,11 +142,21 @@ class NodeLink:
         return self._sync_active
 
     @property
+    def catching_up(self) -> bool:
+        """An outgoing link is offering the peer what it stored since the last settled point."""
+        return self._push_after is not None
+
+    @property
     def sync_ready(self) -> bool:
-        """:meth:`FederationNode.sync_step` has a batch to send now (a sync is streaming on
-        this connection and the peer has not paused us): call it when the transport has room."""
+        """:meth:`FederationNode.sync_step` has something to send now (an initial sync batch,
+        or push catch-up within the in-flight window) and the peer has not paused us: call it
+        when the transport has room."""
         conn = self.conn
-        return self._sync_active and conn is not None and conn.is_open and not conn.peer_paused
+        if conn is None or not conn.is_open or conn.peer_paused:
+            return False
+        if self._sync_active:
+            return True
+        return self._push_after is not None and conn.pending_count < PUSH_WINDOW
 
 
 class FederationNode:
@@ -296,7 +325,31 @@ class FederationNode:
         out: list[FederationEvent] = []
         while (event := conn.next_event()) is not None:
             self._handle(link, conn, event, out)
+        self._save_cursor_if_settled(link)
         return out
+
+    def _save_cursor_if_settled(self, link: NodeLink) -> None:
+        """Everything this outgoing link had to carry is settled: remember how far the store
+        was, so a restart offers the peer only what came after (at most once a second)."""
+        conn = link.conn
+        if (
+            not link.outgoing
+            or link.remote_system_id is None
+            or conn is None
+            or not conn.is_open
+            or conn.pending_count
+            or link.outbox
+            or link._push_after is not None
+        ):
+            return
+        now = self._clock()
+        if now - link._cursor_saved_at < _CURSOR_SAVE_INTERVAL:
+            return
+        key = PUSH_CURSOR_KEY.format(link.remote_system_id)
+        last = str(self.store.last_sequence())
+        if self.store.get_meta(key) != last:
+            self.store.set_meta(key, last)
+        link._cursor_saved_at = now
 
     def _handle(
         self,
@@ -399,6 +452,10 @@ class FederationNode:
                 )
         if link.paused:
             conn.pause()
+        if link.outgoing and link.config.sends:
+            saved = self.store.get_meta(PUSH_CURSOR_KEY.format(event.remote_system_id))
+            start, upto = int(saved or 0), self.store.last_sequence()
+            link._push_after, link._push_upto = (start, upto) if start < upto else (None, 0)
         while link.outbox:
             delta = link.outbox.popleft()
             if not conn.is_pending(delta.id):
@@ -572,6 +629,8 @@ class FederationNode:
         """
         link = self._require(link_id)
         conn = link.conn
+        if not link._sync_active and link._push_after is not None and conn is not None:
+            return self._push_step(link, conn)
         if not link._sync_active or conn is None or not conn.is_open:
             link._sync_active = False
             return False
@@ -601,6 +660,27 @@ class FederationNode:
             link._sync_active = False
             link.stats.last_sync_at = self._clock()
         return not finished
+
+    def _push_step(self, link: NodeLink, conn: FederationProtocol) -> bool:
+        """Offer the peer the next stored deltas it may have missed (an outgoing link's catch-up
+        after a restart; v1 has no client-to-server sync). Deltas the peer already holds are
+        acknowledged and ignored by it."""
+        if not conn.is_open or link._push_after is None:
+            return False
+        if conn.peer_paused or conn.pending_count >= PUSH_WINDOW:
+            return True
+        room = min(self.batch_size, PUSH_WINDOW - conn.pending_count)
+        rows = self.store.scan(after=link._push_after, limit=room, order="sequence")
+        for seq, delta in rows:
+            if seq > link._push_upto:
+                break
+            link._push_after = seq
+            if self._wants(link, delta) and not conn.is_pending(delta.id):
+                conn.send_delta(delta)
+        if not rows or link._push_after >= link._push_upto or rows[-1][0] > link._push_upto:
+            link._push_after = None
+            return False
+        return True
 
     def _require(self, link_id: str) -> NodeLink:
         link = self._links.get(link_id)

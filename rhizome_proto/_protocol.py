@@ -185,6 +185,11 @@ class FederationProtocol:
         """Our live deltas held back (peer paused, or handshake not done), in order."""
         return tuple(m.delta for m in self._held if isinstance(m, DeltaMessage))
 
+    @property
+    def pending_count(self) -> int:
+        """How many of our deltas are held or awaiting the peer's answer."""
+        return len(self._unacked) + len(self._held_ids)
+
     def is_pending(self, delta_id: str) -> bool:
         """Whether our delta with this id is held or awaiting the peer's answer."""
         return delta_id in self._unacked or delta_id in self._held_ids

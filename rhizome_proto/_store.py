@@ -74,6 +74,14 @@ class DeltaStore(Protocol):
         """The highest sequence number given so far (0 when empty)."""
         ...
 
+    def get_meta(self, key: str) -> str | None:
+        """A value the federation logic keeps in the store (push cursors), or ``None``."""
+        ...
+
+    def set_meta(self, key: str, value: str) -> None:
+        """Keep ``value`` under ``key``, durably for a durable store."""
+        ...
+
     def subscribe(self, callback: Callable[[int, Delta], None]) -> Callable[[], None]:
         """Call ``callback(seq, delta)`` after each new delta is stored; returns unsubscribe."""
         ...

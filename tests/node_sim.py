@@ -499,16 +499,28 @@ class Network:
                 conn.handle_timer(self.now)
                 self._pump(name, link_id, conn)
 
+    def _ready_ends(self, ch: Channel) -> list[tuple[FederationNode, str]]:
+        """The ends of the channel with a sync step ready: the server streaming its initial
+        sync, the client offering its push catch-up."""
+        ready = []
+        for name, link_id, conn in (
+            (ch.server, ch.server_link_id, ch.server_conn),
+            (ch.client, ch.link_id, ch.client_conn),
+        ):
+            node = self.nodes[name].node
+            if node is None or link_id is None:
+                continue
+            link = node.link(link_id)
+            if link is not None and link.conn is conn and link.sync_ready:
+                ready.append((node, link_id))
+        return ready
+
     def _sync(self, ch: Channel) -> bool:
-        """One batch of the server's initial sync, if one is ready."""
-        server = self.nodes[ch.server].node
-        if server is None or ch.server_link_id is None:
-            return False
-        link = server.link(ch.server_link_id)
-        if link is None or link.conn is not ch.server_conn or not link.sync_ready:
-            return False
-        server.sync_step(ch.server_link_id)
-        return True
+        """One step of each ready end (a sync batch, a window of catch-up deltas)."""
+        ready = self._ready_ends(ch)
+        for node, link_id in ready:
+            node.sync_step(link_id)
+        return bool(ready)
 
     def _settle_closing(self, ch: Channel) -> None:
         """A side that is closing (fatal error, close()) ends the connection once flushed; one
@@ -585,11 +597,7 @@ class Network:
                 self._remove_server_link(zombie.server, zombie.link_id)
 
     def _sync_pending(self, ch: Channel) -> bool:
-        server = self.nodes[ch.server].node
-        if server is None or ch.server_link_id is None:
-            return False
-        link = server.link(ch.server_link_id)
-        return link is not None and link.sync_ready
+        return bool(self._ready_ends(ch))
 
     def deliver(self, max_steps: int = 10_000, *, shuffle: bool = False) -> int:
         """Run steps until one is quiet (nothing sent, nothing queued, no sync batch ready, no

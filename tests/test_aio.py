@@ -446,6 +446,34 @@ async def test_reconnect_after_server_restart_loses_nothing(tmp_path: Path) -> N
 
 
 @deadline()
+async def test_a_restarted_client_offers_what_it_stored_while_down(tmp_path: Path) -> None:
+    """The client's outbox is memory; after a restart the push catch-up (a cursor kept in
+    the client's SQLite file) offers the server what it never acknowledged."""
+    client_path = str(tmp_path / "client.db")
+    async with FederatedRhizomeDB(system_id="server") as server:
+        url = await server.enable_server(port=0)
+        async with FederatedRhizomeDB(
+            system_id="client", storage="sqlite", path=client_path
+        ) as client:
+            await client.connect_to_remote(url, LinkConfig(reconnect=FAST_RETRY))
+            first = await put(client, 2, author="c")
+            await wait_until(lambda: ids(server) >= {d.id for d in first})
+        # the client is gone; it authors more offline (another process, the same file)
+        with SQLiteStore(client_path) as store:
+            offline = [
+                Delta(id=f"offline-{i}", timestamp=5000 + i, author="c", system="client")
+                for i in range(3)
+            ]
+            store.put_many(offline)
+        async with FederatedRhizomeDB(
+            system_id="client", storage="sqlite", path=client_path
+        ) as client:
+            await client.connect_to_remote(url, LinkConfig(reconnect=FAST_RETRY))
+            everything = {d.id for d in first + offline}
+            await wait_until(lambda: ids(server) == everything)
+
+
+@deadline()
 async def test_first_connect_is_retried_until_the_server_appears() -> None:
     port = free_port()
     url = f"ws://127.0.0.1:{port}/federation"

@@ -57,8 +57,10 @@ class Net:
                 self.s.receive_message(m, 1)
                 moved = True
             self.hub.handle_events(self.in_id)
-            while self.hub.sync_step(self.in_id):
-                pass
+            while self.hub.link(self.in_id).sync_ready:  # type: ignore[union-attr]
+                self.hub.sync_step(self.in_id)
+            while self.spoke.link("up").sync_ready:  # type: ignore[union-attr]
+                self.spoke.sync_step("up")
             out = self.s.messages_to_send()
             if deliver_to_client:
                 for m in out:

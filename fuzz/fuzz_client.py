@@ -11,15 +11,12 @@ Run from the repository root::
     python fuzz/fuzz_client.py -max_total_time=20
     python fuzz/fuzz_client.py my-corpus/ -max_total_time=600 -jobs=4
 
-Unless the command line names a corpus directory, seeds (the reference server's side of a
-recorded session, as frames) are written to a temporary corpus, with a dictionary of the wire
-vocabulary unless ``-dict=`` is given. ``-seeds=0`` (ours, not libFuzzer's) skips both.
+Seeds and a dictionary are added as fuzz/runner.py describes.
 """
 
 from __future__ import annotations
 
 import sys
-import tempfile
 from pathlib import Path
 
 import atheris  # type: ignore[import-untyped,unused-ignore]
@@ -31,40 +28,14 @@ if str(REPO_ROOT) not in sys.path:
 with atheris.instrument_imports():
     # rhizome_proto, and wsproto and h11 under it, are instrumented for coverage feedback
     import rhizome_proto  # noqa: F401
-    from fuzz.invariants import DICTIONARY, check_client_connection, client_seed_inputs
+    from fuzz.invariants import check_client_connection, client_seed_inputs
+
+from fuzz.runner import run  # noqa: E402
 
 
 def TestOneInput(data: bytes) -> None:  # the name libFuzzer expects
     check_client_connection(data)
 
 
-def _dict_entry(token: str) -> str:
-    return '"' + token.replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
-def with_seeds(argv: list[str], workdir: Path) -> list[str]:
-    """``argv`` plus a seed corpus and a dictionary in ``workdir`` where the user gave none."""
-    if "-seeds=0" in argv:
-        return [arg for arg in argv if arg != "-seeds=0"]
-    args = list(argv)
-    if not any(arg.startswith("-dict=") for arg in args[1:]):
-        dict_file = workdir / "client.dict"
-        dict_file.write_text("\n".join(_dict_entry(t) for t in DICTIONARY) + "\n")
-        args.append(f"-dict={dict_file}")
-    if not any(not arg.startswith("-") for arg in args[1:]):
-        corpus = workdir / "corpus"
-        corpus.mkdir()
-        for i, seed in enumerate(client_seed_inputs()):
-            (corpus / f"seed-{i:02d}").write_bytes(seed)
-        args.append(str(corpus))
-    return args
-
-
-def main() -> None:
-    with tempfile.TemporaryDirectory(prefix="fuzz-client-") as tmp:
-        atheris.Setup(with_seeds(sys.argv, Path(tmp)), TestOneInput)
-        atheris.Fuzz()
-
-
 if __name__ == "__main__":
-    main()
+    run("client", TestOneInput, client_seed_inputs)

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import socket
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -29,27 +28,9 @@ from rhizome_proto import (
     create_custom_trust_policy,
     create_system_trust_policy,
 )
+from tests.aio_support import deadline, wait_until
 
 FAST_RETRY = ReconnectPolicy(initial_delay=0.02, max_delay=0.1)
-
-
-def deadline(seconds: float = 10.0) -> Callable[..., Callable[..., None]]:
-    """Run an ``async def`` test with ``asyncio.run`` under an absolute timeout."""
-
-    def decorate(test: Callable[..., Coroutine[Any, Any, None]]) -> Callable[..., None]:
-        @functools.wraps(test)
-        def run(*args: Any, **kwargs: Any) -> None:
-            asyncio.run(asyncio.wait_for(test(*args, **kwargs), seconds))
-
-        return run
-
-    return decorate
-
-
-async def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.005)
 
 
 async def settle(seconds: float = 0.2) -> None:

@@ -4,10 +4,9 @@ v1 JSON by hand: our server with their client, their server with our client."""
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -18,25 +17,9 @@ from websockets.exceptions import ConnectionClosed
 
 from rhizome_adapters.aio import FederatedRhizomeDB
 from rhizome_proto import DeltaFilter, LinkConfig, ReconnectPolicy
+from tests.aio_support import deadline, wait_until
 
 PROTOCOL = "rhizomedb-federation-v1"
-
-
-def deadline(seconds: float = 10.0) -> Callable[..., Callable[..., None]]:
-    def decorate(test: Callable[..., Coroutine[Any, Any, None]]) -> Callable[..., None]:
-        @functools.wraps(test)
-        def run(*args: Any, **kwargs: Any) -> None:
-            asyncio.run(asyncio.wait_for(test(*args, **kwargs), seconds))
-
-        return run
-
-    return decorate
-
-
-async def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.005)
 
 
 def now() -> int:

@@ -19,7 +19,11 @@ goes to which link and what happens to what arrives:
   is stored;
 * initial sync streams from the store in batches, oldest first, one batch in memory;
 * nothing is lost: deltas a link could not deliver (closed before the ack) and deltas meant for
-  an outgoing link while it is disconnected wait in its outbox for the next connection.
+  an outgoing link while it is disconnected wait in its outbox for the next connection; an
+  incoming link's undelivered deltas are parked for the same remote's next connection; and an
+  outgoing link keeps a durable push cursor in the store, so after a restart it offers the peer
+  everything stored past the point where all it had to carry was settled (the push
+  catch-up, streamed through :meth:`FederationNode.sync_step` within an in-flight window).
 """
 
 from __future__ import annotations

@@ -505,9 +505,16 @@ class FederatedRhizomeDB:
         port: int = 8080,
         path: str = DEFAULT_PATH,
         max_connections: int = 100,
+        auto_broadcast: bool | None = None,
     ) -> str:
-        """Listen for federation links; returns ``ws://host:port/path`` (the actual port)."""
+        """Listen for federation links; returns ``ws://host:port/path`` (the actual port).
+
+        ``auto_broadcast`` (as in the seed's server config) overrides the instance's setting:
+        relay what one link brings to the others.
+        """
         self._check_open()
+        if auto_broadcast is not None:
+            self._node.auto_broadcast = auto_broadcast
         if self._server is not None:
             raise RuntimeError(f"the server is already running at {self._server_url}")
         try:

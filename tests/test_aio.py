@@ -316,6 +316,22 @@ async def test_two_hubs_linked_both_ways_do_not_loop() -> None:
 
 
 @deadline()
+async def test_enable_server_auto_broadcast_false_relays_nothing() -> None:
+    async with (
+        FederatedRhizomeDB(system_id="hub") as hub,
+        FederatedRhizomeDB(system_id="a") as a,
+        FederatedRhizomeDB(system_id="b") as b,
+    ):
+        url = await hub.enable_server(port=0, auto_broadcast=False)
+        await a.connect_to_remote(url)
+        await b.connect_to_remote(url)
+        sent = await put(a, 2, author="a")
+        await wait_until(lambda: ids(hub) == {d.id for d in sent})
+        await settle()
+        assert ids(b) == set()  # the hub stored them but relayed nothing
+
+
+@deadline()
 async def test_pause_and_resume_over_sockets() -> None:
     async with pair() as (server, client, url):
         server_events = Recorder(server)

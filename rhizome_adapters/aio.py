@@ -17,6 +17,9 @@ Reading never waits for writing, so a peer's ``pause``, pings and acks are read 
 sync is written (one task doing both could deadlock with a peer that writes nacks as it reads).
 
 A connection beyond ``max_connections`` gets a minimal ``HTTP/1.1 503`` answer and is closed.
+
+TLS (``wss://``) is asyncio's: the server and the client take an :class:`ssl.SSLContext` and
+hand it to ``start_server`` / ``open_connection``; the protocol above it does not change.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import random
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from ssl import SSLContext, create_default_context
 from types import TracebackType
 from typing import Any, Literal, TypeAlias
 from urllib.parse import urlsplit
@@ -346,7 +350,8 @@ class FederatedRhizomeDB:
 
     @property
     def server_url(self) -> str | None:
-        """``ws://host:port/path`` once :meth:`enable_server` ran, else ``None``."""
+        """``ws://host:port/path`` (``wss://`` with TLS) once :meth:`enable_server` ran, else
+        ``None``."""
         return self._server_url
 
     # ---------------------------------------------------------------- deltas
@@ -506,8 +511,10 @@ class FederatedRhizomeDB:
         path: str = DEFAULT_PATH,
         max_connections: int = 100,
         auto_broadcast: bool | None = None,
+        ssl: SSLContext | None = None,
     ) -> str:
-        """Listen for federation links; returns ``ws://host:port/path`` (the actual port).
+        """Listen for federation links; returns ``ws://host:port/path`` (the actual port), or
+        ``wss://host:port/path`` when ``ssl`` (a server context holding the certificate) is given.
 
         ``auto_broadcast`` (as in the seed's server config) overrides the instance's setting:
         relay what one link brings to the others.
@@ -518,13 +525,14 @@ class FederatedRhizomeDB:
         if self._server is not None:
             raise RuntimeError(f"the server is already running at {self._server_url}")
         try:
-            server = await asyncio.start_server(self._accept, host, port)
+            server = await asyncio.start_server(self._accept, host, port, ssl=ssl)
         except OSError as exc:
             why = "the address is in use" if exc.errno == errno.EADDRINUSE else exc.strerror
             raise OSError(exc.errno, f"cannot listen on {host}:{port}: {why or exc}") from exc
         self._server, self._server_path, self._max_connections = server, path, max_connections
         actual_port = server.sockets[0].getsockname()[1]
-        self._server_url = f"ws://{_host_port(host, actual_port)}{path}"
+        scheme = "ws" if ssl is None else "wss"
+        self._server_url = f"{scheme}://{_host_port(host, actual_port)}{path}"
         return self._server_url
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -557,17 +565,27 @@ class FederatedRhizomeDB:
         *,
         headers: Sequence[tuple[str, str]] = (),
         wait: bool = True,
+        ssl: SSLContext | None = None,
     ) -> FederationLink:
-        """Open an outgoing link to ``ws://host[:port]/path``, reconnecting per
-        ``config.reconnect`` (a failed first connect is retried too).
+        """Open an outgoing link to ``ws://host[:port]/path`` or ``wss://host[:port]/path``,
+        reconnecting per ``config.reconnect`` (a failed first connect is retried too).
+
+        A ``wss://`` URL connects with TLS, verifying the server's certificate for the URL's host
+        with ``ssl`` (default: :func:`ssl.create_default_context`, the system's trust store).
+        A TLS failure (such as an untrusted certificate) is a connect failure like any other.
 
         With ``wait`` this returns once the handshake completed and raises
         :class:`ConnectionError` if the policy gives up first; without, it returns at once.
         """
         self._check_open()
-        host, port, path = _parse_url(url)
+        host, port, path, secure = _parse_url(url)
+        if ssl is not None and not secure:
+            raise ValueError(f"an ssl context needs a wss:// URL, not {url!r}")
+        context = (ssl or create_default_context()) if secure else None
         link = self._add_link(config or LinkConfig(), outgoing=True, remote_url=url)
-        link._task = asyncio.create_task(self._run_outgoing(link, host, port, path, headers))
+        link._task = asyncio.create_task(
+            self._run_outgoing(link, host, port, path, headers, context)
+        )
         if not wait:
             return link
         try:
@@ -587,6 +605,7 @@ class FederatedRhizomeDB:
         port: int,
         path: str,
         headers: Sequence[tuple[str, str]],
+        ssl: SSLContext | None,
     ) -> None:
         """Connect, run the session, wait per the reconnect policy, repeat until stopped."""
         attempt = 0  # failed attempts since the last handshake
@@ -594,7 +613,9 @@ class FederatedRhizomeDB:
             while not link._stopping:
                 self._emit(FederationEvent(type="link:connecting", link_id=link.id))
                 try:
-                    reader, writer = await asyncio.open_connection(host, port)
+                    # with ssl, asyncio checks the certificate against ``host``; a failed TLS
+                    # handshake raises ssl.SSLError, an OSError
+                    reader, writer = await asyncio.open_connection(host, port, ssl=ssl)
                 except OSError as exc:
                     self._transport_error(link, f"cannot connect to {link.remote_url}: {exc}")
                 else:
@@ -697,13 +718,17 @@ async def _refuse(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) ->
         writer.close()
 
 
-def _parse_url(url: str) -> tuple[str, int, str]:
-    """``ws://host[:port]/path`` as ``(host, port, path)``; the path keeps its query."""
+def _parse_url(url: str) -> tuple[str, int, str, bool]:
+    """``ws://host[:port]/path`` or ``wss://...`` as ``(host, port, path, secure)``; the path
+    keeps its query; the port defaults to 80 (``ws``) or 443 (``wss``)."""
     parts = urlsplit(url)
-    if parts.scheme != "ws" or not parts.hostname:
-        raise ValueError(f"unsupported federation URL {url!r}: expected ws://host[:port]/path")
+    if parts.scheme not in ("ws", "wss") or not parts.hostname:
+        raise ValueError(
+            f"unsupported federation URL {url!r}: expected ws://host[:port]/path or wss://..."
+        )
+    secure = parts.scheme == "wss"
     path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    return parts.hostname, parts.port or 80, path
+    return parts.hostname, parts.port or (443 if secure else 80), path, secure
 
 
 def _host_port(host: str, port: int) -> str:

@@ -14,6 +14,7 @@ import logging
 import math
 import signal
 import sqlite3
+import ssl
 import sys
 import uuid
 from collections.abc import Awaitable, Sequence
@@ -44,6 +45,7 @@ from .storage import SQLiteStore
 log = logging.getLogger("rhizome")
 
 DEFAULT_DB = "rhizome.sqlite"
+TLS_CA_HELP = "wss://: trust the CA certificates in FILE (PEM) instead of the system's"
 
 
 class CLIError(Exception):
@@ -81,15 +83,44 @@ def _system_id(args: argparse.Namespace) -> str:
 
 
 def _check_url(url: str) -> None:
-    """Refuse anything but ``ws://HOST[:PORT]/PATH`` before connecting."""
-    expected = "expected ws://HOST:PORT/PATH"
+    """Refuse anything but ``ws://HOST[:PORT]/PATH`` or ``wss://...`` before connecting."""
+    expected = "expected ws://HOST:PORT/PATH or wss://HOST:PORT/PATH"
     try:
         parts = urlsplit(url)
         parts.port  # noqa: B018 -- raises ValueError for a bad port
     except ValueError as exc:
         raise CLIError(f"invalid URL {url!r} ({exc}): {expected}") from None
-    if parts.scheme != "ws" or not parts.hostname:
+    if parts.scheme not in ("ws", "wss") or not parts.hostname:
         raise CLIError(f"invalid URL {url!r}: {expected}")
+
+
+def _server_tls(args: argparse.Namespace) -> ssl.SSLContext | None:
+    """The server's TLS context from ``--tls-cert`` and ``--tls-key`` (both or neither)."""
+    if args.tls_cert is None and args.tls_key is None:
+        return None
+    if args.tls_cert is None or args.tls_key is None:
+        raise CLIError("--tls-cert and --tls-key go together: give both or neither")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(args.tls_cert, args.tls_key)
+    except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+        raise CLIError(
+            f"cannot load the TLS certificate {args.tls_cert} and key {args.tls_key}: {exc}"
+        ) from None
+    return context
+
+
+def _client_tls(url: str, cafile: str | None) -> ssl.SSLContext | None:
+    """The TLS context for ``url``: ``None`` for ``ws://``; for ``wss://`` the system's trust
+    store, or only the CA certificates in ``--tls-ca``."""
+    if urlsplit(url).scheme != "wss":
+        if cafile is not None:
+            raise CLIError(f"--tls-ca needs a wss:// URL, not {url}")
+        return None
+    try:
+        return ssl.create_default_context(cafile=cafile)
+    except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+        raise CLIError(f"cannot load the TLS CA file {cafile}: {exc}") from None
 
 
 def _reconnect(attempts: int, max_delay: float = 30.0) -> ReconnectPolicy:
@@ -104,7 +135,9 @@ def _reconnect(attempts: int, max_delay: float = 30.0) -> ReconnectPolicy:
     )
 
 
-async def _open_link(db: FederatedRhizomeDB, url: str, config: LinkConfig) -> FederationLink:
+async def _open_link(
+    db: FederatedRhizomeDB, url: str, config: LinkConfig, tls: ssl.SSLContext | None = None
+) -> FederationLink:
     """``connect_to_remote``, with its failure as one line: why the last attempt failed."""
     errors: list[str] = []
     attempts = 0
@@ -118,7 +151,7 @@ async def _open_link(db: FederatedRhizomeDB, url: str, config: LinkConfig) -> Fe
 
     unsubscribe = db.on_federation_event(on_event)
     try:
-        return await db.connect_to_remote(url, config)
+        return await db.connect_to_remote(url, config, ssl=tls)
     except ConnectionError as exc:
         reasons = [r for r in errors if not r.startswith("gave up")]  # the policy's summary
         why = (reasons[-1] if reasons else str(exc)).removeprefix(f"cannot connect to {url}: ")
@@ -261,6 +294,7 @@ def _log_event(event: FederationEvent) -> None:
 
 
 async def _serve(args: argparse.Namespace) -> int:
+    tls = _server_tls(args)
     stop = _install_stop()  # before "listening on": a signal right after it must stop cleanly
     async with FederatedRhizomeDB(
         system_id=_system_id(args),
@@ -270,7 +304,7 @@ async def _serve(args: argparse.Namespace) -> int:
     ) as db:
         db.on_federation_event(_log_event)
         try:
-            url = await db.enable_server(host=args.host, port=args.port, path=args.path)
+            url = await db.enable_server(host=args.host, port=args.port, path=args.path, ssl=tls)
         except OSError as exc:  # the message names the address and the reason
             raise CLIError(exc.strerror or str(exc)) from None
         print(f"listening on {url}", flush=True)
@@ -282,6 +316,7 @@ async def _serve(args: argparse.Namespace) -> int:
 
 async def _connect(args: argparse.Namespace) -> int:
     _check_url(args.url)
+    tls = _client_tls(args.url, args.tls_ca)
     initial_sync: InitialSync = args.initial_sync or (
         "full" if args.since is None else "from_timestamp"
     )
@@ -326,7 +361,7 @@ async def _connect(args: argparse.Namespace) -> int:
                     failed.set()
 
         db.on_federation_event(on_event)
-        opening = asyncio.ensure_future(_open_link(db, args.url, config))
+        opening = asyncio.ensure_future(_open_link(db, args.url, config, tls))
         await _first(opening, stop.wait())
         if not opening.done():  # interrupted while connecting
             await asyncio.wait({opening})
@@ -352,8 +387,12 @@ async def _connect(args: argparse.Namespace) -> int:
 
 async def _put(args: argparse.Namespace) -> int:
     pointers = [_parse_pointer(p) for p in args.pointer]
+    tls = None
     if args.to:
         _check_url(args.to)
+        tls = _client_tls(args.to, args.tls_ca)
+    elif args.tls_ca is not None:
+        raise CLIError("--tls-ca goes with --to wss://...")
     storage = {"storage": "memory"} if args.db is None else _storage_kwargs(args)
     async with FederatedRhizomeDB(system_id=_system_id(args), **storage) as db:
         try:
@@ -365,7 +404,7 @@ async def _put(args: argparse.Namespace) -> int:
         await db.persist_delta(delta)
         if args.to:
             config = LinkConfig(mode="push", initial_sync="none", reconnect=_reconnect(1))
-            link = await _open_link(db, args.to, config)
+            link = await _open_link(db, args.to, config, tls)
             done = asyncio.Event()
             verdict: list[FederationEvent] = []
 
@@ -529,9 +568,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trust-author", action="append", metavar="A", help="accept only authors A")
     p.add_argument("--trust-system", action="append", metavar="S", help="accept only systems S")
     p.add_argument("--no-broadcast", action="store_true", help="do not relay between links")
+    p.add_argument("--tls-cert", metavar="FILE", help="serve wss://: certificate chain (PEM)")
+    p.add_argument("--tls-key", metavar="FILE", help="serve wss://: private key (PEM)")
 
     p = sub.add_parser("connect", help="connect to a federation server and sync")
-    p.add_argument("url", help="ws://HOST:PORT/PATH")
+    p.add_argument("url", help="ws://HOST:PORT/PATH or wss://HOST:PORT/PATH")
     _add_storage(p)
     p.add_argument("--system-id")
     p.add_argument("--mode", choices=["bidirectional", "push", "pull"], default="bidirectional")
@@ -546,6 +587,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-attempts", type=_count, default=5, help="connect attempts in a row, 0 = forever"
     )
     p.add_argument("--max-delay", type=_seconds, default=30.0, help="longest retry delay, seconds")
+    p.add_argument("--tls-ca", metavar="FILE", help=TLS_CA_HELP)
 
     p = sub.add_parser("put", help="author a delta into a database, or send it to a URL")
     p.add_argument("pointer", nargs="+", help="role=text, or role:=JSON (number, bool, reference)")
@@ -556,6 +598,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system-id")
     p.add_argument("--to", metavar="URL", help="send the delta to this federation server")
     p.add_argument("--timeout", type=_seconds, default=10.0, help="seconds to wait for the ack")
+    p.add_argument("--tls-ca", metavar="FILE", help=TLS_CA_HELP)
 
     p = sub.add_parser("ls", help="list, count or show the deltas of a database")
     p.add_argument("--db", default=DEFAULT_DB)

@@ -115,7 +115,7 @@ async def test_create_persist_get_scan() -> None:
 @deadline()
 async def test_bad_urls_and_busy_port() -> None:
     async with FederatedRhizomeDB() as a, FederatedRhizomeDB() as b:
-        for url in ("http://x/federation", "ws:///nohost", "wss://example.org/federation"):
+        for url in ("http://x/federation", "ws:///nohost", "wss:///nohost"):
             with pytest.raises(ValueError):
                 await a.connect_to_remote(url)
         url = await a.enable_server(port=0)

@@ -1,5 +1,10 @@
-"""Adapters that run the sans-IO core ``rhizome_proto`` on real I/O, and storage backends."""
+"""Adapters that run the sans-IO core ``rhizome_proto`` on real I/O, and storage backends.
 
-from .aio import FederatedRhizomeDB, FederationLink
+``FederatedRhizomeDB`` here is the asyncio one (:mod:`rhizome_adapters.aio`); the same API runs
+on trio in :mod:`rhizome_adapters.trio_adapter` (needs ``rhizome-federation[trio]``; not imported
+by this package) and on plain threads in :mod:`rhizome_adapters.threaded`.
+"""
 
-__all__ = ["FederatedRhizomeDB", "FederationLink"]
+from .aio import EventHandler, FederatedRhizomeDB, FederationLink, LinkStatus
+
+__all__ = ["EventHandler", "FederatedRhizomeDB", "FederationLink", "LinkStatus"]

@@ -486,6 +486,7 @@ class DBBase(Generic[LinkT]):
             max_message_size=self._max_message_size,
             ping_interval=self._ping_interval,
             ping_timeout=self._ping_timeout,
+            extensions=self._node.extensions,
             **options,
         )
 

@@ -63,7 +63,15 @@ from ._messages import (
     SyncRequest,
     SyncStart,
 )
-from ._node import FederationEvent, FederationNode, LinkStats, NodeLink
+from ._node import (
+    DEFAULT_EXTENSIONS,
+    PUSH_CURSOR_KEY,
+    SYNC_CURSOR_KEY,
+    FederationEvent,
+    FederationNode,
+    LinkStats,
+    NodeLink,
+)
 from ._protocol import DEFAULT_BATCH_SIZE, FederationProtocol, Role, State
 from ._store import DeltaStore, ScanOrder
 from ._trust import (
@@ -81,6 +89,7 @@ from ._trust import (
 
 __all__ = [
     "DEFAULT_BATCH_SIZE",
+    "DEFAULT_EXTENSIONS",
     "DEFAULT_MAX_MESSAGE_SIZE",
     "DEFAULT_PATH",
     "MAX_NEGATION_DEPTH",
@@ -88,6 +97,8 @@ __all__ = [
     "MESSAGE_TYPES",
     "NEGATES_ROLE",
     "PROTOCOL_VERSION",
+    "PUSH_CURSOR_KEY",
+    "SYNC_CURSOR_KEY",
     "AuthorTrustPolicy",
     "CloseCode",
     "Closed",

@@ -14,7 +14,7 @@ import msgspec
 from ._errors import CodecError, ErrorCode
 from ._messages import Message
 
-__all__ = ["MESSAGE_TYPES", "decode", "encode"]
+__all__ = ["MESSAGE_TYPES", "decode", "encode", "encode_value"]
 
 _encoder = msgspec.json.Encoder()
 _decoder: msgspec.json.Decoder[Message] = msgspec.json.Decoder(Message)
@@ -29,6 +29,11 @@ _DECODE_ERRORS = (msgspec.MsgspecError, UnicodeError, RecursionError, ValueError
 def encode(message: Message) -> str:
     """The JSON text of ``message``."""
     return _encoder.encode(message).decode()
+
+
+def encode_value(value: object) -> str:
+    """The JSON text of any wire value (a delta, a filter ...), as ``encode`` writes it."""
+    return _encoder.encode(value).decode()
 
 
 def decode(text: str | bytes) -> Message:

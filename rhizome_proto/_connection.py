@@ -22,7 +22,7 @@ The pump an adapter runs after every input is always the same::
 from __future__ import annotations
 
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from wsproto import ConnectionType, WSConnection
 from wsproto.connection import ConnectionState
@@ -123,6 +123,7 @@ class FederationConnection(FederationProtocol):
         ping_timeout: float = 90.0,
         open_timeout: float = 10.0,
         close_timeout: float = 10.0,
+        extensions: Iterable[str] = (),
     ) -> None:
         super().__init__(
             role,
@@ -132,6 +133,7 @@ class FederationConnection(FederationProtocol):
             link_id=link_id,
             ping_interval=ping_interval,
             ping_timeout=ping_timeout,
+            extensions=extensions,
         )
         if max_message_size < 1:
             raise ValueError("max_message_size must be positive")

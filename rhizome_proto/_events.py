@@ -48,6 +48,8 @@ class HandshakeComplete(Event):
     remote_system_id: str
     link_id: str
     remote_config: FederationConfig | None
+    #: the extensions both ends agreed on (empty with a v1 peer)
+    extensions: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -83,6 +85,8 @@ class SyncRequested(Event):
 
     filter: DeltaFilter | None
     from_timestamp: float | None
+    #: extension ``cursor``: resume after this position of our store
+    from_cursor: str | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -100,6 +104,8 @@ class SyncBatchReceived(Event):
     deltas: tuple[Delta, ...]
     batch_number: int
     is_last_batch: bool
+    #: extension ``cursor``: the server's position after this batch
+    cursor: str | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -109,6 +115,8 @@ class SyncCompleted(Event):
 
     deltas_processed: int
     deltas_received: int
+    #: extension ``cursor``: where the next sync may resume
+    cursor: str | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

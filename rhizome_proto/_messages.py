@@ -88,6 +88,8 @@ class Hello(_Message, frozen=True, tag="hello", kw_only=True, omit_defaults=Fals
     system_id: NonEmptyStr
     config: FederationConfig = FederationConfig()
     protocol: str = PROTOCOL_VERSION
+    #: extensions the client asks for (ours; absent for a v1 client)
+    extensions: tuple[str, ...] | msgspec.UnsetType = msgspec.UNSET
 
 
 class HelloAck(_Message, frozen=True, tag="hello_ack", kw_only=True, omit_defaults=False):
@@ -96,6 +98,8 @@ class HelloAck(_Message, frozen=True, tag="hello_ack", kw_only=True, omit_defaul
     system_id: NonEmptyStr
     link_id: str
     protocol: str = PROTOCOL_VERSION
+    #: the subset of the client's extensions the server accepts (absent from a v1 server)
+    extensions: tuple[str, ...] | msgspec.UnsetType = msgspec.UNSET
 
 
 class DeltaMessage(_Message, frozen=True, tag="delta", kw_only=True):
@@ -122,6 +126,8 @@ class SyncRequest(_Message, frozen=True, tag="sync_request", kw_only=True):
 
     filter: DeltaFilter | None = None
     from_timestamp: NonNegative | None = None
+    #: extension ``cursor``: resume after this position of the server's store
+    from_cursor: str | None = None
 
 
 class SyncStart(_Message, frozen=True, tag="sync_start", kw_only=True):
@@ -137,12 +143,16 @@ class SyncBatch(_Message, frozen=True, tag="sync_batch", kw_only=True):
     deltas: tuple[Delta, ...]
     batch_number: Count
     is_last_batch: bool
+    #: extension ``cursor``: the position after this batch
+    cursor: str | None = None
 
 
 class SyncComplete(_Message, frozen=True, tag="sync_complete", kw_only=True):
     """Server to client: the sync is over; ``deltas_processed`` deltas were sent in its batches."""
 
     deltas_processed: Count
+    #: extension ``cursor``: the position to resume from next time
+    cursor: str | None = None
 
 
 class Pause(_Message, frozen=True, tag="pause"):

@@ -35,6 +35,7 @@ from typing import Any
 
 import msgspec
 
+from ._codec import encode_value
 from ._config import LinkConfig
 from ._delta import Delta, InvalidDeltaError, Pointer, validate_delta
 from ._errors import ErrorCode, LocalProtocolError
@@ -57,12 +58,14 @@ from ._events import (
 )
 from ._filter import DeltaFilter
 from ._protocol import DEFAULT_BATCH_SIZE, FederationProtocol, Role, State
-from ._store import DeltaStore
+from ._store import DeltaStore, ScanOrder
 from ._trust import PermissiveTrustPolicy, TrustPolicy
 
 __all__ = [
+    "DEFAULT_EXTENSIONS",
     "PUSH_CURSOR_KEY",
     "PUSH_WINDOW",
+    "SYNC_CURSOR_KEY",
     "FederationEvent",
     "FederationNode",
     "LinkStats",
@@ -72,6 +75,13 @@ __all__ = [
 #: Store meta key of an outgoing link's push cursor, by remote system id: every delta stored at
 #: or below this sequence number that the link should carry has been settled by that remote.
 PUSH_CURSOR_KEY = "push_cursor:{}"
+#: Store meta key of a client's sync cursor (extension ``cursor``), by remote system id and the
+#: JSON of the pull filter it synced with (another filter starts from the beginning).
+SYNC_CURSOR_KEY = "sync_cursor:{}:{}"
+#: Store meta key of the store's identity, part of every sync cursor the node hands out.
+STORE_ID_KEY = "store_id"
+#: The extensions a node speaks unless told otherwise.
+DEFAULT_EXTENSIONS: tuple[str, ...] = ("cursor",)
 #: Most deltas of a push catch-up in flight (sent, not yet acknowledged) at once.
 PUSH_WINDOW = 1000
 #: Milliseconds between two saves of a push cursor (a stale cursor only means resending more).
@@ -127,7 +137,11 @@ class NodeLink:
     # the running initial sync (server side): filters, position, batch size
     _sync_filters: tuple[DeltaFilter, ...] = ()
     _sync_from: float = 0
-    _sync_after: tuple[float, int] | None = None
+    _sync_after: tuple[float, int] | int | None = None
+    _sync_order: ScanOrder = "timestamp"
+    _sync_cursor: bool = False  # extension cursor: batches carry the position after them
+    #: store meta key under which the client keeps its sync cursor for this remote and filter
+    _cursor_key: str | None = None
     _sync_total: int = 0
     _sync_sent: int = 0
     _sync_active: bool = False
@@ -174,6 +188,9 @@ class FederationNode:
             (incoming links always); permissive by default.
         auto_broadcast: relay deltas received on one link to the others.
         batch_size: deltas per ``sync_batch`` when serving an initial sync.
+        extensions: the protocol extensions to offer (client) or accept (server) on the links'
+            connections; ``()`` speaks plain v1. ``"cursor"``: a client resumes its initial
+            sync exactly where the last one stopped (its position is kept in the store).
         max_parked: how many undelivered deltas are kept per remote system id when an incoming
             link closes, for its next connection (the oldest go first beyond that; a client
             that reconnects with an initial sync recovers them anyway).
@@ -189,6 +206,7 @@ class FederationNode:
         auto_broadcast: bool = True,
         batch_size: int = DEFAULT_BATCH_SIZE,
         max_parked: int = 10_000,
+        extensions: Iterable[str] = DEFAULT_EXTENSIONS,
     ) -> None:
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
@@ -201,6 +219,9 @@ class FederationNode:
         self.batch_size = batch_size
         self._clock = clock
         self._links: dict[str, NodeLink] = {}
+        #: the extensions this node speaks: adapters give them to every connection they make
+        self.extensions = tuple(extensions)
+        self._store_id_cache: str | None = None
         self.max_parked = max_parked
         #: undelivered deltas of closed incoming links, by remote system id
         self._parked: dict[str, deque[Delta]] = {}
@@ -332,6 +353,23 @@ class FederationNode:
         self._save_cursor_if_settled(link)
         return out
 
+    def _store_id(self) -> str:
+        """This store's identity in the cursors we hand out, made once and kept in the store
+        (a memory store gets a new one with every instance)."""
+        if self._store_id_cache is None:
+            value = self.store.get_meta(STORE_ID_KEY)
+            if value is None:
+                value = f"{self.system_id}@{self._clock()}"
+                self.store.set_meta(STORE_ID_KEY, value)
+            self._store_id_cache = value
+        return self._store_id_cache
+
+    def _keep_cursor(self, link: NodeLink, cursor: str | None) -> None:
+        """Extension cursor: remember how far the server's store has been synced (after the
+        batch is stored), so the next sync resumes there."""
+        if cursor is not None and link._cursor_key is not None:
+            self.store.set_meta(link._cursor_key, cursor)
+
     def _save_cursor_if_settled(self, link: NodeLink) -> None:
         """Everything this outgoing link had to carry is settled: remember how far the store
         was, so a restart offers the peer only what came after (at most once a second)."""
@@ -367,6 +405,7 @@ class FederationNode:
             self._receive(link, conn, event.delta, live=True, out=out)
         elif isinstance(event, SyncBatchReceived):
             self._receive_batch(link, conn, event.deltas, out)
+            self._keep_cursor(link, event.cursor)
             out.append(FederationEvent(type="sync:progress", link_id=lid, count=len(event.deltas)))
         elif isinstance(event, DeltaAcked):
             link.stats.deltas_sent += 1
@@ -386,6 +425,7 @@ class FederationNode:
         elif isinstance(event, SyncStarted):
             out.append(FederationEvent(type="sync:started", link_id=lid, total=event.total_deltas))
         elif isinstance(event, SyncCompleted):
+            self._keep_cursor(link, event.cursor)
             link.stats.last_sync_at = self._clock()
             out.append(
                 FederationEvent(type="sync:completed", link_id=lid, count=event.deltas_received)
@@ -448,11 +488,17 @@ class FederationNode:
         else:
             cfg = link.config
             if cfg.receives and cfg.initial_sync != "none":
+                from_cursor = None
+                if "cursor" in conn.extensions_agreed:
+                    pull = encode_value(cfg.pull_filter) if cfg.pull_filter else ""
+                    link._cursor_key = SYNC_CURSOR_KEY.format(event.remote_system_id, pull)
+                    from_cursor = self.store.get_meta(link._cursor_key)
                 conn.request_sync(
                     filter=cfg.pull_filter,
                     from_timestamp=cfg.sync_from_timestamp
                     if cfg.initial_sync == "from_timestamp"
                     else None,
+                    from_cursor=from_cursor,
                 )
         if link.paused:
             conn.pause()
@@ -583,47 +629,63 @@ class FederationNode:
                 if f is not None
             )
         )
+        # extension cursor: stream in storage order from the client's cursor, so a resumed
+        # sync gets exactly what was stored since, whatever the clocks say
+        cursor = "cursor" in conn.extensions_agreed
+        after: int | None = None
+        if cursor and event.from_cursor is not None:
+            store_id, _, seq = event.from_cursor.rpartition(":")
+            if not seq.isdigit():
+                conn.reject_sync(f"invalid cursor {event.from_cursor[:40]!r}")
+                return
+            # a cursor of another store (this one was replaced or is in memory and restarted)
+            # says nothing here: sync from the beginning
+            after = int(seq) if store_id == self._store_id() else None
         # the first filter is pushed down to the store; the others are checked here
         link._sync_filters = filters
         link._sync_from = event.from_timestamp or 0
-        link._sync_after = None
+        link._sync_order = "sequence" if cursor else "timestamp"
+        link._sync_cursor = cursor
+        link._sync_after = after
         link._sync_sent = 0
-        link._sync_total = self._count(filters, link._sync_from)
+        link._sync_total = self._count(link)
         link._sync_active = True
         conn.start_sync(link._sync_total, self.batch_size)
 
-    def _count(self, filters: tuple[DeltaFilter, ...], from_timestamp: float) -> int:
-        if len(filters) <= 1:
-            return self.store.count(filters[0] if filters else None, from_timestamp=from_timestamp)
-        total, after = 0, None
+    def _count(self, link: NodeLink) -> int:
+        """How many deltas the link's sync will send (pages through the store when the store
+        cannot count it alone: several filters, or a resumed position)."""
+        filters = link._sync_filters
+        if len(filters) <= 1 and link._sync_after is None:
+            return self.store.count(filters[0] if filters else None, from_timestamp=link._sync_from)
+        total, after = 0, link._sync_after
         while True:
-            page = self._page(filters, from_timestamp, after, 1000)
+            page = self._page(link, after, 1000)
             if page is None:
                 return total
             after, deltas = page
             total += len(deltas)
 
     def _page(
-        self,
-        filters: tuple[DeltaFilter, ...],
-        from_timestamp: float,
-        after: tuple[float, int] | None,
-        limit: int,
-    ) -> tuple[tuple[float, int], list[Delta]] | None:
-        """One page of matching deltas, oldest first, and the position after it."""
+        self, link: NodeLink, after: tuple[float, int] | int | None, limit: int
+    ) -> tuple[tuple[float, int] | int, list[Delta]] | None:
+        """One page of the deltas the link's sync sends, in its order, and the position after
+        it (``(timestamp, seq)`` in timestamp order, ``seq`` in storage order)."""
+        filters = link._sync_filters
         rows = self.store.scan(
             after=after,
             filter=filters[0] if filters else None,
-            from_timestamp=from_timestamp,
+            from_timestamp=link._sync_from,
             limit=limit,
-            order="timestamp",
+            order=link._sync_order,
         )
         if not rows:
             return None
         is_negated = self.store.is_negated
         last_seq, last = rows[-1]
         deltas = [d for _, d in rows if all(f.matches(d, is_negated) for f in filters[1:])]
-        return (last.timestamp, last_seq), deltas
+        position = last_seq if link._sync_order == "sequence" else (last.timestamp, last_seq)
+        return position, deltas
 
     def sync_step(self, link_id: str) -> bool:
         """Send the next batch of the link's initial sync; ``True`` while more remain.
@@ -643,24 +705,24 @@ class FederationNode:
         batch: list[Delta] = []
         finished = False
         while len(batch) < self.batch_size:
-            page = self._page(
-                link._sync_filters,
-                link._sync_from,
-                link._sync_after,
-                self.batch_size - len(batch),
-            )
+            page = self._page(link, link._sync_after, self.batch_size - len(batch))
             if page is None:
                 finished = True
                 break
             link._sync_after, deltas = page
             batch.extend(deltas)
         if not finished:  # look ahead, so the last batch carries the flag
-            finished = self._page(link._sync_filters, link._sync_from, link._sync_after, 1) is None
+            finished = self._page(link, link._sync_after, 1) is None
+        cursor = None
+        if link._sync_cursor:
+            after = link._sync_after
+            seq = after if isinstance(after, int) else self.store.last_sequence()
+            cursor = f"{self._store_id()}:{seq}"
         if batch or (finished and link._sync_sent > 0):
-            conn.send_sync_batch(batch, last=finished)
+            conn.send_sync_batch(batch, last=finished, cursor=cursor)
         link._sync_sent += len(batch)
         if finished:
-            conn.complete_sync()
+            conn.complete_sync(cursor=cursor)
             link._sync_active = False
             link.stats.last_sync_at = self._clock()
         return not finished

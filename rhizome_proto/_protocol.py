@@ -13,8 +13,10 @@ passed in; message timestamps come from the injected ``clock`` (wall-clock milli
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from enum import Enum
+
+import msgspec
 
 from ._codec import decode, encode
 from ._delta import Delta, InvalidDeltaError, validate_delta
@@ -121,6 +123,9 @@ class FederationProtocol:
         link_id: the server's id for this link, sent in ``hello_ack`` (required for a server).
         ping_interval: seconds between our pings once started (the reference uses 30).
         ping_timeout: seconds without any message from the peer after which the link is dead.
+        extensions: the extensions of ours this end speaks (a client offers them in ``hello``,
+            a server accepts those it knows); :attr:`extensions_agreed` holds the outcome.
+            A v1 peer agrees to none. Known: ``"cursor"`` (see :meth:`request_sync`).
     """
 
     def __init__(
@@ -133,6 +138,7 @@ class FederationProtocol:
         link_id: str | None = None,
         ping_interval: float = 30.0,
         ping_timeout: float = 90.0,
+        extensions: Iterable[str] = (),
     ) -> None:
         if not system_id:
             raise ValueError("system_id must be a non-empty string")
@@ -147,6 +153,9 @@ class FederationProtocol:
         self.ping_interval = ping_interval
         self.ping_timeout = ping_timeout
         self._clock = clock
+        self.extensions_offered = tuple(dict.fromkeys(extensions))
+        #: the extensions both ends agreed on in the handshake
+        self.extensions_agreed: frozenset[str] = frozenset()
         self.state = State.IDLE if role is Role.CLIENT else State.AWAITING_HELLO
         #: the peer's system id, once the handshake is done
         self.remote_system_id: str | None = None
@@ -238,7 +247,14 @@ class FederationProtocol:
         self._last_heard = now
         self._next_ping = now + self.ping_interval
         if self.role is Role.CLIENT:
-            self._send(Hello(timestamp=self._clock(), system_id=self.system_id, config=self.config))
+            self._send(
+                Hello(
+                    timestamp=self._clock(),
+                    system_id=self.system_id,
+                    config=self.config,
+                    extensions=self.extensions_offered or msgspec.UNSET,
+                )
+            )
             self.state = State.HELLO_SENT
 
     def get_timer(self) -> float | None:
@@ -362,18 +378,36 @@ class FederationProtocol:
             self._send(Resume(timestamp=self._clock()))
 
     def request_sync(
-        self, filter: DeltaFilter | None = None, from_timestamp: float | None = None
+        self,
+        filter: DeltaFilter | None = None,
+        from_timestamp: float | None = None,
+        *,
+        from_cursor: str | None = None,
     ) -> None:
-        """Client: ask for the initial sync (one at a time)."""
+        """Client: ask for the initial sync (one at a time).
+
+        ``from_cursor`` (extension ``cursor``): resume after the position the server gave in
+        its last ``sync_batch`` / ``sync_complete``, whatever the clocks say.
+        """
         self._require_open("request a sync")
         if self.role is not Role.CLIENT:
             raise LocalProtocolError(
                 "only a client requests a sync", code=ErrorCode.UNEXPECTED_MESSAGE
             )
+        if from_cursor is not None and "cursor" not in self.extensions_agreed:
+            raise LocalProtocolError(
+                "from_cursor needs the cursor extension, which the peer did not agree to",
+                code=ErrorCode.SYNC_ERROR,
+            )
         if self._sync is not _Sync.NONE:
             raise LocalProtocolError("a sync is already running", code=ErrorCode.SYNC_ERROR)
         self._send(
-            SyncRequest(timestamp=self._clock(), filter=filter, from_timestamp=from_timestamp)
+            SyncRequest(
+                timestamp=self._clock(),
+                filter=filter,
+                from_timestamp=from_timestamp,
+                from_cursor=from_cursor,
+            )
         )
         self._sync = _Sync.REQUESTED
 
@@ -391,15 +425,19 @@ class FederationProtocol:
         self._sync_next_batch = 0
         self._sync_count = 0
 
-    def send_sync_batch(self, deltas: tuple[Delta, ...] | list[Delta], *, last: bool) -> None:
+    def send_sync_batch(
+        self, deltas: tuple[Delta, ...] | list[Delta], *, last: bool, cursor: str | None = None
+    ) -> None:
         """Server: send the next batch (numbered automatically; ``last`` flags the final one).
-        Held while the peer has paused us."""
+        Held while the peer has paused us. ``cursor``: the position after it (extension)."""
         self._require_server_sync(_Sync.RUNNING, "send a sync batch")
+        self._require_cursor_agreed(cursor)
         batch = SyncBatch(
             timestamp=self._clock(),
             deltas=tuple(deltas),
             batch_number=self._sync_next_batch,
             is_last_batch=last,
+            cursor=cursor,
         )
         self._sync_next_batch += 1
         self._sync_count += len(batch.deltas)
@@ -407,13 +445,24 @@ class FederationProtocol:
             self._sync = _Sync.BATCHES_DONE
         self._send_or_hold(batch)
 
-    def complete_sync(self) -> None:
-        """Server: send ``sync_complete`` (after the last batch, or when there were none)."""
+    def complete_sync(self, cursor: str | None = None) -> None:
+        """Server: send ``sync_complete`` (after the last batch, or when there were none);
+        ``cursor``: where the next sync resumes (extension)."""
+        self._require_cursor_agreed(cursor)
         if self._sync is _Sync.RUNNING and self._sync_next_batch == 0:
             self._sync = _Sync.BATCHES_DONE
         self._require_server_sync(_Sync.BATCHES_DONE, "complete a sync")
         self._sync = _Sync.NONE
-        self._send_or_hold(SyncComplete(timestamp=self._clock(), deltas_processed=self._sync_count))
+        self._send_or_hold(
+            SyncComplete(timestamp=self._clock(), deltas_processed=self._sync_count, cursor=cursor)
+        )
+
+    def _require_cursor_agreed(self, cursor: str | None) -> None:
+        if cursor is not None and "cursor" not in self.extensions_agreed:
+            raise LocalProtocolError(
+                "a cursor needs the cursor extension, which the peer did not agree to",
+                code=ErrorCode.SYNC_ERROR,
+            )
 
     def reject_sync(self, message: str, code: ErrorCode = ErrorCode.SYNC_ERROR) -> None:
         """Server: refuse or abort the requested sync with an ``error``."""
@@ -530,8 +579,17 @@ class FederationProtocol:
         assert self.link_id is not None
         self.remote_system_id = message.system_id
         self.remote_config = message.config
+        answer: tuple[str, ...] | msgspec.UnsetType = msgspec.UNSET
+        if message.extensions is not msgspec.UNSET:  # a client of ours: answer with a list
+            answer = tuple(e for e in self.extensions_offered if e in message.extensions)
+            self.extensions_agreed = frozenset(answer)
         self._send(
-            HelloAck(timestamp=self._clock(), system_id=self.system_id, link_id=self.link_id)
+            HelloAck(
+                timestamp=self._clock(),
+                system_id=self.system_id,
+                link_id=self.link_id,
+                extensions=answer,
+            )
         )
         self.state = State.OPEN
         self._events.append(
@@ -539,6 +597,7 @@ class FederationProtocol:
                 remote_system_id=message.system_id,
                 link_id=self.link_id,
                 remote_config=message.config,
+                extensions=self.extensions_agreed,
             )
         )
         self._flush_held()
@@ -548,10 +607,17 @@ class FederationProtocol:
             self._protocol_mismatch(message.protocol)
         self.remote_system_id = message.system_id
         self.link_id = message.link_id
+        if message.extensions is not msgspec.UNSET:  # only what we offered counts
+            self.extensions_agreed = frozenset(message.extensions) & frozenset(
+                self.extensions_offered
+            )
         self.state = State.OPEN
         self._events.append(
             HandshakeComplete(
-                remote_system_id=message.system_id, link_id=message.link_id, remote_config=None
+                remote_system_id=message.system_id,
+                link_id=message.link_id,
+                remote_config=None,
+                extensions=self.extensions_agreed,
             )
         )
         self._flush_held()
@@ -590,7 +656,11 @@ class FederationProtocol:
             return
         self._sync = _Sync.REQUESTED
         self._events.append(
-            SyncRequested(filter=message.filter, from_timestamp=message.from_timestamp)
+            SyncRequested(
+                filter=message.filter,
+                from_timestamp=message.from_timestamp,
+                from_cursor=message.from_cursor if "cursor" in self.extensions_agreed else None,
+            )
         )
 
     def _on_sync_start(self, message: SyncStart) -> None:
@@ -621,6 +691,7 @@ class FederationProtocol:
                 deltas=message.deltas,
                 batch_number=message.batch_number,
                 is_last_batch=message.is_last_batch,
+                cursor=message.cursor if "cursor" in self.extensions_agreed else None,
             )
         )
 
@@ -631,7 +702,9 @@ class FederationProtocol:
         self._sync = _Sync.NONE
         self._events.append(
             SyncCompleted(
-                deltas_processed=message.deltas_processed, deltas_received=self._sync_count
+                deltas_processed=message.deltas_processed,
+                deltas_received=self._sync_count,
+                cursor=message.cursor if "cursor" in self.extensions_agreed else None,
             )
         )
 

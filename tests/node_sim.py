@@ -36,6 +36,7 @@ from typing import Any, Literal
 
 from rhizome_adapters.storage import MemoryStore, SQLiteStore
 from rhizome_proto import (
+    DEFAULT_EXTENSIONS,
     CloseCode,
     Delta,
     DeltaStore,
@@ -176,6 +177,7 @@ class Network:
         auto_broadcast: bool = True,
         batch_size: int = 100,
         max_parked: int | None = None,
+        extensions: tuple[str, ...] = DEFAULT_EXTENSIONS,
     ) -> FederationNode:
         """A node over ``store`` (a new MemoryStore by default, or an SQLite file in
         ``sqlite_dir``)."""
@@ -192,6 +194,7 @@ class Network:
             "trust_policy": trust_policy,
             "auto_broadcast": auto_broadcast,
             "batch_size": batch_size,
+            "extensions": extensions,
         }
         if max_parked is not None:
             options["max_parked"] = max_parked
@@ -294,6 +297,11 @@ class Network:
 
     # ------------------------------------------------------------------ connections
 
+    def _extensions(self, name: str) -> tuple[str, ...]:
+        """What the node offers, as an adapter passes it to each connection it makes."""
+        node = self.nodes[name].node
+        return node.extensions if node is not None else DEFAULT_EXTENSIONS
+
     def _open(self, ch: Channel) -> None:
         assert not ch.connected
         ch.generation += 1
@@ -304,10 +312,18 @@ class Network:
             "ping_timeout": self.ping_timeout,
         }
         cconn = FederationProtocol(
-            Role.CLIENT, system_id=ch.client, config=ch.config.to_wire(), **common
+            Role.CLIENT,
+            system_id=ch.client,
+            config=ch.config.to_wire(),
+            extensions=self._extensions(ch.client),
+            **common,
         )
         sconn = FederationProtocol(
-            Role.SERVER, system_id=ch.server, link_id=ch.server_link_id, **common
+            Role.SERVER,
+            system_id=ch.server,
+            link_id=ch.server_link_id,
+            extensions=self._extensions(ch.server),
+            **common,
         )
         if self.nodes[ch.client].node is not None:
             self.node(ch.client).attach(ch.link_id, cconn)
@@ -391,8 +407,9 @@ class Network:
                 opened += 1
         return opened
 
-    def crash(self, name: str) -> None:
-        """``name`` loses all in-memory state; its store survives (an SQLite file is reopened).
+    def crash(self, name: str, *, new_store: DeltaStore | None = None) -> None:
+        """``name`` loses all in-memory state; its store survives (an SQLite file is reopened),
+        unless ``new_store`` replaces it (a server restarted on an empty store).
 
         Its connections end (peers see ``1006``); it comes back at once as a new
         ``FederationNode`` with its outgoing links re-created (empty outboxes), disconnected
@@ -430,7 +447,10 @@ class Network:
             ch.client_conn = ch.server_conn = None
         self.zombies = [z for z in self.zombies if z.server != name]  # died with it
         self._parked_dropped_before_crashes += old.parked_dropped
-        if sim.sqlite_path is not None:
+        if new_store is not None:
+            sim.store.close()
+            sim.store, sim.sqlite_path = new_store, None
+        elif sim.sqlite_path is not None:
             sim.store.close()
             sim.store = SQLiteStore(sim.sqlite_path)
         sim.node = FederationNode(name, sim.store, clock=self.clock, **sim.options)

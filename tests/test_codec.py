@@ -345,7 +345,7 @@ def test_pointer_targets_keep_their_json_type() -> None:
 def test_unknown_extra_fields_are_ignored() -> None:
     for message, wire in EXAMPLES:
         extended = wire | {
-            "extensions": ["cursor"],
+            "laterExtension": ["x"],
             "someFutureField": {"nested": [1, 2, None]},
             "x": None,
         }

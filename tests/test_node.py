@@ -364,25 +364,31 @@ _general = delta_filters(strings=st.sampled_from(_POOL), bounds=st.integers(0, 2
 _filters = st.integers(0, 3).flatmap(lambda i: _general if i == 0 else _focused_filters())
 
 
+@pytest.mark.parametrize("extensions", [(), ("cursor",)], ids=["v1", "cursor"])
 @deterministic(150)
 @given(sets=_delta_sets(), pull=_filters, batch_size=st.integers(1, 4))
 def test_pull_filter_property(
-    sets: tuple[list[Delta], list[Delta]], pull: DeltaFilter, batch_size: int
+    extensions: tuple[str, ...],
+    sets: tuple[list[Delta], list[Delta]],
+    pull: DeltaFilter,
+    batch_size: int,
 ) -> None:
     """Initial sync + live deltas deliver exactly the source deltas the pull filter selects,
-    with negation as the source store applies it when each delta is offered."""
+    with negation as the source store applies it when each delta is offered. In v1 the sync
+    goes oldest first by timestamp; with the cursor extension, in the server's storage order."""
     initial, live = sets
     net = Network()
-    server = net.add_node("server", batch_size=batch_size)
+    server = net.add_node("server", batch_size=batch_size, extensions=extensions)
     for delta in initial:
         server.persist_delta(delta)
-    net.add_node("client")
+    net.add_node("client", extensions=extensions)
     net.connect("client", "server", LinkConfig(pull_filter=pull))
     net.deliver()
-    selected = server.store.scan(filter=pull, limit=100, order="timestamp")
+    order = "sequence" if extensions else "timestamp"
+    selected = server.store.scan(filter=pull, limit=100, order=order)
     synced = [d.id for _, d in selected]
     assert net.ids("client") == set(synced)
-    assert net.delta_ids_sent("server", "client") == synced  # oldest first, nothing else
+    assert net.delta_ids_sent("server", "client") == synced  # in order, nothing else
     expected = set(synced)
     for delta in live:
         server.persist_delta(delta)
@@ -669,14 +675,15 @@ def stored_timestamps(net: Network, name: str) -> list[float]:
 
 
 def test_initial_sync_streams_oldest_first_in_batches() -> None:
+    """v1 (a peer without the cursor extension): oldest first by timestamp."""
     rng = random.Random(5)
     net = Network()
-    server = net.add_node("server", batch_size=4)
+    server = net.add_node("server", batch_size=4, extensions=())
     stamps = list(range(1, 11)) * 2
     rng.shuffle(stamps)
     for i, ts in enumerate(stamps):
         server.persist_delta(foreign(f"d{i}", timestamp=ts))
-    net.add_node("client")
+    net.add_node("client", extensions=())
     net.connect("client", "server")
     net.deliver()
     batches = net.sent("server", "client", "sync_batch")
@@ -692,6 +699,108 @@ def test_initial_sync_streams_oldest_first_in_batches() -> None:
     assert stored_timestamps(net, "client") == sorted(stamps)
     [done] = net.node_events("client", "sync:completed")
     assert done.count == 20
+
+
+def test_cursor_sync_streams_in_storage_order_and_says_where_it_stopped() -> None:
+    net = Network()
+    server = net.add_node("server", batch_size=4)
+    for i, ts in enumerate([50, 10, 40, 20, 30, 60]):
+        server.persist_delta(foreign(f"d{i}", timestamp=ts))
+    net.add_node("client")
+    net.connect("client", "server")
+    net.deliver()
+    [hello] = net.sent("client", "server", "hello")
+    [ack] = net.sent("server", "client", "hello_ack")
+    assert hello.message["extensions"] == ["cursor"] and ack.message["extensions"] == ["cursor"]
+    batches = net.sent("server", "client", "sync_batch")
+    assert [[d["id"] for d in b.message["deltas"]] for b in batches] == [
+        ["d0", "d1", "d2", "d3"],
+        ["d4", "d5"],
+    ]
+    store_id = server.store.get_meta("store_id")
+    assert [b.message["cursor"] for b in batches] == [f"{store_id}:4", f"{store_id}:6"]
+    [complete] = net.sent("server", "client", "sync_complete")
+    assert complete.message["cursor"] == f"{store_id}:6"
+
+
+def test_cursor_resume_gets_exactly_what_was_stored_since_whatever_the_clocks() -> None:
+    net = Network()
+    server = net.add_node("server")
+    for i in range(5):
+        server.persist_delta(foreign(f"old{i}", timestamp=1000 + i))
+    net.add_node("client")
+    net.connect("client", "server")
+    net.deliver()
+    net.partition("client", "server")
+    # stored while the client is away, stamped by a clock far behind: from_timestamp would
+    # miss them; the cursor does not
+    late = [foreign(f"late{i}", timestamp=1 + i) for i in range(3)]
+    for delta in late:
+        server.persist_delta(delta)
+    net.heal("client", "server")
+    net.deliver()
+    requests = net.sent("client", "server", "sync_request")
+    store_id = server.store.get_meta("store_id")
+    assert [r.message.get("fromCursor") for r in requests] == [None, f"{store_id}:5"]
+    second = net.sent("server", "client", "sync_batch")[-1]
+    assert [d["id"] for d in second.message["deltas"]] == ["late0", "late1", "late2"]
+    assert net.ids("client") == net.ids("server")
+
+
+def test_a_cursor_of_another_store_syncs_from_the_beginning() -> None:
+    """The server restarted on a new (memory) store under the same system id: the client's
+    cursor belongs to the old store and must not skip anything of the new one."""
+    net = Network()
+    old = net.add_node("server")
+    for i in range(5):
+        old.persist_delta(foreign(f"old{i}"))
+    net.add_node("client")
+    net.connect("client", "server")
+    net.deliver()
+    net.partition("client", "server")
+    net.crash("server", new_store=MemoryStore())
+    new = net.node("server")
+    for i in range(3):
+        new.persist_delta(foreign(f"new{i}"))
+    net.heal("client", "server")
+    net.deliver()
+    assert {"new0", "new1", "new2"} <= net.ids("client")
+
+
+def test_another_pull_filter_starts_its_own_cursor() -> None:
+    net = Network()
+    server = net.add_node("server")
+    server.persist_delta(foreign("a1", author="a"))
+    server.persist_delta(foreign("b1", author="b"))
+    client = net.add_node("client")
+    net.connect("client", "server", LinkConfig(pull_filter=DeltaFilter(authors=("a",))))
+    net.deliver()
+    assert net.ids("client") == {"a1"}
+    keys = [k for k in ("a", "b") if client.store.get_meta(_cursor_key("server", k)) is not None]
+    assert keys == ["a"]
+
+
+def _cursor_key(remote: str, author: str) -> str:
+    from rhizome_proto import SYNC_CURSOR_KEY
+    from rhizome_proto._codec import encode_value
+
+    return SYNC_CURSOR_KEY.format(remote, encode_value(DeltaFilter(authors=(author,))))
+
+
+def test_a_v1_client_gets_plain_v1_from_a_server_with_extensions() -> None:
+    net = Network()
+    server = net.add_node("server")
+    for i, ts in enumerate([30, 10, 20]):
+        server.persist_delta(foreign(f"d{i}", timestamp=ts))
+    net.add_node("client", extensions=())
+    net.connect("client", "server")
+    net.deliver()
+    [hello] = net.sent("client", "server", "hello")
+    [ack] = net.sent("server", "client", "hello_ack")
+    assert "extensions" not in hello.message and "extensions" not in ack.message
+    [batch] = net.sent("server", "client", "sync_batch")
+    assert [d["timestamp"] for d in batch.message["deltas"]] == [10, 20, 30]
+    assert "cursor" not in batch.message
 
 
 def test_initial_sync_from_timestamp() -> None:
@@ -739,8 +848,8 @@ def big_server(n: int, batch_size: int) -> tuple[Network, RecordingStore]:
     )
     store = RecordingStore(inner)
     net = Network(record=False)
-    net.add_node("server", store=store, batch_size=batch_size)
-    net.add_node("client")
+    net.add_node("server", store=store, batch_size=batch_size, extensions=())
+    net.add_node("client", extensions=())
     return net, store
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import msgspec
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.strategies import SearchStrategy
@@ -289,6 +290,8 @@ def federation_configs() -> SearchStrategy[FederationConfig]:
 
 
 _counts = safe_integers(min_value=0)
+_extension_lists = st.just(msgspec.UNSET) | st.lists(st.text(max_size=12), max_size=3).map(tuple)
+_cursors = st.none() | st.text(max_size=24)
 _error_codes = st.sampled_from([c.value for c in ErrorCode]) | st.text(max_size=16)
 
 #: One strategy per message class; the keys are exactly the 14 classes of ``MESSAGE_TYPES``.
@@ -299,6 +302,7 @@ MESSAGE_STRATEGIES: dict[type[Any], SearchStrategy[Any]] = {
         system_id=non_empty_text(),
         config=federation_configs(),
         protocol=st.just(PROTOCOL_VERSION) | st.text(max_size=24),
+        extensions=_extension_lists,
     ),
     HelloAck: st.builds(
         HelloAck,
@@ -306,6 +310,7 @@ MESSAGE_STRATEGIES: dict[type[Any], SearchStrategy[Any]] = {
         system_id=non_empty_text(),
         link_id=st.text(max_size=36),
         protocol=st.just(PROTOCOL_VERSION) | st.text(max_size=24),
+        extensions=_extension_lists,
     ),
     DeltaMessage: st.builds(DeltaMessage, timestamp=timestamps(), delta=deltas()),
     DeltaAck: st.builds(DeltaAck, timestamp=timestamps(), delta_id=st.text(max_size=16)),
@@ -317,6 +322,7 @@ MESSAGE_STRATEGIES: dict[type[Any], SearchStrategy[Any]] = {
         timestamp=timestamps(),
         filter=st.none() | delta_filters(),
         from_timestamp=st.none() | non_negative_numbers(),
+        from_cursor=_cursors,
     ),
     SyncStart: st.builds(
         SyncStart,
@@ -330,8 +336,11 @@ MESSAGE_STRATEGIES: dict[type[Any], SearchStrategy[Any]] = {
         deltas=delta_lists(max_size=4).map(tuple),
         batch_number=_counts,
         is_last_batch=st.booleans(),
+        cursor=_cursors,
     ),
-    SyncComplete: st.builds(SyncComplete, timestamp=timestamps(), deltas_processed=_counts),
+    SyncComplete: st.builds(
+        SyncComplete, timestamp=timestamps(), deltas_processed=_counts, cursor=_cursors
+    ),
     Pause: st.builds(Pause, timestamp=timestamps()),
     Resume: st.builds(Resume, timestamp=timestamps()),
     Ping: st.builds(Ping, timestamp=timestamps()),

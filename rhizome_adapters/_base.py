@@ -7,12 +7,13 @@ status as the node's events report it, the local delta API and the reconnect sch
 decides: sockets, tasks or threads, waking writers, running the core's timer, scheduling
 coroutine handlers, and the ``async`` (or blocking) surface of the API.
 
-Everything a subclass must supply is marked ``raise NotImplementedError`` below; the threaded
-adapter also overrides :meth:`DBBase._guard` (its lock around the node) and ``_emit``.
+Everything a subclass must supply is an abstract method below; the threaded adapter also
+overrides :meth:`DBBase._guard` (its lock around the node) and ``_emit``.
 """
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import errno
 import inspect
@@ -246,7 +247,7 @@ class LinkBase:
 LinkT = TypeVar("LinkT", bound=LinkBase)
 
 
-class DBBase(Generic[LinkT]):
+class DBBase(abc.ABC, Generic[LinkT]):
     """The runtime-independent half of ``FederatedRhizomeDB``.
 
     ``storage`` picks a new ``"memory"`` or ``"sqlite"`` store (``path`` for the file) unless
@@ -301,24 +302,28 @@ class DBBase(Generic[LinkT]):
     def _init_runtime(self) -> None:
         """Set up the adapter's own state (called at the end of ``__init__``)."""
 
+    @abc.abstractmethod
     def _log(self) -> logging.Logger:
         """The adapter's logger (handler failures are logged there)."""
-        raise NotImplementedError
+        ...
 
-    def _new_link(self, node_link: NodeLink) -> LinkT:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _new_link(self, node_link: NodeLink) -> LinkT: ...
 
+    @abc.abstractmethod
     def _wake_writers(self) -> None:
         """Something may have been queued on any connection: let every writer look."""
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def _schedule(self, pending: Awaitable[Any]) -> None:
         """Run what a coroutine handler returned, in the adapter's runtime."""
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def _now(self) -> float:
         """The runtime's monotonic clock, the ``now`` of the core's calls."""
-        raise NotImplementedError
+        ...
 
     def _guard(self) -> contextlib.AbstractContextManager[object]:
         """Held around every call into the node (the threaded adapter's lock)."""

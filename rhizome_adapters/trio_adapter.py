@@ -373,8 +373,8 @@ class FederatedRhizomeDB(DBBase[FederationLink]):
             finally:
                 self._forget(link)
                 link._done.set()
-        except _BROKEN:
-            pass  # a failed TLS handshake, or gone before anything was said
+        except _BROKEN:  # a failed TLS handshake, or gone before anything was said
+            pass
         except Exception:
             log.exception("incoming connection failed")
         finally:

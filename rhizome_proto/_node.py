@@ -78,6 +78,9 @@ PUSH_CURSOR_KEY = "push_cursor:{}"
 #: Store meta key of a client's sync cursor (extension ``cursor``), by remote system id and the
 #: JSON of the pull filter it synced with (another filter starts from the beginning).
 SYNC_CURSOR_KEY = "sync_cursor:{}:{}"
+#: A client saves its sync cursor every this many batches (and at the end of the sync): each
+#: save is a durable write, and an older cursor after a crash only means resending a little.
+CURSOR_SAVE_BATCHES = 10
 #: Store meta key of the store's identity, part of every sync cursor the node hands out.
 STORE_ID_KEY = "store_id"
 #: The extensions a node speaks unless told otherwise.
@@ -405,7 +408,8 @@ class FederationNode:
             self._receive(link, conn, event.delta, live=True, out=out)
         elif isinstance(event, SyncBatchReceived):
             self._receive_batch(link, conn, event.deltas, out)
-            self._keep_cursor(link, event.cursor)
+            if event.batch_number % CURSOR_SAVE_BATCHES == CURSOR_SAVE_BATCHES - 1:
+                self._keep_cursor(link, event.cursor)
             out.append(FederationEvent(type="sync:progress", link_id=lid, count=len(event.deltas)))
         elif isinstance(event, DeltaAcked):
             link.stats.deltas_sent += 1

@@ -27,6 +27,7 @@ from typing import Any, Generic, Literal, Protocol, TypeAlias, TypeVar
 from urllib.parse import urlsplit
 
 from rhizome_proto import (
+    DEFAULT_EXTENSIONS,
     DEFAULT_MAX_MESSAGE_SIZE,
     DEFAULT_PATH,
     Delta,
@@ -255,7 +256,8 @@ class DBBase(abc.ABC, Generic[LinkT]):
     to links without one of their own; ``auto_broadcast`` relays what one link brings to the
     others; ``batch_size`` is the deltas per initial-sync batch served; ``ping_interval`` and
     ``ping_timeout`` (seconds) keep quiet links alive and detect dead ones; a message over
-    ``max_message_size`` bytes closes its connection.
+    ``max_message_size`` bytes closes its connection; ``extensions`` are those of ours to
+    offer and accept (``()``: plain v1; see docs/extensions.md).
     """
 
     def __init__(
@@ -271,6 +273,7 @@ class DBBase(abc.ABC, Generic[LinkT]):
         ping_interval: float = 30.0,
         ping_timeout: float = 90.0,
         max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+        extensions: Iterable[str] = DEFAULT_EXTENSIONS,
     ) -> None:
         if ping_interval <= 0 or ping_timeout <= 0 or max_message_size < 1:
             raise ValueError("ping_interval, ping_timeout and max_message_size must be positive")
@@ -284,6 +287,7 @@ class DBBase(abc.ABC, Generic[LinkT]):
             trust_policy=trust_policy,
             auto_broadcast=auto_broadcast,
             batch_size=batch_size,
+            extensions=extensions,
         )
         self._ping_interval = ping_interval
         self._ping_timeout = ping_timeout

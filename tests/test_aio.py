@@ -14,6 +14,7 @@ import pytest
 from rhizome_adapters.aio import FederatedRhizomeDB
 from rhizome_adapters.storage import SQLiteStore
 from rhizome_proto import (
+    SYNC_CURSOR_KEY,
     Delta,
     DeltaFilter,
     FederationEvent,
@@ -329,6 +330,23 @@ async def test_enable_server_auto_broadcast_false_relays_nothing() -> None:
         await wait_until(lambda: ids(hub) == {d.id for d in sent})
         await settle()
         assert ids(b) == set()  # the hub stored them but relayed nothing
+
+
+@pytest.mark.parametrize("extensions", [(), ("cursor",)], ids=["v1", "cursor"])
+@deadline()
+async def test_extensions_are_the_instances_choice(extensions: tuple[str, ...]) -> None:
+    async with (
+        FederatedRhizomeDB(system_id="server") as server,
+        FederatedRhizomeDB(system_id="client", extensions=extensions) as client,
+    ):
+        url = await server.enable_server(port=0)
+        sent = await put(server, 3)
+        events = Recorder(client)
+        await client.connect_to_remote(url)
+        await wait_until(lambda: len(events.of("sync:completed")) == 1)
+        assert ids(client) == {d.id for d in sent}
+        cursor = client.store.get_meta(SYNC_CURSOR_KEY.format("server", ""))
+        assert (cursor is not None) == bool(extensions)  # kept only when cursor was agreed
 
 
 @deadline()

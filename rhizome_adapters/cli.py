@@ -249,7 +249,8 @@ class _Progress:
         self.stream = sys.stderr if stream is None else stream
         self.total = 0
         self.done = 0
-        self.tty = bool(getattr(stream, "isatty", lambda: False)())
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self._shown = -1  # the last percentage written as a line (not a terminal)
 
     def start(self, total: int) -> None:
         self.total, self.done = total, 0
@@ -264,7 +265,14 @@ class _Progress:
         frac = 1.0 if self.total == 0 else min(self.done / self.total, 1.0)
         bar = "#" * int(frac * width)
         line = f"syncing [{bar:<{width}}] {self.done}/{self.total}"
-        self.stream.write(("\r" if self.tty else "") + line + ("" if self.tty else "\n"))
+        if self.tty:  # one line, redrawn in place
+            self.stream.write("\r" + line)
+        else:  # a log: a line per percent at most, and the last one always
+            percent = int(frac * 100)
+            if percent == self._shown and self.done < self.total:
+                return
+            self._shown = percent
+            self.stream.write(line + "\n")
         self.stream.flush()
 
     def finish(self) -> None:
@@ -341,6 +349,8 @@ async def _connect(args: argparse.Namespace) -> int:
             nonlocal connected, failure, received
             if event.type == "link:connected":
                 connected = True
+            if event.type == "sync:completed":
+                progress.finish()  # end the bar's line before the log line
             if event.type in ("link:error", "link:disconnected") and not connected:
                 log.debug("%s: %s", event.type, event.reason)  # summed up if connecting fails
             else:
@@ -350,7 +360,6 @@ async def _connect(args: argparse.Namespace) -> int:
             elif event.type == "sync:progress":
                 progress.advance(event.count or 0)
             elif event.type == "sync:completed":
-                progress.finish()
                 received = event.count or 0
                 synced.set()
             elif event.type == "link:error" and connected:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ from rhizome_proto import (
     create_custom_trust_policy,
     create_system_trust_policy,
 )
+from tests.adapter_support import Recorder, free_port, ids
 from tests.aio_support import deadline, wait_until
 
 FAST_RETRY = ReconnectPolicy(initial_delay=0.02, max_delay=0.1)
@@ -37,15 +37,6 @@ FAST_RETRY = ReconnectPolicy(initial_delay=0.02, max_delay=0.1)
 async def settle(seconds: float = 0.2) -> None:
     """Time for anything that should not arrive to arrive anyway."""
     await asyncio.sleep(seconds)
-
-
-class Recorder:
-    def __init__(self, db: FederatedRhizomeDB) -> None:
-        self.events: list[FederationEvent] = []
-        db.on_federation_event(self.events.append)
-
-    def of(self, type_: str) -> list[FederationEvent]:
-        return [e for e in self.events if e.type == type_]
 
 
 @contextlib.asynccontextmanager
@@ -70,17 +61,6 @@ async def put(
     for delta in deltas:
         assert await db.persist_delta(delta)
     return deltas
-
-
-def ids(db: FederatedRhizomeDB) -> set[str]:
-    return {d.id for d in db.scan_deltas()}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 # ---------------------------------------------------------------- the local API

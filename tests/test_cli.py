@@ -24,6 +24,7 @@ from typing import IO
 import pytest
 
 from rhizome_adapters import cli
+from tests.adapter_support import free_port
 
 CLI = [sys.executable, "-m", "rhizome_adapters.cli"]
 TIMEOUT = 30.0  # seconds, for any single command
@@ -153,14 +154,6 @@ def synced(cwd: Path, url: str, *args: str) -> tuple[int, str]:
     words = out.split()
     assert words[0] == "synced" and words[2:4] == ["deltas", "from"], out
     return int(words[1]), words[4]
-
-
-def free_port() -> int:
-    """A port nothing listens on (bound, then closed)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
 
 
 def integrity(db: Path) -> str:

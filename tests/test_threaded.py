@@ -26,6 +26,7 @@ from rhizome_proto import (
     ReconnectPolicy,
     create_author_trust_policy,
 )
+from tests.adapter_support import Recorder, free_port, ids
 
 FAST_RETRY = ReconnectPolicy(initial_delay=0.02, max_delay=0.1)
 T = TypeVar("T")
@@ -68,15 +69,6 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
         time.sleep(0.005)
 
 
-class Recorder:
-    def __init__(self, db: FederatedRhizomeDB) -> None:
-        self.events: list[FederationEvent] = []
-        db.on_federation_event(self.events.append)
-
-    def of(self, type_: str) -> list[FederationEvent]:
-        return [e for e in list(self.events) if e.type == type_]
-
-
 @contextlib.contextmanager
 def instances(*system_ids: str, **kwargs: Any) -> Iterator[list[FederatedRhizomeDB]]:
     dbs: list[FederatedRhizomeDB] = []
@@ -107,19 +99,8 @@ def put(
     return deltas
 
 
-def ids(db: FederatedRhizomeDB | aio.FederatedRhizomeDB) -> set[str]:
-    return {d.id for d in db.scan_deltas()}
-
-
 def port_of(url: str) -> int:
     return int(url.rsplit(":", 1)[1].split("/")[0])
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @deadline()

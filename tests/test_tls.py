@@ -20,11 +20,13 @@ import trustme
 
 from rhizome_adapters.aio import FederatedRhizomeDB, _parse_url
 from rhizome_proto import Delta, FederationEvent, LinkConfig, ReconnectPolicy
+from tests.adapter_support import ids
 from tests.aio_support import deadline, wait_until
 
 ONE_RETRY = LinkConfig(
     reconnect=ReconnectPolicy(max_attempts=1, initial_delay=0.02, max_delay=0.05)
 )
+
 CLI = [sys.executable, "-m", "rhizome_adapters.cli"]
 TIMEOUT = 30.0  # seconds, for any single command
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -55,10 +57,6 @@ async def put(db: FederatedRhizomeDB, author: str, n: int) -> list[Delta]:
     for delta in deltas:
         assert await db.persist_delta(delta)
     return deltas
-
-
-def ids(db: FederatedRhizomeDB) -> set[str]:
-    return {d.id for d in db.scan_deltas()}
 
 
 def no_errors_logged(caplog: pytest.LogCaptureFixture) -> None:

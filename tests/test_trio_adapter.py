@@ -25,6 +25,7 @@ from rhizome_proto import (
     ReconnectPolicy,
     create_author_trust_policy,
 )
+from tests.adapter_support import Recorder, ids
 
 FAST_RETRY = ReconnectPolicy(initial_delay=0.02, max_delay=0.1)
 
@@ -52,15 +53,6 @@ async def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> Non
             await trio.sleep(0.005)
 
 
-class Recorder:
-    def __init__(self, db: FederatedRhizomeDB) -> None:
-        self.events: list[FederationEvent] = []
-        db.on_federation_event(self.events.append)
-
-    def of(self, type_: str) -> list[FederationEvent]:
-        return [e for e in self.events if e.type == type_]
-
-
 @contextlib.asynccontextmanager
 async def pair(
     **server_kwargs: Any,
@@ -82,10 +74,6 @@ async def put(
     for delta in deltas:
         assert await db.persist_delta(delta)
     return deltas
-
-
-def ids(db: FederatedRhizomeDB) -> set[str]:
-    return {d.id for d in db.scan_deltas()}
 
 
 def port_of(url: str) -> int:

@@ -1,0 +1,40 @@
+"""Test helpers that do not depend on the runtime: they serve the asyncio, trio and threaded
+adapter tests alike (any instance with ``on_federation_event`` and ``scan_deltas``)."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from rhizome_proto import Delta, FederationEvent
+
+
+class Instance(Protocol):
+    def on_federation_event(self, handler: Any) -> Callable[[], None]: ...
+
+    def scan_deltas(self, filter: Any = None, *, limit: int | None = None) -> list[Delta]: ...
+
+
+class Recorder:
+    """Every federation event of one instance, in order."""
+
+    def __init__(self, db: Instance) -> None:
+        self.events: list[FederationEvent] = []
+        db.on_federation_event(self.events.append)
+
+    def of(self, type_: str) -> list[FederationEvent]:
+        return [e for e in list(self.events) if e.type == type_]
+
+
+def ids(db: Instance) -> set[str]:
+    """The ids of everything the instance stores."""
+    return {d.id for d in db.scan_deltas()}
+
+
+def free_port() -> int:
+    """A port nothing listens on (bound, then closed)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import logging
 import math
@@ -285,9 +284,10 @@ def _install_stop() -> asyncio.Event:
     """An event set by SIGINT or SIGTERM: the command then shuts down cleanly."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    if sys.platform == "win32":  # asyncio has no signal handlers there: Ctrl+C interrupts
+        return stop
     for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError, RuntimeError):  # not on POSIX
-            loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, stop.set)
     return stop
 
 

@@ -113,28 +113,39 @@ class EventHandlers:
     """
 
     def __init__(self, log: logging.Logger) -> None:
-        self._handlers: list[EventHandler] = []
+        #: each handler with the event types it asked for (``None``: all)
+        self._handlers: list[tuple[EventHandler, frozenset[str] | None]] = []
         self.log = log
 
-    def subscribe(self, handler: EventHandler) -> Callable[[], None]:
-        self._handlers.append(handler)
+    def subscribe(
+        self, handler: EventHandler, types: Iterable[str] | None = None
+    ) -> Callable[[], None]:
+        entry = (handler, None if types is None else frozenset(types))
+        self._handlers.append(entry)
 
         def unsubscribe() -> None:
             with contextlib.suppress(ValueError):
-                self._handlers.remove(handler)
+                self._handlers.remove(entry)
 
         return unsubscribe
 
+    def wants(self, event_type: str) -> bool:
+        """Whether some handler asked for events of this type."""
+        return any(types is None or event_type in types for _, types in self._handlers)
+
     def call(self, event: FederationEvent) -> list[Awaitable[Any]]:
-        """Call every handler; return the awaitables the coroutine handlers gave back."""
+        """Call every handler that asked for the event's type; return the awaitables the
+        coroutine handlers gave back."""
         pending: list[Awaitable[Any]] = []
-        for handler in list(self._handlers):
+        for handler, types in list(self._handlers):
+            if types is not None and event.type not in types:
+                continue
             try:
                 result = handler(event)
             except Exception:
                 self.log.exception("federation event handler failed on %s", event.type)
                 continue
-            if inspect.isawaitable(result):
+            if result is not None and inspect.isawaitable(result):
                 pending.append(result)
         return pending
 
@@ -289,6 +300,7 @@ class DBBase(abc.ABC, Generic[LinkT]):
             batch_size=batch_size,
             extensions=extensions,
         )
+        self._node.report_received = False  # until a handler asks for delta:received
         self._ping_interval = ping_interval
         self._ping_timeout = ping_timeout
         self._max_message_size = max_message_size
@@ -402,12 +414,25 @@ class DBBase(abc.ABC, Generic[LinkT]):
 
     # ---------------------------------------------------------------- events
 
-    def on_federation_event(self, handler: EventHandler) -> Callable[[], None]:
-        """Call ``handler(event)`` for every event; returns a function that unsubscribes.
+    def on_federation_event(
+        self, handler: EventHandler, types: Iterable[str] | None = None
+    ) -> Callable[[], None]:
+        """Call ``handler(event)`` for every event, or only for events whose ``type`` is in
+        ``types``; returns a function that unsubscribes.
 
         A coroutine handler runs as its own task. Exceptions are logged and never reach a link.
+        While no handler asks for ``delta:received``, received deltas are not reported one by
+        one (a sync still reports ``sync:progress`` per batch): asking only for the types you
+        use saves an event per delta.
         """
-        return self._handlers.subscribe(handler)
+        unsubscribe = self._handlers.subscribe(handler, types)
+        self._node.report_received = self._handlers.wants("delta:received")
+
+        def unsubscribe_and_update() -> None:
+            unsubscribe()
+            self._node.report_received = self._handlers.wants("delta:received")
+
+        return unsubscribe_and_update
 
     def _emit(self, event: FederationEvent) -> None:
         for pending in self._handlers.call(event):
@@ -430,20 +455,36 @@ class DBBase(abc.ABC, Generic[LinkT]):
             self._emit(event)
 
     def _take_events(self, link_id: str, conn: FederationConnection) -> list[FederationEvent]:
-        """The node's events for ``link_id`` if ``conn`` is still the link's connection."""
+        """The node's events for ``link_id`` if ``conn`` is still the link's connection (staged
+        and committed at once)."""
         node_link = self._node.link(link_id)
         return self._node.handle_events(link_id) if node_link and node_link.conn is conn else []
 
     # ---------------------------------------------------------------- the pump
 
     def _pump(self, session: LiveConnection) -> None:
-        """After any input on ``session``: its events, every writer woken, its timer re-armed."""
+        """After any input on ``session``: its events staged in the node, its timer re-armed,
+        and a commit asked for (:meth:`_commit_soon`), which stores what every link staged,
+        acknowledges it, wakes the writers and hands the events to the handlers."""
         conn, link = session.conn, session.link
-        events = self._take_events(link.id, conn)
-        self._wake_writers()
+        node_link = self._node.link(link.id)
+        if node_link is not None and node_link.conn is conn:
+            self._node.stage(link.id)
         session.rearm()
         if conn.closed:
             session.closing()
+        self._commit_soon()
+
+    def _commit_soon(self) -> None:
+        """Commit once every connection with input ready has been pumped (group commit). This
+        commits at once; the asyncio adapter waits for the end of the loop's cycle."""
+        self._commit()
+
+    def _commit(self) -> None:
+        """Store what the links staged (one transaction), acknowledge it, wake the writers and
+        dispatch the events."""
+        events = self._node.commit()
+        self._wake_writers()
         self._dispatch(events)
 
     def _fail(self, session: LiveConnection, exc: BaseException) -> None:

@@ -215,6 +215,7 @@ class FederatedRhizomeDB(DBBase[FederationLink]):
         self._handler_tasks: set[asyncio.Future[Any]] = set()
         self._accept_tasks: set[asyncio.Task[Any]] = set()
         self._server: asyncio.Server | None = None
+        self._commit_scheduled = False
 
     def _log(self) -> logging.Logger:
         return log
@@ -256,6 +257,24 @@ class FederatedRhizomeDB(DBBase[FederationLink]):
     def _wake_writers(self) -> None:
         for session in self._sessions:
             session.wake.set()
+
+    def _commit_soon(self) -> None:
+        """Group commit: the readers that got data in this turn of the loop all stage what
+        they received; one callback at the end of the turn stores it in one transaction."""
+        if not self._commit_scheduled:
+            self._commit_scheduled = True
+            asyncio.get_running_loop().call_soon(self._commit_cycle)
+
+    def _commit_cycle(self) -> None:
+        self._commit_scheduled = False
+        try:
+            self._commit()
+        except Exception as exc:
+            # nothing staged was acknowledged: drop the connections, their peers send it again
+            log.exception("storing received deltas failed; closing every connection")
+            for session in list(self._sessions):
+                if not session.conn.closed:
+                    session.fail(exc)
 
     # ---------------------------------------------------------------- server
 

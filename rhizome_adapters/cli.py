@@ -148,7 +148,9 @@ async def _open_link(
         elif event.type in ("link:error", "link:disconnected") and event.reason:
             errors.append(event.reason)
 
-    unsubscribe = db.on_federation_event(on_event)
+    unsubscribe = db.on_federation_event(
+        on_event, ("link:connecting", "link:error", "link:disconnected")
+    )
     try:
         return await db.connect_to_remote(url, config, ssl=tls)
     except ConnectionError as exc:
@@ -291,6 +293,10 @@ def _install_stop() -> asyncio.Event:
     return stop
 
 
+#: The event types ``_log_event`` writes (asking for these only spares an event per delta).
+_LOGGED = ("link:connected", "link:disconnected", "sync:completed", "link:error", "delta:rejected")
+
+
 def _log_event(event: FederationEvent) -> None:
     if event.type in ("link:connected", "link:disconnected", "sync:completed"):
         log.info("%s %s%s", event.type, event.link_id, f" ({event.reason})" if event.reason else "")
@@ -310,7 +316,7 @@ async def _serve(args: argparse.Namespace) -> int:
         auto_broadcast=not args.no_broadcast,
         **_storage_kwargs(args),
     ) as db:
-        db.on_federation_event(_log_event)
+        db.on_federation_event(_log_event, _LOGGED)
         try:
             url = await db.enable_server(host=args.host, port=args.port, path=args.path, ssl=tls)
         except OSError as exc:  # the message names the address and the reason
@@ -369,7 +375,7 @@ async def _connect(args: argparse.Namespace) -> int:
                     failure = event.reason or "the link failed"
                     failed.set()
 
-        db.on_federation_event(on_event)
+        db.on_federation_event(on_event, (*_LOGGED, "sync:started", "sync:progress"))
         opening = asyncio.ensure_future(_open_link(db, args.url, config, tls))
         await _first(opening, stop.wait())
         if not opening.done():  # interrupted while connecting
@@ -423,7 +429,7 @@ async def _put(args: argparse.Namespace) -> int:
                     verdict.append(event)
                     done.set()
 
-            db.on_federation_event(on_event)
+            db.on_federation_event(on_event, ("delta:sent", "delta:rejected"))
             await link.send_delta(delta)
             try:
                 await asyncio.wait_for(done.wait(), args.timeout)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import bisect
 import os
 import sqlite3
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from itertools import islice
 from types import TracebackType
 from typing import Any, Final, Literal, TypeAlias
@@ -178,9 +178,15 @@ class MemoryStore:
         """
         return self.put_many((delta,))[0]
 
-    def put_many(self, deltas: Iterable[Delta], *, validate: bool = True) -> list[int | None]:
+    def put_many(
+        self,
+        deltas: Iterable[Delta],
+        *,
+        validate: bool = True,
+        meta: Mapping[str, str] | None = None,
+    ) -> list[int | None]:
         """Store each delta as :meth:`put` would; return their sequence numbers (``None`` for
-        ids already stored, including repeats within ``deltas``).
+        ids already stored, including repeats within ``deltas``); ``meta`` is set with them.
 
         Every delta is validated first: when one is invalid, nothing is stored.
         ``validate=False`` skips that for deltas known valid (decoded by the codec).
@@ -199,6 +205,8 @@ class MemoryStore:
             self._negations.add(delta)
             results.append(seq)
             stored.append((seq, delta))
+        if meta:
+            self._meta.update(meta)
         self._subscribers.notify(stored)
         return results
 
@@ -402,9 +410,16 @@ class SQLiteStore:
         """
         return self.put_many((delta,))[0]
 
-    def put_many(self, deltas: Iterable[Delta], *, validate: bool = True) -> list[int | None]:
+    def put_many(
+        self,
+        deltas: Iterable[Delta],
+        *,
+        validate: bool = True,
+        meta: Mapping[str, str] | None = None,
+    ) -> list[int | None]:
         """Store each delta as :meth:`put` would, in one transaction; return their sequence
         numbers (``None`` for ids already stored, including repeats within ``deltas``).
+        ``meta`` is set in the same transaction.
 
         Every delta is validated first: when one is invalid, nothing is stored
         (``validate=False`` skips that for deltas known valid, e.g. decoded by the codec). A
@@ -436,6 +451,10 @@ class SQLiteStore:
                     )
                 results.append(seq)
                 stored.append((seq, delta))
+            if meta:
+                self._conn.executemany(
+                    "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", meta.items()
+                )
         self._subscribers.notify(stored)
         return results
 

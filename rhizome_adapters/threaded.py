@@ -35,7 +35,7 @@ import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -264,12 +264,15 @@ class FederatedRhizomeDB(DBBase[FederationLink]):
 
     # ---------------------------------------------------------------- events
 
-    def on_federation_event(self, handler: EventHandler) -> Callable[[], None]:
-        """Call ``handler(event)`` for every event, from the adapter's threads (see the module
-        documentation); returns a function that unsubscribes. Exceptions are logged."""
+    def on_federation_event(
+        self, handler: EventHandler, types: Iterable[str] | None = None
+    ) -> Callable[[], None]:
+        """Call ``handler(event)`` for every event (or those whose ``type`` is in ``types``),
+        from the adapter's threads (see the module documentation); returns a function that
+        unsubscribes. Exceptions are logged."""
         if inspect.iscoroutinefunction(handler):
             raise TypeError("the threaded adapter calls plain functions, not coroutines")
-        return super().on_federation_event(handler)
+        return super().on_federation_event(handler, types)
 
     def _pump(self, session: LiveConnection) -> None:
         with self._lock:

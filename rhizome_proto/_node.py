@@ -78,9 +78,8 @@ PUSH_CURSOR_KEY = "push_cursor:{}"
 #: Store meta key of a client's sync cursor (extension ``cursor``), by remote system id and the
 #: JSON of the pull filter it synced with (another filter starts from the beginning).
 SYNC_CURSOR_KEY = "sync_cursor:{}:{}"
-#: A client saves its sync cursor every this many batches (and at the end of the sync): each
-#: save is a durable write, and an older cursor after a crash only means resending a little.
-CURSOR_SAVE_BATCHES = 10
+#: Events whose handling does not depend on what is stored: they do not wait for a commit.
+_NO_BARRIER = (DeltaReceived, SyncBatchReceived, DeltaAcked, DeltaRejected)
 #: Store meta key of the store's identity, part of every sync cursor the node hands out.
 STORE_ID_KEY = "store_id"
 #: The extensions a node speaks unless told otherwise.
@@ -230,6 +229,17 @@ class FederationNode:
         self._parked: dict[str, deque[Delta]] = {}
         #: parked deltas dropped because ``max_parked`` was reached
         self.parked_dropped = 0
+        #: whether received deltas are reported one by one (``delta:received``); an application
+        #: that does not ask for them gets ``sync:progress`` per batch and nothing per delta
+        self.report_received = True
+        # group commit: what arrived since the last commit, stored in one transaction by
+        # :meth:`commit` and only then acknowledged: (link, connection, delta, live)
+        self._staged: list[tuple[NodeLink, FederationProtocol, Delta, bool]] = []
+        self._staged_meta: dict[str, str] = {}
+        #: application events made since the last :meth:`commit`
+        self._out: list[FederationEvent] = []
+        #: an event whose handling waited for a commit that failed: handled first next time
+        self._deferred: dict[str, Event] = {}
 
     # ---------------------------------------------------------------- links
 
@@ -340,21 +350,55 @@ class FederationNode:
     # ---------------------------------------------------------------- events
 
     def handle_events(self, link_id: str) -> list[FederationEvent]:
-        """Act on everything the link's connection reported; return application events.
+        """Act on everything the link's connection reported and commit: :meth:`stage` then
+        :meth:`commit`; returns the application events."""
+        self.stage(link_id)
+        return self.commit()
+
+    def stage(self, link_id: str) -> None:
+        """Act on everything the link's connection reported, except storing what arrived: the
+        received deltas wait for :meth:`commit`, which stores everything staged from every link
+        in one transaction and only then acknowledges it (group commit). An adapter stages
+        after each read and commits once per read cycle, whatever the number of links.
 
         Events are taken one at a time: if acting on one raises (the store failed), the ones
         after it stay queued for the next call (a ``Closed`` carrying unsettled deltas must not
-        be lost with it).
+        be lost with it). An event that depends on what is stored (anything but a received
+        delta or an acknowledgement) commits what is staged first, so the order of effects is
+        that of the events.
         """
         link = self._require(link_id)
         conn = link.conn
         if conn is None:
-            return []
-        out: list[FederationEvent] = []
-        while (event := conn.next_event()) is not None:
-            self._handle(link, conn, event, out)
+            return
+        event = self._deferred.pop(link_id, None)
+        if event is None:
+            event = conn.next_event()
+        while event is not None:
+            if self._staged and not isinstance(event, _NO_BARRIER):
+                try:
+                    self._store_staged()
+                except BaseException:
+                    self._deferred[link_id] = event
+                    raise
+            self._handle(link, conn, event, self._out)
+            event = conn.next_event()
         self._save_cursor_if_settled(link)
+
+    def commit(self) -> list[FederationEvent]:
+        """Store everything staged, in one durable transaction, then acknowledge it, relay it
+        and return the application events made since the last commit. If the store fails the
+        exception propagates and what could not be stored stays staged for the next commit
+        (nothing was acknowledged)."""
+        if self._staged or self._staged_meta:
+            self._store_staged()
+        out, self._out = self._out, []
         return out
+
+    @property
+    def staged(self) -> int:
+        """How many received deltas wait for :meth:`commit`."""
+        return len(self._staged)
 
     def _store_id(self) -> str:
         """This store's identity in the cursors we hand out, made once and kept in the store
@@ -405,11 +449,14 @@ class FederationNode:
     ) -> None:
         lid = link.id
         if isinstance(event, DeltaReceived):
-            self._receive(link, conn, event.delta, live=True, out=out)
+            self._staged.append((link, conn, event.delta, True))
         elif isinstance(event, SyncBatchReceived):
-            self._receive_batch(link, conn, event.deltas, out)
-            if event.batch_number % CURSOR_SAVE_BATCHES == CURSOR_SAVE_BATCHES - 1:
-                self._keep_cursor(link, event.cursor)
+            staged = self._staged
+            for delta in event.deltas:
+                staged.append((link, conn, delta, False))
+            if event.cursor is not None and link._cursor_key is not None:
+                # saved in the same transaction as the batch: free, and never ahead of it
+                self._staged_meta[link._cursor_key] = event.cursor
             out.append(FederationEvent(type="sync:progress", link_id=lid, count=len(event.deltas)))
         elif isinstance(event, DeltaAcked):
             link.stats.deltas_sent += 1
@@ -527,66 +574,47 @@ class FederationNode:
         policy = cfg.trust_policy or self.trust_policy
         return policy.check(delta)
 
-    def _receive(
-        self,
-        link: NodeLink,
-        conn: FederationProtocol,
-        delta: Delta,
-        *,
-        live: bool,
-        out: list[FederationEvent],
-    ) -> None:
-        if delta.id in self.store:
-            if live:
-                conn.ack(delta.id)
-            return
-        reason = self._verdict(link, delta)
-        if reason is not None:
+    def _store_staged(self) -> None:
+        """Group commit: settle every staged delta (already stored: acknowledge; refused:
+        nack), store the accepted ones and the staged meta in one transaction, then
+        acknowledge, report and relay them."""
+        staged, self._staged = self._staged, []
+        meta, self._staged_meta = self._staged_meta, {}
+        store, out = self.store, self._out
+        accepted: list[tuple[NodeLink, FederationProtocol, Delta, bool]] = []
+        for entry in staged:
+            link, conn, delta, live = entry
+            if delta.id in store:
+                if live:
+                    conn.ack(delta.id)
+                continue
+            reason = self._verdict(link, delta)
+            if reason is None:
+                accepted.append(entry)
+                continue
             link.stats.deltas_rejected += 1
             conn.nack(delta.id, reason)
             out.append(
                 FederationEvent(type="delta:rejected", link_id=link.id, delta=delta, reason=reason)
             )
-            return
-        if self.store.put_many((delta,), validate=False)[0] is not None:
-            link.stats.deltas_received += 1
-            out.append(FederationEvent(type="delta:received", link_id=link.id, delta=delta))
-            if self.auto_broadcast:
-                self._broadcast(delta, source=link)
-        if live:
-            conn.ack(delta.id)
-
-    def _receive_batch(
-        self,
-        link: NodeLink,
-        conn: FederationProtocol,
-        deltas: Iterable[Delta],
-        out: list[FederationEvent],
-    ) -> None:
-        accepted: list[Delta] = []
-        for delta in deltas:
-            if delta.id in self.store:
-                continue
-            reason = self._verdict(link, delta)
-            if reason is None:
-                accepted.append(delta)
-            else:
-                link.stats.deltas_rejected += 1
-                conn.nack(delta.id, reason)
-                out.append(
-                    FederationEvent(
-                        type="delta:rejected", link_id=link.id, delta=delta, reason=reason
-                    )
-                )
-        if not accepted:
-            return
-        for delta, seq in zip(accepted, self.store.put_many(accepted, validate=False), strict=True):
-            if seq is None:
-                continue
-            link.stats.deltas_received += 1
-            out.append(FederationEvent(type="delta:received", link_id=link.id, delta=delta))
-            if self.auto_broadcast:
-                self._broadcast(delta, source=link)
+        try:
+            seqs = store.put_many([e[2] for e in accepted], validate=False, meta=meta or None)
+        except BaseException:
+            # nothing was acknowledged: try again at the next commit, except what came on
+            # connections that are gone (their peers send it again)
+            self._staged[:0] = [e for e in accepted if not e[1].closed]
+            self._staged_meta = {**meta, **self._staged_meta}
+            raise
+        report, relay = self.report_received, self.auto_broadcast
+        for (link, conn, delta, live), seq in zip(accepted, seqs, strict=True):
+            if seq is not None:
+                link.stats.deltas_received += 1
+                if report:
+                    out.append(FederationEvent(type="delta:received", link_id=link.id, delta=delta))
+                if relay:
+                    self._broadcast(delta, source=link)
+            if live:
+                conn.ack(delta.id)
 
     # ---------------------------------------------------------------- sending
 

@@ -7,7 +7,7 @@ paginated, so streaming a store of any size holds one page in memory.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Literal, Protocol, TypeAlias
 
 from ._delta import Delta
@@ -29,10 +29,18 @@ class DeltaStore(Protocol):
         or ``None`` when it was already there (the stored one is kept). Durable on return."""
         ...
 
-    def put_many(self, deltas: Sequence[Delta], *, validate: bool = True) -> list[int | None]:
+    def put_many(
+        self,
+        deltas: Sequence[Delta],
+        *,
+        validate: bool = True,
+        meta: Mapping[str, str] | None = None,
+    ) -> list[int | None]:
         """:meth:`put` for several deltas in one durable transaction; results in order.
         ``validate=False``: the caller guarantees the deltas are valid (decoded by the codec,
-        or checked by :func:`validate_delta`), so the store need not check them again."""
+        or checked by :func:`validate_delta`), so the store need not check them again.
+        ``meta``: values to :meth:`set_meta` in the same transaction (a cursor saved with
+        the deltas it covers)."""
         ...
 
     def __len__(self) -> int:

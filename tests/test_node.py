@@ -8,7 +8,7 @@ network is a bare ``FederationProtocol`` playing a peer that misbehaves.
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import pytest
@@ -118,10 +118,16 @@ class FailingStore(RecordingStore):
             raise OSError("disk full")
         return self.inner.put(delta)
 
-    def put_many(self, deltas: Sequence[Delta], *, validate: bool = True) -> list[int | None]:
+    def put_many(
+        self,
+        deltas: Sequence[Delta],
+        *,
+        validate: bool = True,
+        meta: Mapping[str, str] | None = None,
+    ) -> list[int | None]:
         if self.failing:
             raise OSError("disk full")
-        return self.inner.put_many(deltas, validate=validate)
+        return self.inner.put_many(deltas, validate=validate, meta=meta)
 
 
 # ---------------------------------------------------------------------- modes

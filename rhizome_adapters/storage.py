@@ -45,6 +45,7 @@ _Start: TypeAlias = tuple[int, tuple[float, int] | None]
 _BEGINNING: Final[_Start] = (0, None)
 
 _encoder: Final = msgspec.json.Encoder()
+_encode: Final = _encoder.encode
 #: Typed decoder for stored bodies: int timestamps stay int, float timestamps stay float.
 _decoder: Final = msgspec.json.Decoder(Delta)
 
@@ -209,6 +210,10 @@ class MemoryStore:
             self._meta.update(meta)
         self._subscribers.notify(stored)
         return results
+
+    def stored_ids(self, delta_ids: Iterable[str]) -> set[str]:
+        """Which of ``delta_ids`` are stored."""
+        return {delta_id for delta_id in delta_ids if delta_id in self._by_id}
 
     def get(self, delta_id: str) -> Delta | None:
         """The stored delta with this id, or ``None``."""
@@ -428,35 +433,44 @@ class SQLiteStore:
         valid = [validate_delta(d) for d in deltas] if validate else list(deltas)
         results: list[int | None] = []
         stored: list[tuple[int, Delta]] = []
+        rows: list[tuple[int, str, float, str, str, bytes]] = []
+        negations: list[tuple[str, str]] = []
         with _Transaction(self._conn):
-            # Only new ids are inserted, so AUTOINCREMENT leaves no gaps in the sequence.
+            # Only new ids get the next numbers, so the sequence has no gaps.
             seen = self._stored_ids({delta.id for delta in valid})
+            seq = self.last_sequence()
             for delta in valid:
                 if delta.id in seen:
                     results.append(None)
                     continue
                 seen.add(delta.id)
-                cursor = self._conn.execute(
-                    "INSERT INTO deltas (id, timestamp, author, system, body) "
-                    "VALUES (?, ?, ?, ?, ?)",
-                    (delta.id, delta.timestamp, delta.author, delta.system, _encoder.encode(delta)),
+                seq += 1
+                rows.append(
+                    (seq, delta.id, delta.timestamp, delta.author, delta.system, _encode(delta))
                 )
-                seq = cursor.lastrowid
-                assert seq is not None
-                targets = set(negated_targets(delta))
-                if targets:
-                    self._conn.executemany(
-                        "INSERT OR IGNORE INTO negations (target, negator) VALUES (?, ?)",
-                        [(target, delta.id) for target in sorted(targets)],
-                    )
+                for target in sorted(set(negated_targets(delta))):
+                    negations.append((target, delta.id))
                 results.append(seq)
                 stored.append((seq, delta))
+            self._conn.executemany(
+                "INSERT INTO deltas (seq, id, timestamp, author, system, body) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                rows,
+            )
+            if negations:
+                self._conn.executemany(
+                    "INSERT OR IGNORE INTO negations (target, negator) VALUES (?, ?)", negations
+                )
             if meta:
                 self._conn.executemany(
                     "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", meta.items()
                 )
         self._subscribers.notify(stored)
         return results
+
+    def stored_ids(self, delta_ids: Iterable[str]) -> set[str]:
+        """Which of ``delta_ids`` are stored (one query per 500 ids)."""
+        return self._stored_ids(set(delta_ids))
 
     def _stored_ids(self, delta_ids: set[str]) -> set[str]:
         """The ids of ``delta_ids`` that are stored."""

@@ -582,9 +582,10 @@ class FederationNode:
         meta, self._staged_meta = self._staged_meta, {}
         store, out = self.store, self._out
         accepted: list[tuple[NodeLink, FederationProtocol, Delta, bool]] = []
+        stored = store.stored_ids([entry[2].id for entry in staged])
         for entry in staged:
             link, conn, delta, live = entry
-            if delta.id in store:
+            if delta.id in stored:
                 if live:
                     conn.ack(delta.id)
                 continue

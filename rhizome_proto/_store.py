@@ -7,7 +7,7 @@ paginated, so streaming a store of any size holds one page in memory.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Literal, Protocol, TypeAlias
 
 from ._delta import Delta
@@ -49,6 +49,10 @@ class DeltaStore(Protocol):
 
     def get(self, delta_id: str) -> Delta | None:
         """The stored delta with this id, or ``None``."""
+        ...
+
+    def stored_ids(self, delta_ids: Iterable[str]) -> set[str]:
+        """Which of ``delta_ids`` are stored (the node asks once per commit)."""
         ...
 
     def __contains__(self, delta_id: object) -> bool:

@@ -299,6 +299,7 @@ class DBBase(abc.ABC, Generic[LinkT]):
             auto_broadcast=auto_broadcast,
             batch_size=batch_size,
             extensions=extensions,
+            max_message_size=max_message_size,
         )
         self._node.report_received = False  # until a handler asks for delta:received
         self._ping_interval = ping_interval
@@ -479,6 +480,13 @@ class DBBase(abc.ABC, Generic[LinkT]):
         """Commit once every connection with input ready has been pumped (group commit). This
         commits at once; the asyncio adapter waits for the end of the loop's cycle."""
         self._commit()
+
+    def _sync_step(self, link_id: str) -> None:
+        """The next batch of the link's sync; the events it made (a delta too large to send)
+        are dispatched with the next commit."""
+        self._node.sync_step(link_id)
+        if self._node.has_events:
+            self._commit_soon()
 
     def _commit(self) -> None:
         """Store what the links staged (one transaction), acknowledge it, wake the writers and

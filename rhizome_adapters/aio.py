@@ -135,7 +135,7 @@ class _Session:
                         continue  # more may have been queued meanwhile
                     if not link._sync_ready(conn):
                         break
-                    self.db._node.sync_step(link.id)
+                    self.db._sync_step(link.id)
                     await asyncio.sleep(0)  # let the reader in between batches
                 if conn.should_close:
                     break

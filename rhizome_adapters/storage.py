@@ -264,6 +264,23 @@ class MemoryStore:
             return []
         return list(islice(self._matching(start, filter, from_timestamp, order), limit))
 
+    def scan_raw(
+        self,
+        *,
+        after: tuple[float, int] | int | None = None,
+        filter: DeltaFilter | None = None,
+        from_timestamp: float = 0,
+        limit: int = 100,
+        order: ScanOrder = "sequence",
+    ) -> list[tuple[int, float, bytes]]:
+        """:meth:`scan` as ``(seq, timestamp, json)``: each delta's JSON text."""
+        return [
+            (seq, delta.timestamp, _encode(delta))
+            for seq, delta in self.scan(
+                after=after, filter=filter, from_timestamp=from_timestamp, limit=limit, order=order
+            )
+        ]
+
     def _candidates(
         self, start: _Start, lower: float, order: ScanOrder
     ) -> Iterator[tuple[int, Delta]]:
@@ -624,7 +641,43 @@ class SQLiteStore:
         limit: int | None = None,
         extra_clause: str | None = None,
     ) -> Iterator[tuple[int, Delta]]:
-        """Every matching ``(seq, delta)`` past ``start``, in ``order``, a page at a time.
+        """Every matching ``(seq, delta)`` past ``start``, in ``order``, a page at a time
+        (:meth:`_rows`, decoded)."""
+        for seq, _timestamp, body, delta in self._rows(
+            start, flt, from_timestamp, order, limit=limit, extra_clause=extra_clause
+        ):
+            yield seq, _decoder.decode(body) if delta is None else delta
+
+    def scan_raw(
+        self,
+        *,
+        after: tuple[float, int] | int | None = None,
+        filter: DeltaFilter | None = None,
+        from_timestamp: float = 0,
+        limit: int = 100,
+        order: ScanOrder = "sequence",
+    ) -> list[tuple[int, float, bytes]]:
+        """:meth:`scan` as ``(seq, timestamp, json)``: each delta's stored JSON text, decoded
+        only where SQL cannot decide the filter alone."""
+        start = _start(after, order)
+        _check_limit(limit)
+        if limit == 0:
+            return []
+        rows = self._rows(start, filter, from_timestamp, order, limit=limit)
+        return [(seq, timestamp, body) for seq, timestamp, body, _ in islice(rows, limit)]
+
+    def _rows(
+        self,
+        start: _Start,
+        flt: DeltaFilter | None,
+        from_timestamp: float,
+        order: ScanOrder,
+        *,
+        limit: int | None = None,
+        extra_clause: str | None = None,
+    ) -> Iterator[tuple[int, float, bytes, Delta | None]]:
+        """Every matching ``(seq, timestamp, body, delta)`` past ``start``, in ``order``, a
+        page at a time; ``delta`` is the decoded body where the filter needed it, else ``None``.
 
         ``limit`` is how many the caller wants at most (it sizes the first page when SQL
         decides the filter exactly); ``extra_clause`` is one more SQL condition.
@@ -656,11 +709,13 @@ class SQLiteStore:
                 f"ORDER BY {order_by} LIMIT ?"
             )
             rows: list[Any] = self._conn.execute(sql, [*where_params, page]).fetchall()
-            for seq, _timestamp, body, negated_candidate in rows:
+            for seq, timestamp, body, negated_candidate in rows:
+                if flt is None or (exact and not negated_candidate):
+                    yield seq, timestamp, body, None  # SQL decided: no need to decode
+                    continue
                 delta: Delta = _decoder.decode(body)
-                is_negated = self.is_negated if negated_candidate else None
-                if flt is None or flt.matches(delta, is_negated):
-                    yield seq, delta
+                if flt.matches(delta, self.is_negated if negated_candidate else None):
+                    yield seq, timestamp, body, delta
             if len(rows) < page:
                 return
             last_seq, last_timestamp = rows[-1][0], rows[-1][1]

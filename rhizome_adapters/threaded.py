@@ -155,12 +155,17 @@ class _Session:
                 self.wake.wait()
                 self.wake.clear()
                 while True:
+                    stepped = reported = False
                     with db._lock:
                         data = conn.data_to_send()
                         if not data and link._sync_ready(conn):
                             db._node.sync_step(link.id)
-                            continue
+                            stepped, reported = True, db._node.has_events
                         done = conn.should_close
+                    if reported:  # a delta too large to send: say so now
+                        db._commit()
+                    if stepped:
+                        continue
                     if not data:
                         break
                     self.wsock.sendall(data)
@@ -284,6 +289,16 @@ class FederatedRhizomeDB(DBBase[FederationLink]):
         self._wake_writers()
         if closed:
             session.closing()
+        self._flush_events()
+
+    def _commit(self) -> None:
+        """What the node has to report outside a read (a sync step's), as ``_pump`` does."""
+        with self._lock:
+            events = self._node.commit()
+            for event in events:
+                self._note(event)
+            self._events.extend(events)
+        self._wake_writers()
         self._flush_events()
 
     def _emit(self, event: FederationEvent) -> None:

@@ -144,7 +144,7 @@ class _Session:
                             continue  # more may have been queued meanwhile
                         if not link._sync_ready(conn):
                             break
-                        self.db._node.sync_step(link.id)
+                        self.db._sync_step(link.id)
                         await trio.lowlevel.checkpoint()  # let the reader in between batches
                     if conn.should_close:
                         break

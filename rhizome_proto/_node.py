@@ -31,12 +31,13 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeAlias
 
 import msgspec
 
 from ._codec import encode_value
 from ._config import LinkConfig
+from ._connection import DEFAULT_MAX_MESSAGE_SIZE
 from ._delta import Delta, InvalidDeltaError, Pointer, validate_delta
 from ._errors import ErrorCode, LocalProtocolError
 from ._events import (
@@ -63,6 +64,7 @@ from ._trust import PermissiveTrustPolicy, TrustPolicy
 
 __all__ = [
     "DEFAULT_EXTENSIONS",
+    "DEFAULT_MAX_BATCH_BYTES",
     "PUSH_CURSOR_KEY",
     "PUSH_WINDOW",
     "SYNC_CURSOR_KEY",
@@ -78,6 +80,14 @@ PUSH_CURSOR_KEY = "push_cursor:{}"
 #: Store meta key of a client's sync cursor (extension ``cursor``), by remote system id and the
 #: JSON of the pull filter it synced with (another filter starts from the beginning).
 SYNC_CURSOR_KEY = "sync_cursor:{}:{}"
+#: Bytes of deltas per ``sync_batch`` served, at most (a batch holds at least one delta).
+DEFAULT_MAX_BATCH_BYTES = 1024 * 1024
+#: Room kept in a message for everything but its deltas (type, timestamps, numbers, cursor).
+_ENVELOPE = 4096
+_encode = msgspec.json.Encoder().encode
+_decode_delta = msgspec.json.Decoder(Delta).decode
+#: A position in a sync: ``seq`` in storage order, ``(timestamp, seq)`` in timestamp order.
+_Position: TypeAlias = tuple[float, int] | int
 #: Events whose handling does not depend on what is stored: they do not wait for a commit.
 _NO_BARRIER = (DeltaReceived, SyncBatchReceived, DeltaAcked, DeltaRejected)
 #: Store meta key of the store's identity, part of every sync cursor the node hands out.
@@ -100,6 +110,8 @@ class LinkStats:
     deltas_rejected_by_peer: int = 0
     bytes_sent: int = 0
     bytes_received: int = 0
+    #: stored deltas too large for any message the peer accepts (skipped, reported)
+    deltas_too_large: int = 0
     connected_at: float | None = None
     last_sync_at: float | None = None
 
@@ -139,7 +151,7 @@ class NodeLink:
     # the running initial sync (server side): filters, position, batch size
     _sync_filters: tuple[DeltaFilter, ...] = ()
     _sync_from: float = 0
-    _sync_after: tuple[float, int] | int | None = None
+    _sync_after: _Position | None = None
     _sync_order: ScanOrder = "timestamp"
     _sync_cursor: bool = False  # extension cursor: batches carry the position after them
     #: store meta key under which the client keeps its sync cursor for this remote and filter
@@ -193,6 +205,10 @@ class FederationNode:
         extensions: the protocol extensions to offer (client) or accept (server) on the links'
             connections; ``()`` speaks plain v1. ``"cursor"``: a client resumes its initial
             sync exactly where the last one stopped (its position is kept in the store).
+        max_batch_bytes: most bytes of deltas per ``sync_batch`` served (a batch holds at
+            least one delta, whatever its size).
+        max_message_size: the largest message the peers accept (ours: the connections'
+            limit, 16 MiB by default); a stored delta that cannot fit is never sent.
         max_parked: how many undelivered deltas are kept per remote system id when an incoming
             link closes, for its next connection (the oldest go first beyond that; a client
             that reconnects with an initial sync recovers them anyway).
@@ -209,9 +225,16 @@ class FederationNode:
         batch_size: int = DEFAULT_BATCH_SIZE,
         max_parked: int = 10_000,
         extensions: Iterable[str] = DEFAULT_EXTENSIONS,
+        max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
+        max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
     ) -> None:
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
+        if max_message_size < 1 or max_batch_bytes < 1:
+            raise ValueError("max_message_size and max_batch_bytes must be >= 1")
+        self.max_batch_bytes = max_batch_bytes
+        self.max_message_size = max_message_size
+        self._max_delta_bytes = max_message_size - min(_ENVELOPE, max_message_size // 2)
         if max_parked < 0:
             raise ValueError("max_parked must be >= 0")
         self.system_id = system_id
@@ -399,6 +422,11 @@ class FederationNode:
     def staged(self) -> int:
         """How many received deltas wait for :meth:`commit`."""
         return len(self._staged)
+
+    @property
+    def has_events(self) -> bool:
+        """Application events wait for :meth:`commit` (one :meth:`sync_step` may make some)."""
+        return bool(self._out)
 
     def _store_id(self) -> str:
         """This store's identity in the cursors we hand out, made once and kept in the store
@@ -668,7 +696,7 @@ class FederationNode:
         after: int | None = None
         if cursor and event.from_cursor is not None:
             store_id, _, seq = event.from_cursor.rpartition(":")
-            if not seq.isdigit():
+            if not (seq.isascii() and seq.isdigit() and len(seq) <= 18):
                 conn.reject_sync(f"invalid cursor {event.from_cursor[:40]!r}")
                 return
             # a cursor of another store (this one was replaced or is in memory and restarted)
@@ -696,35 +724,60 @@ class FederationNode:
             page = self._page(link, after, 1000)
             if page is None:
                 return total
-            after, deltas = page
-            total += len(deltas)
+            after, items = page
+            total += len(items)
 
     def _page(
-        self, link: NodeLink, after: tuple[float, int] | int | None, limit: int
-    ) -> tuple[tuple[float, int] | int, list[Delta]] | None:
-        """One page of the deltas the link's sync sends, in its order, and the position after
-        it (``(timestamp, seq)`` in timestamp order, ``seq`` in storage order)."""
+        self, link: NodeLink, after: _Position | None, limit: int
+    ) -> tuple[_Position, list[tuple[_Position, bytes]]] | None:
+        """One page of the deltas the link's sync sends, in its order, as ``(position, json)``,
+        and the position after the page (``(timestamp, seq)`` in timestamp order, ``seq`` in
+        storage order). One filter is left to the store, which hands back its stored text; more
+        are checked here on decoded deltas."""
         filters = link._sync_filters
+        order = link._sync_order
+        if len(filters) <= 1:
+            raw = self.store.scan_raw(
+                after=after,
+                filter=filters[0] if filters else None,
+                from_timestamp=link._sync_from,
+                limit=limit,
+                order=order,
+            )
+            if not raw:
+                return None
+            if order == "sequence":
+                items: list[tuple[_Position, bytes]] = [(seq, text) for seq, _, text in raw]
+            else:
+                items = [((timestamp, seq), text) for seq, timestamp, text in raw]
+            return items[-1][0], items
         rows = self.store.scan(
             after=after,
-            filter=filters[0] if filters else None,
+            filter=filters[0],
             from_timestamp=link._sync_from,
             limit=limit,
-            order=link._sync_order,
+            order=order,
         )
         if not rows:
             return None
         is_negated = self.store.is_negated
+        items = [
+            (seq if order == "sequence" else (d.timestamp, seq), _encode(d))
+            for seq, d in rows
+            if all(f.matches(d, is_negated) for f in filters[1:])
+        ]
         last_seq, last = rows[-1]
-        deltas = [d for _, d in rows if all(f.matches(d, is_negated) for f in filters[1:])]
-        position = last_seq if link._sync_order == "sequence" else (last.timestamp, last_seq)
-        return position, deltas
+        return (last_seq if order == "sequence" else (last.timestamp, last_seq)), items
 
     def sync_step(self, link_id: str) -> bool:
         """Send the next batch of the link's initial sync; ``True`` while more remain.
 
         Call it while the link's transport has room; it sends nothing while the peer has paused
         us (the batch would only be held) and returns ``True`` so the caller tries again later.
+        A batch holds at most ``batch_size`` deltas and ``max_batch_bytes`` of them (at least
+        one); the deltas go out as the store keeps their text. A delta too large for any
+        message the peer accepts is skipped, counted (``LinkStats.deltas_too_large``) and
+        reported (``link:error``, handed out by the next :meth:`commit`), never retried.
         """
         link = self._require(link_id)
         conn = link.conn
@@ -735,15 +788,29 @@ class FederationNode:
             return False
         if conn.peer_paused:
             return True
-        batch: list[Delta] = []
-        finished = False
-        while len(batch) < self.batch_size:
+        batch: list[msgspec.Raw] = []
+        size = 0
+        finished = full = False
+        while not full and len(batch) < self.batch_size:
             page = self._page(link, link._sync_after, self.batch_size - len(batch))
             if page is None:
                 finished = True
                 break
-            link._sync_after, deltas = page
-            batch.extend(deltas)
+            end, items = page
+            for position, text in items:
+                length = len(text) + 1
+                if length > self._max_delta_bytes:
+                    link._sync_after = position
+                    self._too_large(link, text)
+                    continue
+                if batch and size + length > self.max_batch_bytes:
+                    full = True
+                    break
+                batch.append(msgspec.Raw(text))
+                size += length
+                link._sync_after = position
+            else:
+                link._sync_after = end
         if not finished:  # look ahead, so the last batch carries the flag
             finished = self._page(link, link._sync_after, 1) is None
         cursor = None
@@ -759,6 +826,23 @@ class FederationNode:
             link._sync_active = False
             link.stats.last_sync_at = self._clock()
         return not finished
+
+    def _too_large(self, link: NodeLink, text: bytes) -> None:
+        """A stored delta is too large for any message the peer accepts: report it, once."""
+        link.stats.deltas_too_large += 1
+        try:
+            delta_id = _decode_delta(text).id
+        except msgspec.MsgspecError:
+            delta_id = "?"
+        self._out.append(
+            FederationEvent(
+                type="link:error",
+                link_id=link.id,
+                delta_id=delta_id,
+                reason=f"delta {delta_id!r} is {len(text)} bytes, too large for a message "
+                f"of at most {self.max_message_size} bytes: not sent",
+            )
+        )
 
     def _push_step(self, link: NodeLink, conn: FederationProtocol) -> bool:
         """Offer the peer the next stored deltas it may have missed (an outgoing link's catch-up

@@ -78,6 +78,20 @@ class DeltaStore(Protocol):
         negation by this store's own deltas (``include_negated``)."""
         ...
 
+    def scan_raw(
+        self,
+        *,
+        after: tuple[float, int] | int | None = None,
+        filter: DeltaFilter | None = None,
+        from_timestamp: float = 0,
+        limit: int = 100,
+        order: ScanOrder = "sequence",
+    ) -> list[tuple[int, float, bytes]]:
+        """:meth:`scan`, as ``(seq, timestamp, json)`` with each delta's canonical JSON text
+        (what ``encode_value(delta)`` writes): a sync writes it into its batches as it is,
+        without decoding and encoding again. A store that keeps the text returns it as kept."""
+        ...
+
     def is_negated(self, delta_id: str) -> bool:
         """Whether a delta in effect in this store negates ``delta_id`` (spec section 2.5)."""
         ...

@@ -178,9 +178,10 @@ class Network:
         batch_size: int = 100,
         max_parked: int | None = None,
         extensions: tuple[str, ...] = DEFAULT_EXTENSIONS,
+        **node_options: Any,
     ) -> FederationNode:
         """A node over ``store`` (a new MemoryStore by default, or an SQLite file in
-        ``sqlite_dir``)."""
+        ``sqlite_dir``); ``node_options`` go to :class:`FederationNode` as they are."""
         if name in self.nodes:
             raise ValueError(f"node {name!r} exists")
         path = None
@@ -195,6 +196,7 @@ class Network:
             "auto_broadcast": auto_broadcast,
             "batch_size": batch_size,
             "extensions": extensions,
+            **node_options,
         }
         if max_parked is not None:
             options["max_parked"] = max_parked
@@ -540,6 +542,8 @@ class Network:
         ready = self._ready_ends(ch)
         for node, link_id in ready:
             node.sync_step(link_id)
+            name = ch.server if node is self.nodes[ch.server].node else ch.client
+            self.events.extend((name, event) for event in node.commit())
         return bool(ready)
 
     def _settle_closing(self, ch: Channel) -> None:

@@ -563,3 +563,54 @@ async def test_connections_beyond_the_limit_get_503() -> None:
         response = await raw_request(url, b"GET /federation HTTP/1.1\r\nHost: x\r\n\r\n")
         assert response.startswith(b"HTTP/1.1 503 ")
         assert len(server.get_federation_links()) == 1
+
+
+# ---------------------------------------------------------------- the hot path
+
+
+@pytest.mark.slow
+@deadline(60)
+async def test_two_stored_deltas_of_9_mib_sync_in_separate_messages(tmp_path: Path) -> None:
+    """Each fits the 16 MiB message limit, both together do not: they go in two batches."""
+    big = "x" * (9 * 1024 * 1024)
+    async with pair(storage="sqlite", path=str(tmp_path / "server.db")) as (server, client, url):
+        for i in range(2):
+            await server.persist_delta(
+                server.create_delta("alice", [{"role": "text", "target": big}], id=f"big-{i}")
+            )
+        events = Recorder(client)
+        await client.connect_to_remote(url)
+        await wait_until(lambda: bool(events.of("sync:completed")), timeout=50)
+        assert ids(client) == {"big-0", "big-1"}
+        assert [e.count for e in events.of("sync:progress")] == [1, 1]
+
+
+@deadline(30)
+async def test_a_delta_too_large_for_the_peer_is_reported_not_retried() -> None:
+    async with pair(max_message_size=64 * 1024) as (server, client, url):
+        server.node.store.put_many(
+            [
+                server.create_delta("alice", [{"role": "n", "target": 1}], id="small"),
+                server.create_delta("alice", [{"role": "t", "target": "x" * 100_000}], id="huge"),
+            ]
+        )
+        errors: list[FederationEvent] = []
+        server.on_federation_event(errors.append, ["link:error"])
+        synced = Recorder(client)
+        await client.connect_to_remote(url)
+        await wait_until(lambda: bool(synced.of("sync:completed")))
+        assert ids(client) == {"small"}
+        assert [e.delta_id for e in errors] == ["huge"]
+
+
+@deadline()
+async def test_handlers_get_only_the_event_types_they_ask_for() -> None:
+    async with pair() as (server, client, url):
+        await put(server, 3)
+        only: list[FederationEvent] = []
+        everything = Recorder(client)
+        client.on_federation_event(only.append, ["sync:completed", "link:connected"])
+        await client.connect_to_remote(url)
+        await wait_until(lambda: bool(only) and only[-1].type == "sync:completed")
+        assert [e.type for e in only] == ["link:connected", "sync:completed"]
+        assert len(everything.of("delta:received")) == 3

@@ -94,6 +94,11 @@ class RecordingStore:
         self.scans.append((kwargs.get("limit", 100), len(rows)))
         return rows
 
+    def scan_raw(self, **kwargs: Any) -> list[tuple[int, float, bytes]]:
+        rows = self.inner.scan_raw(**kwargs)
+        self.scans.append((kwargs.get("limit", 100), len(rows)))
+        return rows
+
     def count(self, *args: Any, **kwargs: Any) -> int:
         self.counts += 1
         return self.inner.count(*args, **kwargs)

@@ -1,0 +1,152 @@
+"""The load generator: raw, pre-framed, pre-masked client frames over a socket, answers counted
+by pattern in the received bytes (never parsed message by message). Cheaper than any server it
+drives, so the figures measure the server. Imports no WebSocket or federation library."""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+
+from bench.wire import (
+    CLOSE_CLIENT,
+    Counter,
+    client_frame,
+    client_upgrade,
+    delta_message,
+    hello,
+    sync_request,
+)
+
+READ = 1 << 18
+PROCESSED = re.compile(rb'"deltasProcessed":(\d+)[,}]')
+
+
+@dataclass
+class Measure:
+    """One measurement: deltas/s, round trips (ms), peak RSS per process (MB), wire bytes."""
+
+    rate: float | None = None
+    p50: float | None = None
+    p99: float | None = None
+    rss: dict[str, float] = field(default_factory=dict)
+    wire: int | None = None
+
+
+class Link:
+    """A raw client link: upgraded, ``hello`` sent and ``hello_ack`` received."""
+
+    def __init__(self, url: str, initial_sync: str, timeout: float) -> None:
+        self.sock, extra, self.wire = client_upgrade(url, timeout)
+        self.last = b""
+        answered = Counter(b'"hello_ack"')
+        try:
+            self.send(client_frame(hello(initial_sync)))
+            answered.feed(extra)
+            while not answered.count:
+                answered.feed(self.recv())
+        except BaseException:
+            self.sock.close()
+            raise
+
+    def send(self, data: bytes | memoryview) -> None:
+        self.sock.sendall(data)
+        self.wire += len(data)
+
+    def recv(self) -> bytes:
+        try:
+            data = self.sock.recv(READ)
+        except TimeoutError:
+            raise TimeoutError(f"no answer; last bytes received: {self.last[-300:]!r}") from None
+        if not data:
+            raise ConnectionError(f"closed by the server; last bytes: {self.last[-300:]!r}")
+        self.wire += len(data)
+        self.last = data
+        return data
+
+    def close(self) -> None:
+        try:
+            self.sock.sendall(CLOSE_CLIENT)
+            self.wire += len(CLOSE_CLIENT)
+        except OSError:
+            pass
+        self.sock.close()
+
+
+def live(url: str, n: int, timeout: float) -> Measure:
+    """N delta messages pipelined (a sender thread) while acks are counted: acked deltas/s
+    from the first byte sent to the last ack received."""
+    frames = memoryview(b"".join(client_frame(delta_message(i)) for i in range(n)))
+    link = Link(url, "none", timeout)
+    failed: list[BaseException] = []
+
+    def send() -> None:
+        try:
+            for i in range(0, len(frames), 1 << 16):
+                link.sock.sendall(frames[i : i + (1 << 16)])
+        except OSError as exc:
+            failed.append(exc)
+
+    acks, nacks = Counter(b'"delta_ack"'), Counter(b'"delta_nack"')
+    try:
+        start = time.perf_counter()
+        sender = threading.Thread(target=send, daemon=True)
+        sender.start()
+        while acks.count < n:
+            data = link.recv()
+            acks.feed(data)
+            if nacks.feed(data):
+                raise RuntimeError(f"the server refused a delta: {data[-300:]!r}")
+        elapsed = time.perf_counter() - start
+        sender.join(timeout)
+        if failed:
+            raise failed[0]
+        link.wire += len(frames)
+        return Measure(rate=n / elapsed, wire=link.wire)
+    finally:
+        link.close()
+
+
+def rtt(url: str, n: int, timeout: float, warmup: int = 20) -> Measure:
+    """Sequential delta -> delta_ack round trips: p50 and p99 in ms (after ``warmup``)."""
+    frames = [client_frame(delta_message(i)) for i in range(n + warmup)]
+    link = Link(url, "none", timeout)
+    acks = Counter(b'"delta_ack"')
+    times: list[int] = []
+    try:
+        for i, data in enumerate(frames):
+            start = time.perf_counter_ns()
+            link.send(data)
+            while acks.count <= i:
+                acks.feed(link.recv())
+            if i >= warmup:
+                times.append(time.perf_counter_ns() - start)
+        times.sort()
+        p50, p99 = times[len(times) // 2], times[min(len(times) - 1, len(times) * 99 // 100)]
+        return Measure(p50=p50 / 1e6, p99=p99 / 1e6, wire=link.wire)
+    finally:
+        link.close()
+
+
+def sync_read(url: str, n: int, timeout: float) -> Measure:
+    """hello (initialSync full), sync_request, read until sync_complete; deltas/s from the
+    request sent to sync_complete received (its deltasProcessed must be ``n``)."""
+    link = Link(url, "full", timeout)
+    complete = Counter(b'"sync_complete"')
+    window = b""
+    try:
+        start = time.perf_counter()
+        link.send(client_frame(sync_request()))
+        found = None
+        while found is None:
+            data = link.recv()
+            window = (window + data[-4096:])[-4096:]
+            if complete.feed(data):
+                found = PROCESSED.search(window)
+        elapsed = time.perf_counter() - start
+        if int(found[1]) != n:
+            raise RuntimeError(f"synced {int(found[1])} deltas, expected {n}")
+        return Measure(rate=n / elapsed, wire=link.wire)
+    finally:
+        link.close()

@@ -128,6 +128,8 @@ class _Subscribers:
         A failing callback does not keep the others from being called; the deltas are stored
         whatever the callbacks do.
         """
+        if not self._callbacks:
+            return
         first_error: BaseException | None = None
         for seq, delta in stored:
             for callback in list(self._callbacks.values()):

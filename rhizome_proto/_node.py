@@ -29,7 +29,7 @@ goes to which link and what happens to what arrives:
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeAlias
 
@@ -88,6 +88,9 @@ _encode = msgspec.json.Encoder().encode
 _decode_delta = msgspec.json.Decoder(Delta).decode
 #: A position in a sync: ``seq`` in storage order, ``(timestamp, seq)`` in timestamp order.
 _Position: TypeAlias = tuple[float, int] | int
+#: Received deltas waiting for a commit: the link and connection they came on, the deltas (one
+#: live delta, or a sync batch) and whether they are live (each acknowledged once stored).
+_Staged: TypeAlias = tuple["NodeLink", FederationProtocol, Sequence[Delta], bool]
 #: Events whose handling does not depend on what is stored: they do not wait for a commit.
 _NO_BARRIER = (DeltaReceived, SyncBatchReceived, DeltaAcked, DeltaRejected)
 #: Store meta key of the store's identity, part of every sync cursor the node hands out.
@@ -257,7 +260,7 @@ class FederationNode:
         self.report_received = True
         # group commit: what arrived since the last commit, stored in one transaction by
         # :meth:`commit` and only then acknowledged: (link, connection, delta, live)
-        self._staged: list[tuple[NodeLink, FederationProtocol, Delta, bool]] = []
+        self._staged: list[_Staged] = []
         self._staged_meta: dict[str, str] = {}
         #: application events made since the last :meth:`commit`
         self._out: list[FederationEvent] = []
@@ -421,7 +424,7 @@ class FederationNode:
     @property
     def staged(self) -> int:
         """How many received deltas wait for :meth:`commit`."""
-        return len(self._staged)
+        return sum(len(entry[2]) for entry in self._staged)
 
     @property
     def has_events(self) -> bool:
@@ -477,11 +480,9 @@ class FederationNode:
     ) -> None:
         lid = link.id
         if isinstance(event, DeltaReceived):
-            self._staged.append((link, conn, event.delta, True))
+            self._staged.append((link, conn, (event.delta,), True))
         elif isinstance(event, SyncBatchReceived):
-            staged = self._staged
-            for delta in event.deltas:
-                staged.append((link, conn, delta, False))
+            self._staged.append((link, conn, event.deltas, False))
             if event.cursor is not None and link._cursor_key is not None:
                 # saved in the same transaction as the batch: free, and never ahead of it
                 self._staged_meta[link._cursor_key] = event.cursor
@@ -609,41 +610,61 @@ class FederationNode:
         staged, self._staged = self._staged, []
         meta, self._staged_meta = self._staged_meta, {}
         store, out = self.store, self._out
-        accepted: list[tuple[NodeLink, FederationProtocol, Delta, bool]] = []
-        stored = store.stored_ids([entry[2].id for entry in staged])
-        for entry in staged:
-            link, conn, delta, live = entry
-            if delta.id in stored:
-                if live:
-                    conn.ack(delta.id)
-                continue
-            reason = self._verdict(link, delta)
-            if reason is None:
-                accepted.append(entry)
-                continue
-            link.stats.deltas_rejected += 1
-            conn.nack(delta.id, reason)
-            out.append(
-                FederationEvent(type="delta:rejected", link_id=link.id, delta=delta, reason=reason)
+        stored = store.stored_ids([d.id for entry in staged for d in entry[2]])
+        accepted: list[_Staged] = []
+        for link, conn, deltas, live in staged:
+            cfg = link.config
+            policy = cfg.trust_policy or self.trust_policy
+            # the common case decided once per group: everything is let through
+            checked = not (
+                cfg.receives and cfg.pull_filter is None and type(policy) is PermissiveTrustPolicy
             )
+            keep: list[Delta] = []
+            for delta in deltas:
+                if delta.id in stored:
+                    if live:
+                        conn.ack(delta.id)
+                    continue
+                reason = self._verdict(link, delta) if checked else None
+                if reason is None:
+                    keep.append(delta)
+                    continue
+                link.stats.deltas_rejected += 1
+                conn.nack(delta.id, reason)
+                out.append(
+                    FederationEvent(
+                        type="delta:rejected", link_id=link.id, delta=delta, reason=reason
+                    )
+                )
+            if keep:
+                accepted.append((link, conn, keep, live))
         try:
-            seqs = store.put_many([e[2] for e in accepted], validate=False, meta=meta or None)
+            seqs = iter(
+                store.put_many(
+                    [d for entry in accepted for d in entry[2]], validate=False, meta=meta or None
+                )
+            )
         except BaseException:
             # nothing was acknowledged: try again at the next commit, except what came on
             # connections that are gone (their peers send it again)
             self._staged[:0] = [e for e in accepted if not e[1].closed]
             self._staged_meta = {**meta, **self._staged_meta}
             raise
-        report, relay = self.report_received, self.auto_broadcast
-        for (link, conn, delta, live), seq in zip(accepted, seqs, strict=True):
-            if seq is not None:
-                link.stats.deltas_received += 1
-                if report:
-                    out.append(FederationEvent(type="delta:received", link_id=link.id, delta=delta))
-                if relay:
-                    self._broadcast(delta, source=link)
-            if live:
-                conn.ack(delta.id)
+        report = self.report_received
+        relay = self.auto_broadcast and len(self._links) > 1
+        for link, conn, deltas, live in accepted:
+            stats = link.stats
+            for delta in deltas:
+                if next(seqs) is not None:
+                    stats.deltas_received += 1
+                    if report:
+                        out.append(
+                            FederationEvent(type="delta:received", link_id=link.id, delta=delta)
+                        )
+                    if relay:
+                        self._broadcast(delta, source=link)
+                if live:
+                    conn.ack(delta.id)
 
     # ---------------------------------------------------------------- sending
 

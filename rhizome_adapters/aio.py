@@ -60,6 +60,10 @@ __all__ = ["EventHandler", "FederatedRhizomeDB", "FederationLink", "LinkStatus"]
 
 log = logging.getLogger(__name__)
 
+#: Bytes a writer streaming a sync writes before it lets the loop run (the reader and the other
+#: links in): a loop turn per batch would cost more than the batch.
+SYNC_BUFFER = 256 * 1024
+
 
 class _Session:
     """One live connection of a link: the core's connection and its stream."""
@@ -121,6 +125,7 @@ class _Session:
     async def _write_loop(self) -> None:
         """The one place that writes; ends (closing the transport) once the core is done."""
         conn, link = self.conn, self.link
+        yielded_at = 0
         try:
             while True:
                 await self.wake.wait()
@@ -136,7 +141,11 @@ class _Session:
                     if not link._sync_ready(conn):
                         break
                     self.db._sync_step(link.id)
-                    await asyncio.sleep(0)  # let the reader in between batches
+                    while conn.outbound_size < SYNC_BUFFER and link._sync_ready(conn):
+                        self.db._sync_step(link.id)  # several batches per write
+                    if link.stats.bytes_sent - yielded_at >= SYNC_BUFFER:
+                        yielded_at = link.stats.bytes_sent
+                        await asyncio.sleep(0)  # let the reader and the other links in
                 if conn.should_close:
                     break
         except Exception as exc:

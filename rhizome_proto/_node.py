@@ -115,6 +115,8 @@ class LinkStats:
     bytes_received: int = 0
     #: stored deltas too large for any message the peer accepts (skipped, reported)
     deltas_too_large: int = 0
+    #: times the link's queue was full and it fell back to catching up from the store
+    overflows: int = 0
     connected_at: float | None = None
     last_sync_at: float | None = None
 
@@ -212,6 +214,8 @@ class FederationNode:
             least one delta, whatever its size).
         max_message_size: the largest message the peers accept (ours: the connections'
             limit, 16 MiB by default); a stored delta that cannot fit is never sent.
+        max_queued: the most deltas queued on one connection (held or unacknowledged); a link
+            past it catches up from the store instead (memory bounded, nothing lost).
         max_parked: how many undelivered deltas are kept per remote system id when an incoming
             link closes, for its next connection (the oldest go first beyond that; a client
             that reconnects with an initial sync recovers them anyway).
@@ -230,11 +234,13 @@ class FederationNode:
         extensions: Iterable[str] = DEFAULT_EXTENSIONS,
         max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
         max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+        max_queued: int = 10_000,
     ) -> None:
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
-        if max_message_size < 1 or max_batch_bytes < 1:
-            raise ValueError("max_message_size and max_batch_bytes must be >= 1")
+        if max_message_size < 1 or max_batch_bytes < 1 or max_queued < 1:
+            raise ValueError("max_message_size, max_batch_bytes and max_queued must be >= 1")
+        self.max_queued = max_queued
         self.max_batch_bytes = max_batch_bytes
         self.max_message_size = max_message_size
         self._max_delta_bytes = max_message_size - min(_ENVELOPE, max_message_size // 2)
@@ -318,9 +324,10 @@ class FederationNode:
         with this id was already stored (nothing is sent again).
         """
         delta = validate_delta(delta)
-        if self.store.put_many((delta,), validate=False)[0] is None:
+        seq = self.store.put_many((delta,), validate=False)[0]
+        if seq is None:
             return False
-        self._broadcast(delta, source=None)
+        self._broadcast(delta, source=None, seq=seq)
         return True
 
     def create_delta(
@@ -655,14 +662,15 @@ class FederationNode:
         for link, conn, deltas, live in accepted:
             stats = link.stats
             for delta in deltas:
-                if next(seqs) is not None:
+                seq = next(seqs)
+                if seq is not None:
                     stats.deltas_received += 1
                     if report:
                         out.append(
                             FederationEvent(type="delta:received", link_id=link.id, delta=delta)
                         )
                     if relay:
-                        self._broadcast(delta, source=link)
+                        self._broadcast(delta, source=link, seq=seq)
                 if live:
                     conn.ack(delta.id)
 
@@ -678,20 +686,35 @@ class FederationNode:
                 return False
         return True
 
-    def _send(self, link: NodeLink, delta: Delta) -> None:
+    def _send(self, link: NodeLink, delta: Delta, seq: int | None = None) -> None:
+        """Queue ``delta`` on the link; ``seq``: its place in the store, for a stored delta.
+
+        A stored delta is not queued beyond ``max_queued`` pending on the connection (held
+        while the peer paused us, or unacknowledged): the link then catches up from the store
+        instead (:meth:`sync_step`, within the push window), so a slow peer costs bounded
+        memory and still gets everything, in storage order."""
         conn = link.conn
         if conn is None or conn.state in (State.CLOSING, State.CLOSED):
             link.outbox.append(delta)
-        elif not conn.is_pending(delta.id):
+            return
+        if seq is not None:
+            if link._push_after is not None:  # catching up: the store has it, in order
+                link._push_upto = max(link._push_upto, seq)
+                return
+            if conn.pending_count >= self.max_queued:
+                link._push_after, link._push_upto = seq - 1, seq
+                link.stats.overflows += 1
+                return
+        if not conn.is_pending(delta.id):
             conn.send_delta(delta)
 
-    def _broadcast(self, delta: Delta, source: NodeLink | None) -> None:
+    def _broadcast(self, delta: Delta, source: NodeLink | None, seq: int | None = None) -> None:
         for link in self._links.values():
             if link is source or not self._wants(link, delta):
                 continue
             if not link.outgoing and not link.connected:
                 continue  # an incoming link's mode and pull filter are known after its hello
-            self._send(link, delta)
+            self._send(link, delta, seq)
 
     # ---------------------------------------------------------------- serving a sync
 

@@ -320,3 +320,36 @@ def test_node_rejects_bad_limits() -> None:
         FederationNode("x", MemoryStore(), clock=lambda: 1, max_batch_bytes=0)
     with pytest.raises(ValueError):
         FederationNode("x", MemoryStore(), clock=lambda: 1, max_message_size=0)
+
+
+# ---------------------------------------------------------------------- bounded queues
+
+
+def test_a_link_past_its_queue_bound_catches_up_from_the_store_in_order() -> None:
+    net = Network()
+    hub = net.add_node("server", max_queued=10)
+    net.add_node("client")
+    ch = net.connect("client", "server", LinkConfig(initial_sync="none"))
+    net.deliver()
+    client_link = net.node("client").link(ch.link_id)
+    assert client_link is not None
+    net.node("client").pause(ch.link_id)
+    net.deliver()
+    made = [net.author("server", delta_id=f"d{i:03}", timestamp=1_000 + i) for i in range(50)]
+    net.deliver()
+    assert ch.server_link_id is not None
+    link = hub.link(ch.server_link_id)
+    assert link is not None and link.conn is not None
+    assert link.conn.pending_count == 10  # held while paused, no more
+    assert link.stats.overflows == 1
+    assert link.catching_up
+    net.node("client").resume(ch.link_id)
+    net.deliver()
+    assert net.ids("client") == {d.id for d in made}
+    order = [d["id"] for t in net.sent("server", "client", "delta") for d in [t.message["delta"]]]
+    assert order == [d.id for d in made]
+    assert not link.catching_up
+    # live again once caught up
+    late = net.author("server", delta_id="late")
+    net.deliver()
+    assert late.id in net.store("client")

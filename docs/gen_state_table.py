@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from rhizome_proto import MESSAGE_TYPES, Role, State
-from rhizome_proto._protocol import _ACCEPTED, _HANDSHAKE_STATES
+from rhizome_proto._protocol import _ACCEPTED, _EXTENSION_OF, _HANDSHAKE_STATES
 
 OUT = Path(__file__).with_name("state-table.md")
 
@@ -24,13 +24,18 @@ def render() -> str:
         "the one table the state machine consults. ✓ accepted; ✗ answered with",
         "`UNEXPECTED_MESSAGE` (fatal before the handshake). Sync messages are further checked",
         "against the sync's progress (`sync_start` only after our `sync_request`, batches numbered",
-        "0, 1, 2 ...; one `sync_request` at a time).",
+        "0, 1, 2 ...; one `sync_request` at a time). A message of an extension (✓ *name*) is",
+        "accepted only once that extension was agreed in the handshake, else answered like any",
+        "unexpected message (docs/extensions.md).",
         "",
         "| role | state | " + " | ".join(f"`{t}`" for t in types) + " |",
         "|---|---|" + "---|" * len(types),
     ]
     for (role, state), accepted in _ACCEPTED.items():
-        cells = ["✓" if t in accepted else "✗" for t in types]
+        cells = [
+            ("✓ " + _EXTENSION_OF[t] if t in _EXTENSION_OF else "✓") if t in accepted else "✗"
+            for t in types
+        ]
         fatal = " (fatal)" if state in _HANDSHAKE_STATES else ""
         lines.append(f"| {role.value} | {state.value}{fatal} | " + " | ".join(cells) + " |")
     lines += [

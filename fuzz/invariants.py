@@ -19,6 +19,8 @@ from rhizome_proto import (
     DeltaAck,
     DeltaMessage,
     DeltaNack,
+    DeltasAck,
+    DeltasMessage,
     ErrorCode,
     ErrorMessage,
     Hello,
@@ -56,6 +58,7 @@ _FIELD_NAMES = (
     "pointers", "role", "target", "context", "mode", "initialSync", "syncFromTimestamp",
     "pushFilter", "pullFilter", "reconnect", "trustPolicy", "ids", "targetIds", "targetContexts",
     "authors", "systems", "timestampRange", "start", "end", "includeNegated", "extensions",
+    "window", "upTo", "cursor", "fromCursor",
 )  # fmt: skip
 
 #: Tokens for libFuzzer's ``-dict``: the wire vocabulary and numbers at the edges.
@@ -100,6 +103,17 @@ def check_error(exc: CodecError) -> None:
     if exc.delta_id is not None:
         assert exc.code is ErrorCode.INVALID_DELTA
         assert isinstance(exc.delta_id, str) and exc.delta_id
+    if exc.items is not None:
+        # a ``deltas`` message judged element by element: at least one element is invalid
+        assert exc.code is ErrorCode.INVALID_DELTA and exc.delta_id is None
+        assert any(isinstance(item, CodecError) for item in exc.items)
+        for item in exc.items:
+            if isinstance(item, CodecError):
+                assert item.code is ErrorCode.INVALID_DELTA and item.items is None
+                assert item.message_type == "deltas"
+                assert item.delta_id is None or (isinstance(item.delta_id, str) and item.delta_id)
+            else:
+                assert validate_delta(item) == item
     # One branch per code: the fuzzer's coverage feedback then tells the codes apart.
     match exc.code:
         case ErrorCode.MESSAGE_ERROR:
@@ -108,7 +122,8 @@ def check_error(exc: CodecError) -> None:
             assert isinstance(exc.message_type, str)
             assert exc.message_type not in MESSAGE_TYPES
         case ErrorCode.INVALID_DELTA:
-            assert exc.message_type == "delta"
+            assert exc.message_type in ("delta", "deltas")
+            assert (exc.items is not None) == (exc.message_type == "deltas")
         case _:
             raise AssertionError(f"decode answered with {exc.code!r}")
 
@@ -127,13 +142,20 @@ def check_message(message: rhizome_proto.Message, wire: dict[str, Any]) -> None:
             # A v1 peer reads both even when they hold their defaults.
             assert wire["protocol"] == message.protocol
             assert isinstance(wire["config"], dict)
+            assert ("window" in wire) == isinstance(message.window, int)
         case HelloAck():
             assert wire["protocol"] == message.protocol
+            assert ("window" in wire) == isinstance(message.window, int)
         case DeltaMessage():
             # Decoded deltas obey spec section 2.1.1.
             assert validate_delta(message.delta) == message.delta
         case DeltaAck() | DeltaNack():
             assert wire["deltaId"] == message.delta_id
+        case DeltasMessage():
+            assert len(wire["deltas"]) == len(message.deltas) >= 1
+            assert all(validate_delta(d) == d for d in message.deltas)
+        case DeltasAck():
+            assert wire["upTo"] == message.up_to >= 0
         case SyncRequest():
             assert ("filter" in wire) == (message.filter is not None)
             assert ("fromTimestamp" in wire) == (message.from_timestamp is not None)
@@ -223,6 +245,7 @@ from rhizome_proto import (  # noqa: E402
 
 __all__ += [
     "UPGRADE_REQUEST",
+    "batch_messages",
     "check_client_connection",
     "check_server_connection",
     "client_seed_inputs",
@@ -250,6 +273,11 @@ _HELLO_ACK = (
     b'{"type":"hello_ack","timestamp":1795624086461,"systemId":"fuzz-server",'
     b'"linkId":"fuzz-link","protocol":"rhizomedb-federation-v1"}'
 )
+#: the same with extensions ``batch`` and ``credit`` (setup flag 0x80)
+_HELLO_EXT = _HELLO[:-1] + b',"extensions":["batch","credit","cursor"],"window":2}'
+_HELLO_ACK_EXT = _HELLO_ACK[:-1] + b',"extensions":["batch","credit"],"window":2}'
+_EXTENSIONS = ("batch", "credit")
+_RECEIVE_WINDOW = 3
 _NOW = 1.0
 _MAX_CHUNKS = 4
 
@@ -312,11 +340,17 @@ class _Options:
         self.sync = bool(flags & 0x10)  # client: request_sync once open
         self.pause = bool(flags & 0x20)  # pause the peer once open
         self.pending = bool(flags & 0x40)  # a delta of ours is pending
+        self.extensions = bool(flags & 0x80)  # we speak batch and credit (window 3)
         self.split = data[1] if len(data) > 1 else 0
         self.body = data[2:]
 
     def max_message_size(self) -> int:
         return 256 if self.small_limit else 64 * 1024
+
+    def extension_options(self) -> dict[str, Any]:
+        if not self.extensions:
+            return {}
+        return {"extensions": _EXTENSIONS, "receive_window": _RECEIVE_WINDOW}
 
     def chunks(self) -> list[bytes]:
         body = self.body
@@ -350,6 +384,9 @@ class _Checker:
             self.react(event)
         out = self.conn.data_to_send()
         assert isinstance(out, bytes)
+        window = self.conn.send_window
+        if window is not None:  # credit: never more than the peer's window in flight
+            assert len(self.conn.unacknowledged) <= window
         if self.conn.closed:
             assert self.conn.should_close
             assert self.conn.get_timer() is None
@@ -394,7 +431,8 @@ class _Checker:
 def _run(checker: _Checker, options: _Options) -> None:
     conn = checker.conn
     if options.pending and conn.state is not State.CLOSED:
-        conn.send_delta(rhizome_proto.Delta(id="mine", timestamp=1, author="a", system="s"))
+        for name in ("mine", "mine-2", "mine-3") if options.extensions else ("mine",):
+            conn.send_delta(rhizome_proto.Delta(id=name, timestamp=1, author="a", system="s"))
     if options.pause and conn.is_open:
         conn.pause()
     if options.sync and conn.is_open and conn.role is Role.CLIENT:
@@ -427,6 +465,7 @@ def run_server_connection(data: bytes) -> list[Event]:
         clock=lambda: 1795624086459,
         max_message_size=options.max_message_size(),
         compression=options.compression,
+        **options.extension_options(),
     )
     conn.start(0.0)
     checker = _Checker(conn)
@@ -434,7 +473,7 @@ def run_server_connection(data: bytes) -> list[Event]:
         checker.feed(UPGRADE_REQUEST)
         assert conn.request is not None
         if options.hello:
-            checker.feed(masked_frame(_HELLO))
+            checker.feed(masked_frame(_HELLO_EXT if options.extensions else _HELLO))
             assert conn.is_open
     _run(checker, options)
     return checker.events
@@ -449,6 +488,7 @@ def run_client_connection(data: bytes) -> list[Event]:
         clock=lambda: 1795624086459,
         max_message_size=options.max_message_size(),
         compression=options.compression,
+        **options.extension_options(),
     )
     conn.start(0.0)
     checker = _Checker(conn)
@@ -456,7 +496,7 @@ def run_client_connection(data: bytes) -> list[Event]:
     checker.feed(_accept_response(request, deflate=options.compression))
     assert conn.state is State.HELLO_SENT, conn.state
     if options.prelude:
-        checker.feed(unmasked_frame(_HELLO_ACK))
+        checker.feed(unmasked_frame(_HELLO_ACK_EXT if options.extensions else _HELLO_ACK))
         assert conn.is_open
     _run(checker, options)
     return checker.events
@@ -469,6 +509,24 @@ def _session_messages(direction: str) -> list[bytes]:
         json.dumps(x["msg"], separators=(",", ":"), ensure_ascii=False).encode()
         for x in lines
         if x["dir"] == direction and x["conn"] == 1
+    ]
+
+
+def batch_messages() -> list[bytes]:
+    """Messages of extension ``batch`` from a peer: deltas (one invalid), cumulative acks
+    (one beyond what was sent), a nack, and more deltas than a window of 3."""
+    delta = b'{"id":"%s","timestamp":5,"author":"a","system":"s","pointers":[]}'
+    two = delta % b"b1" + b"," + delta % b"b2"
+    bad = b'{"id":"b3","timestamp":5,"author":"","system":"s"}'
+    many = b",".join(delta % b"m%d" % i for i in range(4))
+    return [
+        b'{"type":"deltas","timestamp":7,"deltas":[' + two + b"]}",
+        b'{"type":"deltas_ack","timestamp":8,"upTo":1}',
+        b'{"type":"deltas","timestamp":9,"deltas":[' + bad + b",7," + delta % b"b4" + b"]}",
+        b'{"type":"delta_nack","timestamp":10,"deltaId":"mine-2","reason":"no"}',
+        b'{"type":"deltas_ack","timestamp":11,"upTo":9}',
+        b'{"type":"deltas","timestamp":12,"deltas":[' + many + b"]}",
+        b'{"type":"deltas","timestamp":13,"deltas":[]}',
     ]
 
 
@@ -493,6 +551,8 @@ def server_seed_inputs() -> list[bytes]:
         bytes([0x0F, 0])
         + masked_frame(_deflated(b'{"type":"ping","pad":"' + b"0" * 5000 + b'"}'), rsv1=True),
         bytes([0x00, 0]) + b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+        bytes([0xC3, 0]) + b"".join(masked_frame(m) for m in batch_messages()) + close,
+        bytes([0x43, 0]) + b"".join(masked_frame(m) for m in batch_messages()) + close,
     ]
 
 
@@ -509,4 +569,5 @@ def client_seed_inputs() -> list[bytes]:
         bytes([0x05, 0]) + unmasked_frame(_deflated(_session_messages("s2c")[4]), rsv1=True),
         bytes([0x09, 0])
         + unmasked_frame(b'{"type":"pong","timestamp":1,"p":"' + b"z" * 300 + b'"}'),
+        bytes([0xC1, 0]) + b"".join(unmasked_frame(m) for m in batch_messages()) + close,
     ]

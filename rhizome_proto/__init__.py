@@ -46,6 +46,8 @@ from ._messages import (
     DeltaAck,
     DeltaMessage,
     DeltaNack,
+    DeltasAck,
+    DeltasMessage,
     ErrorMessage,
     FederationConfig,
     Hello,
@@ -72,7 +74,14 @@ from ._node import (
     LinkStats,
     NodeLink,
 )
-from ._protocol import DEFAULT_BATCH_SIZE, FederationProtocol, Role, State
+from ._protocol import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_MAX_BATCH,
+    DEFAULT_RECEIVE_WINDOW,
+    FederationProtocol,
+    Role,
+    State,
+)
 from ._store import DeltaStore, ScanOrder
 from ._trust import (
     AuthorTrustPolicy,
@@ -90,8 +99,10 @@ from ._trust import (
 __all__ = [
     "DEFAULT_BATCH_SIZE",
     "DEFAULT_EXTENSIONS",
+    "DEFAULT_MAX_BATCH",
     "DEFAULT_MAX_MESSAGE_SIZE",
     "DEFAULT_PATH",
+    "DEFAULT_RECEIVE_WINDOW",
     "MAX_NEGATION_DEPTH",
     "MAX_TIMESTAMP",
     "MESSAGE_TYPES",
@@ -114,6 +125,8 @@ __all__ = [
     "DeltaReceived",
     "DeltaRejected",
     "DeltaStore",
+    "DeltasAck",
+    "DeltasMessage",
     "ErrorCode",
     "ErrorMessage",
     "ErrorReceived",

@@ -1,4 +1,4 @@
-"""Encoding and decoding of v1 messages.
+"""Encoding and decoding of v1 messages (and of our extensions' messages).
 
 ``decode`` takes untrusted text and either returns a valid :data:`Message` or raises
 :class:`CodecError` carrying the :class:`ErrorCode` to answer with; no other exception escapes,
@@ -7,10 +7,11 @@ whatever the input.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 
+from ._delta import Delta, Timestamp
 from ._errors import CodecError, ErrorCode
 from ._messages import Message
 
@@ -20,7 +21,19 @@ _encoder = msgspec.json.Encoder()
 _decoder: msgspec.json.Decoder[Message] = msgspec.json.Decoder(Message)
 _any_decoder = msgspec.json.Decoder()
 
-#: The ``type`` strings of v1, mapped to their classes.
+_delta_decoder = msgspec.json.Decoder(Delta)
+
+
+class _LooseDeltas(msgspec.Struct, frozen=True, tag="deltas", tag_field="type", rename="camel"):
+    """A ``deltas`` message whose deltas are left undecoded (to judge them one by one)."""
+
+    timestamp: Timestamp
+    deltas: Annotated[list[msgspec.Raw], msgspec.Meta(min_length=1)]
+
+
+_loose_deltas_decoder = msgspec.json.Decoder(_LooseDeltas)
+
+#: The ``type`` strings of v1 and of our extensions, mapped to their classes.
 MESSAGE_TYPES: dict[str, type[Any]] = {cls.__struct_config__.tag: cls for cls in Message.__args__}
 
 _DECODE_ERRORS = (msgspec.MsgspecError, UnicodeError, RecursionError, ValueError, OverflowError)
@@ -72,4 +85,42 @@ def _classify(text: str | bytes, detail: str) -> CodecError:
             message_type=mtype,
             delta_id=delta_id if isinstance(delta_id, str) and delta_id else None,
         )
+    if mtype == "deltas" and "`$.deltas[" in detail:
+        return _classify_deltas(text, detail)
     return CodecError(f"invalid {mtype} message: {detail}", message_type=mtype)
+
+
+def _classify_deltas(text: str | bytes, detail: str) -> CodecError:
+    """A ``deltas`` message with an invalid delta: judge each element, so that the receiver
+    can deliver the valid ones and answer the others (``CodecError.items``)."""
+    try:
+        loose = _loose_deltas_decoder.decode(text)
+    except _DECODE_ERRORS:  # the envelope is bad too: refuse the message whole
+        return CodecError(f"invalid deltas message: {detail}", message_type="deltas")
+    items = tuple(_batch_item(raw, index) for index, raw in enumerate(loose.deltas))
+    return CodecError(
+        f"invalid delta in deltas: {detail}",
+        code=ErrorCode.INVALID_DELTA,
+        message_type="deltas",
+        items=items,
+    )
+
+
+def _batch_item(raw: msgspec.Raw, index: int) -> Delta | CodecError:
+    try:
+        return _delta_decoder.decode(raw)
+    except _DECODE_ERRORS as exc:
+        detail = str(exc)
+    where = f"`$.deltas[{index}]"
+    detail = detail.replace("`$", where, 1) if "- at `$" in detail else f"{detail} - at {where}`"
+    try:
+        obj = _any_decoder.decode(raw)
+    except _DECODE_ERRORS:  # pragma: no cover - the whole message parsed as JSON already
+        obj = None
+    delta_id = obj.get("id") if isinstance(obj, dict) else None
+    return CodecError(
+        f"invalid delta: {detail}",
+        code=ErrorCode.INVALID_DELTA,
+        message_type="deltas",
+        delta_id=delta_id if isinstance(delta_id, str) and delta_id else None,
+    )

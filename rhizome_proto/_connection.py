@@ -42,7 +42,7 @@ from wsproto.utilities import RemoteProtocolError as WSRemoteProtocolError
 
 from ._errors import CloseCode, ErrorCode, LocalProtocolError, RemoteProtocolError
 from ._messages import FederationConfig
-from ._protocol import FederationProtocol, Role, State
+from ._protocol import DEFAULT_MAX_BATCH, DEFAULT_RECEIVE_WINDOW, FederationProtocol, Role, State
 
 __all__ = ["DEFAULT_MAX_MESSAGE_SIZE", "DEFAULT_PATH", "FederationConnection"]
 
@@ -124,6 +124,8 @@ class FederationConnection(FederationProtocol):
         open_timeout: float = 10.0,
         close_timeout: float = 10.0,
         extensions: Iterable[str] = (),
+        receive_window: int = DEFAULT_RECEIVE_WINDOW,
+        max_batch: int = DEFAULT_MAX_BATCH,
     ) -> None:
         super().__init__(
             role,
@@ -134,6 +136,8 @@ class FederationConnection(FederationProtocol):
             ping_interval=ping_interval,
             ping_timeout=ping_timeout,
             extensions=extensions,
+            receive_window=receive_window,
+            max_batch=max_batch,
         )
         if max_message_size < 1:
             raise ValueError("max_message_size must be positive")
@@ -281,7 +285,9 @@ class FederationConnection(FederationProtocol):
 
     @property
     def outbound_size(self) -> int:
-        """Bytes waiting for :meth:`data_to_send` (queued messages counted by length)."""
+        """Bytes waiting for :meth:`data_to_send` (queued messages counted by length; live
+        deltas committed to the next ``deltas`` message of extension ``batch`` are not encoded
+        yet and not counted)."""
         return len(self._out) + sum(len(m) for m in self._outbox)
 
     # ---------------------------------------------------------------- internals

@@ -9,6 +9,10 @@ the protocol ``code`` and the WebSocket ``close_code`` that goes with them.
 from __future__ import annotations
 
 from enum import StrEnum
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ._delta import Delta
 
 __all__ = [
     "CloseCode",
@@ -45,6 +49,9 @@ class ErrorCode(StrEnum):
     UNAUTHORIZED = "UNAUTHORIZED"
     #: the peer sends faster than we accept.
     RATE_LIMITED = "RATE_LIMITED"
+    #: extension ``credit``: the peer has more unacknowledged live deltas in flight than the
+    #: window we granted (answered, reported, the deltas still processed; not fatal).
+    FLOW_CONTROL = "FLOW_CONTROL"
 
 
 class CloseCode:
@@ -94,6 +101,12 @@ class CodecError(ValueError):
     ``code`` is the :class:`ErrorCode` to answer with; ``message_type`` is the ``type`` field
     when one could be read; ``delta_id`` is the id of an invalid delta when it could be read
     (such a delta is answered with ``delta_nack`` rather than an error).
+
+    ``items`` (a ``deltas`` message of extension ``batch`` whose array could be read but held
+    invalid deltas; ``code`` is then ``INVALID_DELTA``): one entry per element of the array, in
+    order: the valid :class:`Delta`, or the :class:`CodecError` of that element (with its
+    ``delta_id`` when readable). The receiver delivers the valid ones and answers the others,
+    so that its numbering of the peer's deltas stays that of the sender.
     """
 
     def __init__(
@@ -103,8 +116,10 @@ class CodecError(ValueError):
         code: ErrorCode = ErrorCode.MESSAGE_ERROR,
         message_type: str | None = None,
         delta_id: str | None = None,
+        items: tuple[Delta | CodecError, ...] | None = None,
     ) -> None:
         super().__init__(message)
         self.code = code
         self.message_type = message_type
         self.delta_id = delta_id
+        self.items = items

@@ -54,14 +54,16 @@ class HandshakeComplete(Event):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class DeltaReceived(Event):
-    """A live delta arrived. Answer it with ``ack(delta.id)`` or ``nack(delta.id, reason)``."""
+    """A live delta arrived (alone, or one per delta of a ``deltas`` message of extension
+    ``batch``). Answer it with ``ack(delta.id)`` or ``nack(delta.id, reason)``."""
 
     delta: Delta
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class DeltaAcked(Event):
-    """The peer accepted one of our deltas."""
+    """The peer accepted one of our deltas (by ``delta_ack``, or covered by a cumulative
+    ``deltas_ack`` of extension ``batch``: one event per delta, in send order)."""
 
     delta_id: str
 

@@ -1,4 +1,5 @@
-"""The 14 messages of ``rhizomedb-federation-v1`` (PROTOCOL.md "Messages") as typed values.
+"""The 14 messages of ``rhizomedb-federation-v1`` (PROTOCOL.md "Messages") as typed values,
+plus the two of the ``batch`` extension (``deltas``, ``deltas_ack``; docs/extensions.md).
 
 Python names are snake_case; on the wire they are camelCase (``system_id`` is ``systemId``).
 Optional fields are omitted from the JSON when absent. Unknown fields are ignored on decoding,
@@ -20,6 +21,8 @@ __all__ = [
     "DeltaAck",
     "DeltaMessage",
     "DeltaNack",
+    "DeltasAck",
+    "DeltasMessage",
     "ErrorMessage",
     "FederationConfig",
     "Hello",
@@ -46,6 +49,8 @@ InitialSync: TypeAlias = Literal["full", "from_timestamp", "none"]
 Count = Annotated[int, msgspec.Meta(ge=0)]
 NonNegative: TypeAlias = Annotated[int, msgspec.Meta(ge=0)] | Annotated[float, msgspec.Meta(ge=0)]
 NonEmptyStr = Annotated[str, msgspec.Meta(min_length=1)]
+#: extension ``credit``: how many unacknowledged live deltas an end accepts from its peer
+Window = Annotated[int, msgspec.Meta(ge=1)]
 
 
 class ReconnectConfig(msgspec.Struct, frozen=True, omit_defaults=True, rename="camel"):
@@ -90,6 +95,8 @@ class Hello(_Message, frozen=True, tag="hello", kw_only=True, omit_defaults=Fals
     protocol: str = PROTOCOL_VERSION
     #: extensions the client asks for (ours; absent for a v1 client)
     extensions: tuple[str, ...] | msgspec.UnsetType = msgspec.UNSET
+    #: extension ``credit``: the client's receive window (sent when it offers ``credit``)
+    window: Window | msgspec.UnsetType = msgspec.UNSET
 
 
 class HelloAck(_Message, frozen=True, tag="hello_ack", kw_only=True, omit_defaults=False):
@@ -100,6 +107,8 @@ class HelloAck(_Message, frozen=True, tag="hello_ack", kw_only=True, omit_defaul
     protocol: str = PROTOCOL_VERSION
     #: the subset of the client's extensions the server accepts (absent from a v1 server)
     extensions: tuple[str, ...] | msgspec.UnsetType = msgspec.UNSET
+    #: extension ``credit``: the server's receive window (sent when it accepts ``credit``)
+    window: Window | msgspec.UnsetType = msgspec.UNSET
 
 
 class DeltaMessage(_Message, frozen=True, tag="delta", kw_only=True):
@@ -119,6 +128,22 @@ class DeltaNack(_Message, frozen=True, tag="delta_nack", kw_only=True):
 
     delta_id: str
     reason: str
+
+
+class DeltasMessage(_Message, frozen=True, tag="deltas", kw_only=True):
+    """Either way, extension ``batch``: several live deltas in one message. The receiver
+    numbers the deltas of all ``deltas`` messages of the link 1, 2, 3 ... in arrival order and
+    answers them with one cumulative ``deltas_ack`` (rejections: ``delta_nack`` by id, first)."""
+
+    deltas: Annotated[tuple[Delta, ...], msgspec.Meta(min_length=1)]
+
+
+class DeltasAck(_Message, frozen=True, tag="deltas_ack", kw_only=True):
+    """Either way, extension ``batch``: every delta received in ``deltas`` messages on this
+    link, numbered 1 .. ``up_to``, is settled: accepted, except those already rejected with a
+    ``delta_nack`` sent before this message."""
+
+    up_to: Count
 
 
 class SyncRequest(_Message, frozen=True, tag="sync_request", kw_only=True):
@@ -185,6 +210,8 @@ Message: TypeAlias = (
     | DeltaMessage
     | DeltaAck
     | DeltaNack
+    | DeltasMessage
+    | DeltasAck
     | SyncRequest
     | SyncStart
     | SyncBatch

@@ -96,7 +96,7 @@ _NO_BARRIER = (DeltaReceived, SyncBatchReceived, DeltaAcked, DeltaRejected)
 #: Store meta key of the store's identity, part of every sync cursor the node hands out.
 STORE_ID_KEY = "store_id"
 #: The extensions a node speaks unless told otherwise.
-DEFAULT_EXTENSIONS: tuple[str, ...] = ("cursor",)
+DEFAULT_EXTENSIONS: tuple[str, ...] = ("cursor", "batch", "credit")
 #: Most deltas of a push catch-up in flight (sent, not yet acknowledged) at once.
 PUSH_WINDOW = 1000
 #: Milliseconds between two saves of a push cursor (a stale cursor only means resending more).
@@ -596,7 +596,7 @@ class FederationNode:
         while link.outbox:
             delta = link.outbox.popleft()
             if not conn.is_pending(delta.id):
-                conn.send_delta(delta)
+                conn.send_delta(delta, validate=False)
 
     # ---------------------------------------------------------------- receiving
 
@@ -706,7 +706,7 @@ class FederationNode:
                 link.stats.overflows += 1
                 return
         if not conn.is_pending(delta.id):
-            conn.send_delta(delta)
+            conn.send_delta(delta, validate=False)
 
     def _broadcast(self, delta: Delta, source: NodeLink | None, seq: int | None = None) -> None:
         for link in self._links.values():
@@ -903,7 +903,7 @@ class FederationNode:
                 break
             link._push_after = seq
             if self._wants(link, delta) and not conn.is_pending(delta.id):
-                conn.send_delta(delta)
+                conn.send_delta(delta, validate=False)
         if not rows or link._push_after >= link._push_upto or rows[-1][0] > link._push_upto:
             link._push_after = None
             return False

@@ -8,13 +8,20 @@ The three drivers: text from the peer (:meth:`receive_message`), calls from the 
 (``send_delta``, ``ack``, ``pause`` ...), and time (:meth:`handle_timer`). Each queues messages
 (:meth:`messages_to_send`) and events (:meth:`events`). Time is ``now``, monotonic seconds,
 passed in; message timestamps come from the injected ``clock`` (wall-clock milliseconds).
+
+Extensions ``batch`` and ``credit`` (docs/extensions.md) live here too. With ``batch`` our live
+deltas are numbered 1, 2, 3 ... as they are committed to the wire and coalesced into ``deltas``
+messages when output is taken; received ones are numbered in arrival order and answered with
+one cumulative ``deltas_ack`` (the contiguous answered prefix, kept incrementally). With
+``credit`` live deltas beyond the peer's window wait, in order, until acknowledgements free room.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from enum import Enum
+from typing import cast
 
 import msgspec
 
@@ -44,6 +51,8 @@ from ._messages import (
     DeltaAck,
     DeltaMessage,
     DeltaNack,
+    DeltasAck,
+    DeltasMessage,
     ErrorMessage,
     FederationConfig,
     Hello,
@@ -59,9 +68,20 @@ from ._messages import (
     SyncStart,
 )
 
-__all__ = ["DEFAULT_BATCH_SIZE", "FederationProtocol", "Role", "State"]
+__all__ = [
+    "DEFAULT_BATCH_SIZE",
+    "DEFAULT_MAX_BATCH",
+    "DEFAULT_RECEIVE_WINDOW",
+    "FederationProtocol",
+    "Role",
+    "State",
+]
 
 DEFAULT_BATCH_SIZE = 100
+#: extension ``batch``: the most live deltas in one ``deltas`` message we send
+DEFAULT_MAX_BATCH = 1000
+#: extension ``credit``: the most unacknowledged live deltas we accept from the peer
+DEFAULT_RECEIVE_WINDOW = 10_000
 
 
 class Role(Enum):
@@ -102,14 +122,20 @@ _ACCEPTED: dict[tuple[Role, State], frozenset[str]] = {
     (Role.CLIENT, State.HELLO_SENT): frozenset({"hello_ack", "error", "ping", "pong"}),
     (Role.SERVER, State.OPEN): frozenset(
         {"delta", "delta_ack", "delta_nack", "sync_request"}
-        | {"pause", "resume", "ping", "pong", "error"}
+        | {"pause", "resume", "ping", "pong", "error", "deltas", "deltas_ack"}
     ),
     (Role.CLIENT, State.OPEN): frozenset(
         {"delta", "delta_ack", "delta_nack", "sync_start", "sync_batch", "sync_complete"}
-        | {"pause", "resume", "ping", "pong", "error"}
+        | {"pause", "resume", "ping", "pong", "error", "deltas", "deltas_ack"}
     ),
 }
 _HANDSHAKE_STATES = (State.IDLE, State.HELLO_SENT, State.AWAITING_HELLO)
+#: Messages of an extension: accepted (where ``_ACCEPTED`` says) only once it was agreed.
+_EXTENSION_OF: dict[str, str] = {"deltas": "batch", "deltas_ack": "batch"}
+# Events made per delta of a batch skip the frozen dataclass __init__ (same object, no checks
+# to skip: these events have one field and no __post_init__).
+_new = object.__new__
+_set = object.__setattr__
 
 
 class FederationProtocol:
@@ -125,7 +151,13 @@ class FederationProtocol:
         ping_timeout: seconds without any message from the peer after which the link is dead.
         extensions: the extensions of ours this end speaks (a client offers them in ``hello``,
             a server accepts those it knows); :attr:`extensions_agreed` holds the outcome.
-            A v1 peer agrees to none. Known: ``"cursor"`` (see :meth:`request_sync`).
+            A v1 peer agrees to none. Known: ``"cursor"`` (see :meth:`request_sync`),
+            ``"batch"`` (live deltas in ``deltas`` messages, one cumulative ``deltas_ack``) and
+            ``"credit"`` (flow control by windows exchanged in the handshake).
+        receive_window: extension ``credit``: the most unacknowledged live deltas we accept
+            from the peer (announced in the handshake; a peer beyond it is reported as a
+            :class:`ProtocolViolation` with ``FLOW_CONTROL``, its deltas still delivered).
+        max_batch: extension ``batch``: the most deltas in one ``deltas`` message we send.
     """
 
     def __init__(
@@ -139,6 +171,8 @@ class FederationProtocol:
         ping_interval: float = 30.0,
         ping_timeout: float = 90.0,
         extensions: Iterable[str] = (),
+        receive_window: int = DEFAULT_RECEIVE_WINDOW,
+        max_batch: int = DEFAULT_MAX_BATCH,
     ) -> None:
         if not system_id:
             raise ValueError("system_id must be a non-empty string")
@@ -146,6 +180,8 @@ class FederationProtocol:
             raise ValueError("a server connection needs a link_id")
         if ping_interval <= 0 or ping_timeout <= 0:
             raise ValueError("ping_interval and ping_timeout must be positive")
+        if receive_window < 1 or max_batch < 1:
+            raise ValueError("receive_window and max_batch must be at least 1")
         self.role = role
         self.system_id = system_id
         self.config = config or FederationConfig()
@@ -181,6 +217,29 @@ class FederationProtocol:
         self._sync_count = 0
         self._last_heard: float | None = None
         self._next_ping: float | None = None
+        #: extension ``credit``: the most unacknowledged live deltas we accept from the peer
+        self.receive_window = receive_window
+        #: extension ``batch``: the most deltas per ``deltas`` message we send
+        self.max_batch = max_batch
+        self._batching = False  # "batch" agreed
+        self._credit = False  # "credit" agreed
+        self._send_window: int | None = None
+        # sending, "credit": live deltas waiting for room in the peer's window (ids in _held_ids)
+        self._waiting: deque[Delta] = deque()
+        # sending, "batch": deltas committed (in _unacked, numbered) not yet in a message
+        self._batch: list[Delta] = []
+        self._tx_seq = 0  # the number of our last committed delta
+        self._tx_acked = 0  # the highest ``upTo`` the peer acknowledged
+        self._inflight: deque[str] = deque()  # ids by number, from _inflight_base + 1
+        self._inflight_base = 0
+        self._seq_of: dict[str, int] = {}  # the number of each unsettled batched delta
+        # receiving, "batch": the peer's deltas numbered in arrival order
+        self._rx_seq = 0  # the number of the last delta received
+        self._rx_done = 0  # deltas 1 .. _rx_done are all answered
+        self._rx_ahead: set[int] = set()  # answered numbers beyond _rx_done + 1
+        self._rx_pending: dict[str, int] = {}  # unanswered: id -> its (first) number
+        self._rx_dups: dict[str, deque[int]] = {}  # more unanswered numbers of the same id
+        self._rx_acked = 0  # the ``upTo`` of our last ``deltas_ack``
 
     # ---------------------------------------------------------------- inspection
 
@@ -191,8 +250,16 @@ class FederationProtocol:
 
     @property
     def held(self) -> tuple[Delta, ...]:
-        """Our live deltas held back (peer paused, or handshake not done), in order."""
-        return tuple(m.delta for m in self._held if isinstance(m, DeltaMessage))
+        """Our live deltas held back (peer paused, handshake not done, or waiting for room in
+        the peer's window), in order."""
+        held = tuple(m.delta for m in self._held if isinstance(m, DeltaMessage))
+        return (*self._waiting, *held) if self._waiting else held
+
+    @property
+    def send_window(self) -> int | None:
+        """Extension ``credit``: the peer's window (the most of our live deltas it accepts
+        unacknowledged), or ``None`` when ``credit`` was not agreed."""
+        return self._send_window
 
     @property
     def pending_count(self) -> int:
@@ -206,7 +273,7 @@ class FederationProtocol:
     @property
     def unanswered(self) -> frozenset[str]:
         """Ids of live deltas received and not yet answered with ``ack`` / ``nack``."""
-        return frozenset(self._unanswered)
+        return frozenset(self._unanswered.union(self._rx_pending))
 
     @property
     def syncing(self) -> bool:
@@ -224,7 +291,16 @@ class FederationProtocol:
         return self.state is State.OPEN
 
     def messages_to_send(self) -> list[str]:
-        """Take the queued outgoing messages (JSON text, one per WebSocket text frame)."""
+        """Take the queued outgoing messages (JSON text, one per WebSocket text frame).
+
+        With extension ``batch``, this is when committed live deltas become ``deltas``
+        messages (at most ``max_batch`` each) and when the answers given since the last call
+        become one ``deltas_ack``."""
+        if self._batch:
+            self._flush_batch()
+        if self._rx_done > self._rx_acked and self.state is not State.CLOSED:
+            self._rx_acked = self._rx_done
+            self._outbox.append(encode(DeltasAck(timestamp=self._clock(), up_to=self._rx_done)))
         out, self._outbox = self._outbox, []
         return out
 
@@ -253,6 +329,9 @@ class FederationProtocol:
                     system_id=self.system_id,
                     config=self.config,
                     extensions=self.extensions_offered or msgspec.UNSET,
+                    window=self.receive_window
+                    if "credit" in self.extensions_offered
+                    else msgspec.UNSET,
                 )
             )
             self.state = State.HELLO_SENT
@@ -324,44 +403,83 @@ class FederationProtocol:
         self._unacked.clear()
         self._held.clear()
         self._held_ids.clear()
+        self._waiting.clear()
+        self._batch.clear()
+        self._inflight.clear()
+        self._seq_of.clear()
         self._events.append(Closed(code=code, reason=reason, unsettled=unsettled))
 
     # ---------------------------------------------------------------- application calls
 
-    def send_delta(self, delta: Delta) -> None:
+    def send_delta(self, delta: Delta, *, validate: bool = True) -> None:
         """Send a live delta. Held (not dropped) while the peer has paused us or the handshake
-        is not done; tracked until the peer acknowledges or rejects it."""
-        self._require_not_closing("send a delta")
-        if self.is_pending(delta.id):
+        is not done, or (extension ``credit``) while the peer's window is full; tracked until
+        the peer acknowledges or rejects it. With extension ``batch`` it goes out in the next
+        ``deltas`` message, made when output is taken (:meth:`messages_to_send`).
+
+        ``validate=False`` skips the check against spec section 2.1.1 (a round trip through
+        the codec, the dearest part of this call): only for deltas valid by construction,
+        such as those decoded from the wire; an invalid one would be rejected by the peer.
+        """
+        state = self.state
+        if state is State.CLOSING or state is State.CLOSED:
+            self._require_not_closing("send a delta")
+        delta_id = delta.id
+        if delta_id in self._unacked or delta_id in self._held_ids:
             raise LocalProtocolError(
-                f"delta {delta.id!r} is already pending on this link",
+                f"delta {delta_id!r} is already pending on this link",
                 code=ErrorCode.UNEXPECTED_MESSAGE,
             )
-        try:
-            delta = validate_delta(delta)
-        except InvalidDeltaError as exc:
-            raise LocalProtocolError(
-                f"invalid delta: {exc}", code=ErrorCode.INVALID_DELTA
-            ) from None
-        message = DeltaMessage(timestamp=self._clock(), delta=delta)
-        if self.state is not State.OPEN or self.peer_paused or self._held:
-            self._held.append(message)
-            self._held_ids.add(delta.id)
+        if validate:
+            try:
+                delta = validate_delta(delta)
+            except InvalidDeltaError as exc:
+                raise LocalProtocolError(
+                    f"invalid delta: {exc}", code=ErrorCode.INVALID_DELTA
+                ) from None
+        if state is not State.OPEN or self.peer_paused or self._held:
+            self._held.append(DeltaMessage(timestamp=self._clock(), delta=delta))
+            self._held_ids.add(delta_id)
+        elif self._waiting or (
+            self._send_window is not None and len(self._unacked) >= self._send_window
+        ):
+            self._waiting.append(delta)
+            self._held_ids.add(delta_id)
+        elif self._batching:  # _commit, inlined: this is the hot path
+            self._unacked[delta_id] = delta
+            self._tx_seq = number = self._tx_seq + 1
+            self._seq_of[delta_id] = number
+            self._inflight.append(delta_id)
+            self._batch.append(delta)
         else:
-            self._unacked[delta.id] = delta
-            self._send(message)
+            self._commit(delta)
 
     def ack(self, delta_id: str) -> None:
-        """Accept a received delta (after storing it). Does nothing once the link is closing."""
-        if self._answerable():
-            self._unanswered.discard(delta_id)
-            self._send(DeltaAck(timestamp=self._clock(), delta_id=delta_id))
+        """Accept a received delta (after storing it). Does nothing once the link is closing.
+
+        A delta that came in a ``deltas`` message (extension ``batch``) is not acknowledged
+        on its own: the next :meth:`messages_to_send` sends one ``deltas_ack`` for every
+        delta answered in order so far."""
+        if self.state is State.OPEN or self._answerable():
+            number = self._rx_pending.pop(delta_id, 0)
+            if not number:
+                self._unanswered.discard(delta_id)
+                self._send(DeltaAck(timestamp=self._clock(), delta_id=delta_id))
+            elif number == self._rx_done + 1 and not self._rx_ahead and not self._rx_dups:
+                self._rx_done = number  # answered in order: the common case
+            else:
+                self._answered(delta_id, number)
 
     def nack(self, delta_id: str, reason: str) -> None:
-        """Reject a received delta (live or from a sync batch), saying why."""
+        """Reject a received delta (live or from a sync batch), saying why. Always sent at
+        once as ``delta_nack``, so it precedes any ``deltas_ack`` that covers the delta."""
         if self._answerable():
-            self._unanswered.discard(delta_id)
             self._send(DeltaNack(timestamp=self._clock(), delta_id=delta_id, reason=reason))
+            number = self._rx_pending.pop(delta_id, 0)
+            if number:
+                self._answered(delta_id, number)
+            else:
+                self._unanswered.discard(delta_id)
 
     def pause(self) -> None:
         """Ask the peer to send no live deltas until :meth:`resume` (no-op if already paused)."""
@@ -426,15 +544,21 @@ class FederationProtocol:
         self._sync_count = 0
 
     def send_sync_batch(
-        self, deltas: tuple[Delta, ...] | list[Delta], *, last: bool, cursor: str | None = None
+        self,
+        deltas: Sequence[Delta | msgspec.Raw],
+        *,
+        last: bool,
+        cursor: str | None = None,
     ) -> None:
         """Server: send the next batch (numbered automatically; ``last`` flags the final one).
-        Held while the peer has paused us. ``cursor``: the position after it (extension)."""
+        Held while the peer has paused us. ``cursor``: the position after it (extension).
+        A delta may be given as ``msgspec.Raw`` of its canonical JSON (as a store keeps it):
+        it is written into the message as it is, unchecked."""
         self._require_server_sync(_Sync.RUNNING, "send a sync batch")
         self._require_cursor_agreed(cursor)
         batch = SyncBatch(
             timestamp=self._clock(),
-            deltas=tuple(deltas),
+            deltas=cast("tuple[Delta, ...]", tuple(deltas)),
             batch_number=self._sync_next_batch,
             is_last_batch=last,
             cursor=cursor,
@@ -492,7 +616,94 @@ class FederationProtocol:
     # ---------------------------------------------------------------- internals
 
     def _send(self, message: Message) -> None:
+        if self._batch:  # committed deltas go first: the wire keeps the order of the calls
+            self._flush_batch()
         self._outbox.append(encode(message))
+
+    def _flush_batch(self) -> None:
+        batch, self._batch = self._batch, []
+        timestamp = self._clock()
+        size = self.max_batch
+        if len(batch) <= size:
+            self._outbox.append(encode(DeltasMessage(timestamp=timestamp, deltas=tuple(batch))))
+            return
+        for start in range(0, len(batch), size):
+            chunk = tuple(batch[start : start + size])
+            self._outbox.append(encode(DeltasMessage(timestamp=timestamp, deltas=chunk)))
+
+    def _commit(self, delta: Delta, message: DeltaMessage | None = None) -> None:
+        """Put a live delta on the wire (now, or with ``batch`` at the next output) and track
+        it until the peer settles it."""
+        delta_id = delta.id
+        self._unacked[delta_id] = delta
+        if self._batching:
+            self._tx_seq += 1
+            self._seq_of[delta_id] = self._tx_seq
+            self._inflight.append(delta_id)
+            self._batch.append(delta)
+        else:
+            self._send(message or DeltaMessage(timestamp=self._clock(), delta=delta))
+
+    def _no_room(self) -> bool:
+        return self._send_window is not None and len(self._unacked) >= self._send_window
+
+    def _drain_waiting(self) -> None:
+        """Extension ``credit``: send waiting deltas, in order, while the window has room."""
+        if self.peer_paused or self.state is not State.OPEN:
+            return
+        waiting = self._waiting
+        window = self._send_window
+        room = len(waiting) if window is None else window - len(self._unacked)
+        held_ids = self._held_ids
+        while waiting and room > 0:
+            delta = waiting.popleft()
+            held_ids.discard(delta.id)
+            self._commit(delta)
+            room -= 1
+
+    def _settled(self, delta_id: str) -> None:
+        """One of our deltas was settled by id (``delta_ack`` / ``delta_nack``)."""
+        seq_of = self._seq_of
+        if seq_of and seq_of.pop(delta_id, None) is not None and not seq_of:
+            # every batched delta is settled: the numbers still queued name none of them
+            self._inflight.clear()
+            self._inflight_base = self._tx_seq
+        if self._waiting:
+            self._drain_waiting()
+
+    def _answered(self, delta_id: str, number: int) -> None:
+        """The application answered the peer's batched delta ``number`` (id ``delta_id``)."""
+        if self._rx_dups:
+            more = self._rx_dups.get(delta_id)
+            if more:
+                self._rx_pending[delta_id] = more.popleft()
+                if not more:
+                    del self._rx_dups[delta_id]
+        self._answered_number(number)
+
+    def _answered_number(self, number: int) -> None:
+        if number == self._rx_done + 1:
+            ahead = self._rx_ahead
+            if ahead:
+                while number + 1 in ahead:
+                    number += 1
+                    ahead.remove(number)
+            self._rx_done = number
+        else:
+            self._rx_ahead.add(number)
+
+    def _check_window(self, arriving: int) -> None:
+        """Extension ``credit``: report a peer whose live deltas in flight go beyond our
+        window (once per excursion beyond it; the deltas are delivered all the same)."""
+        if not self._credit:
+            return
+        unanswered = len(self._unanswered) + self._rx_seq - self._rx_done - len(self._rx_ahead)
+        if unanswered <= self.receive_window < unanswered + arriving:
+            self._violation(
+                ErrorCode.FLOW_CONTROL,
+                f"{unanswered + arriving} unacknowledged live deltas in flight, "
+                f"beyond the window of {self.receive_window}",
+            )
 
     def _send_or_hold(self, message: Message) -> None:
         if self.peer_paused or self._held:
@@ -501,12 +712,20 @@ class FederationProtocol:
             self._send(message)
 
     def _flush_held(self) -> None:
-        while self._held and not self.peer_paused:
-            message = self._held.popleft()
+        """The handshake is done or the peer resumed: send what was held, in order."""
+        if self._waiting:  # older than anything held
+            self._drain_waiting()
+        held = self._held
+        while held:
+            message = held.popleft()
             if isinstance(message, DeltaMessage):
+                if self._waiting or self._no_room():
+                    self._waiting.append(message.delta)  # its id stays in _held_ids
+                    continue
                 self._held_ids.discard(message.delta.id)
-                self._unacked[message.delta.id] = message.delta
-            self._send(message)
+                self._commit(message.delta, message)
+            else:
+                self._send(message)
 
     def _begin_close(self, code: int, reason: str) -> None:
         self.state = State.CLOSING
@@ -556,6 +775,12 @@ class FederationProtocol:
         self._events.append(ProtocolViolation(code=code, message=message))
 
     def _codec_error(self, exc: CodecError) -> None:
+        if exc.items is not None and self.state is State.OPEN:
+            if self._batching:
+                self._receive_items(exc.items)
+            else:
+                self._not_agreed("deltas")
+            return
         if exc.code is ErrorCode.INVALID_DELTA and self.state is State.OPEN:
             self._violation(exc.code, str(exc), delta_id=exc.delta_id)
         else:
@@ -570,8 +795,25 @@ class FederationProtocol:
                 f"unexpected {mtype} for a {self.role.value} in state {self.state.value}",
             )
             return
+        extension = _EXTENSION_OF.get(str(mtype))
+        if extension is not None and extension not in self.extensions_agreed:
+            self._not_agreed(str(mtype))
+            return
         handler = getattr(self, "_on_" + str(mtype))
         handler(message)
+
+    def _not_agreed(self, mtype: str) -> None:
+        self._violation(
+            ErrorCode.UNEXPECTED_MESSAGE,
+            f"unexpected {mtype} for a {self.role.value} in state {self.state.value}: "
+            f"extension {_EXTENSION_OF[mtype]} not agreed",
+        )
+
+    def _agree(self, extensions: Iterable[str], window: int | msgspec.UnsetType) -> None:
+        self.extensions_agreed = frozenset(extensions)
+        self._batching = "batch" in self.extensions_agreed
+        self._credit = "credit" in self.extensions_agreed
+        self._send_window = window if self._credit and isinstance(window, int) else None
 
     def _on_hello(self, message: Hello) -> None:
         if message.protocol != PROTOCOL_VERSION:
@@ -581,14 +823,18 @@ class FederationProtocol:
         self.remote_config = message.config
         answer: tuple[str, ...] | msgspec.UnsetType = msgspec.UNSET
         if message.extensions is not msgspec.UNSET:  # a client of ours: answer with a list
-            answer = tuple(e for e in self.extensions_offered if e in message.extensions)
-            self.extensions_agreed = frozenset(answer)
+            offered = message.extensions
+            if message.window is msgspec.UNSET:  # no credit without the client's window
+                offered = tuple(e for e in offered if e != "credit")
+            answer = tuple(e for e in self.extensions_offered if e in offered)
+            self._agree(answer, message.window)
         self._send(
             HelloAck(
                 timestamp=self._clock(),
                 system_id=self.system_id,
                 link_id=self.link_id,
                 extensions=answer,
+                window=self.receive_window if self._credit else msgspec.UNSET,
             )
         )
         self.state = State.OPEN
@@ -608,9 +854,10 @@ class FederationProtocol:
         self.remote_system_id = message.system_id
         self.link_id = message.link_id
         if message.extensions is not msgspec.UNSET:  # only what we offered counts
-            self.extensions_agreed = frozenset(message.extensions) & frozenset(
-                self.extensions_offered
-            )
+            agreed = frozenset(message.extensions) & frozenset(self.extensions_offered)
+            if message.window is msgspec.UNSET:  # no credit without the server's window
+                agreed -= {"credit"}
+            self._agree(agreed, message.window)
         self.state = State.OPEN
         self._events.append(
             HandshakeComplete(
@@ -635,6 +882,7 @@ class FederationProtocol:
         )
 
     def _on_delta(self, message: DeltaMessage) -> None:
+        self._check_window(1)
         self._unanswered.add(message.delta.id)
         self._events.append(DeltaReceived(delta=message.delta))
 
@@ -643,12 +891,69 @@ class FederationProtocol:
             self.stray_acks += 1
         else:
             self._events.append(DeltaAcked(delta_id=message.delta_id))
+            self._settled(message.delta_id)
 
     def _on_delta_nack(self, message: DeltaNack) -> None:
         if self._unacked.pop(message.delta_id, None) is None:
             self.stray_acks += 1
         else:
             self._events.append(DeltaRejected(delta_id=message.delta_id, reason=message.reason))
+            self._settled(message.delta_id)
+
+    def _on_deltas(self, message: DeltasMessage) -> None:
+        deltas = message.deltas
+        self._check_window(len(deltas))
+        number = self._rx_seq
+        pending = self._rx_pending
+        append = self._events.append
+        for delta in deltas:
+            number += 1
+            if pending.setdefault(delta.id, number) != number:  # already pending: a duplicate
+                self._rx_dups.setdefault(delta.id, deque()).append(number)
+            event = _new(DeltaReceived)  # DeltaReceived(delta=delta), at half the cost
+            _set(event, "delta", delta)
+            append(event)
+        self._rx_seq = number
+
+    def _receive_items(self, items: Sequence[Delta | CodecError]) -> None:
+        """A ``deltas`` message holding invalid deltas: each element keeps its number; the
+        valid ones are delivered, the invalid ones answered at once (``delta_nack`` naming
+        the rule, or ``INVALID_DELTA`` when the id cannot be read) and counted as answered."""
+        self._check_window(len(items))
+        for item in items:
+            self._rx_seq += 1
+            if isinstance(item, CodecError):
+                self._answered_number(self._rx_seq)
+                self._violation(ErrorCode.INVALID_DELTA, str(item), delta_id=item.delta_id)
+            else:
+                if self._rx_pending.setdefault(item.id, self._rx_seq) != self._rx_seq:
+                    self._rx_dups.setdefault(item.id, deque()).append(self._rx_seq)
+                self._events.append(DeltaReceived(delta=item))
+
+    def _on_deltas_ack(self, message: DeltasAck) -> None:
+        sent = self._tx_seq - len(self._batch)  # numbers that went out in ``deltas`` messages
+        up_to = message.up_to
+        if up_to > sent or up_to <= self._tx_acked:  # beyond what we sent, or backwards
+            self.stray_acks += 1
+            up_to = min(up_to, sent)
+            if up_to <= self._tx_acked:
+                return
+        inflight, seq_of, unacked = self._inflight, self._seq_of, self._unacked
+        append = self._events.append
+        number = self._inflight_base
+        while inflight and number < up_to:
+            number += 1
+            delta_id = inflight.popleft()
+            if seq_of.get(delta_id) == number:  # not settled by id meanwhile
+                del seq_of[delta_id]
+                del unacked[delta_id]
+                event = _new(DeltaAcked)  # DeltaAcked(delta_id=delta_id), at half the cost
+                _set(event, "delta_id", delta_id)
+                append(event)
+        self._inflight_base = max(number, up_to)
+        self._tx_acked = up_to
+        if self._waiting:
+            self._drain_waiting()
 
     def _on_sync_request(self, message: SyncRequest) -> None:
         if self._sync is not _Sync.NONE:

@@ -133,8 +133,11 @@ class Network:
         ping_timeout: float = 90.0,
         step_seconds: float = 0.05,
         record: bool = True,
+        extensions: tuple[str, ...] = DEFAULT_EXTENSIONS,
     ) -> None:
         self.seed = seed
+        #: the extensions of nodes added without ``extensions=``
+        self.extensions = extensions
         self.rng = random.Random(seed)
         self.clock = FakeClock()
         self.now = 0.0
@@ -177,7 +180,7 @@ class Network:
         auto_broadcast: bool = True,
         batch_size: int = 100,
         max_parked: int | None = None,
-        extensions: tuple[str, ...] = DEFAULT_EXTENSIONS,
+        extensions: tuple[str, ...] | None = None,
         **node_options: Any,
     ) -> FederationNode:
         """A node over ``store`` (a new MemoryStore by default, or an SQLite file in
@@ -195,7 +198,7 @@ class Network:
             "trust_policy": trust_policy,
             "auto_broadcast": auto_broadcast,
             "batch_size": batch_size,
-            "extensions": extensions,
+            "extensions": self.extensions if extensions is None else extensions,
             **node_options,
         }
         if max_parked is not None:

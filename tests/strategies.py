@@ -26,6 +26,8 @@ from rhizome_proto import (
     DeltaFilter,
     DeltaMessage,
     DeltaNack,
+    DeltasAck,
+    DeltasMessage,
     ErrorCode,
     ErrorMessage,
     FederationConfig,
@@ -293,8 +295,10 @@ _counts = safe_integers(min_value=0)
 _extension_lists = st.just(msgspec.UNSET) | st.lists(st.text(max_size=12), max_size=3).map(tuple)
 _cursors = st.none() | st.text(max_size=24)
 _error_codes = st.sampled_from([c.value for c in ErrorCode]) | st.text(max_size=16)
+_windows = st.just(msgspec.UNSET) | safe_integers(min_value=1)
 
-#: One strategy per message class; the keys are exactly the 14 classes of ``MESSAGE_TYPES``.
+#: One strategy per message class; the keys are exactly the classes of ``MESSAGE_TYPES``
+#: (the 14 of v1 and the two of extension ``batch``).
 MESSAGE_STRATEGIES: dict[type[Any], SearchStrategy[Any]] = {
     Hello: st.builds(
         Hello,
@@ -303,6 +307,7 @@ MESSAGE_STRATEGIES: dict[type[Any], SearchStrategy[Any]] = {
         config=federation_configs(),
         protocol=st.just(PROTOCOL_VERSION) | st.text(max_size=24),
         extensions=_extension_lists,
+        window=_windows,
     ),
     HelloAck: st.builds(
         HelloAck,
@@ -311,12 +316,19 @@ MESSAGE_STRATEGIES: dict[type[Any], SearchStrategy[Any]] = {
         link_id=st.text(max_size=36),
         protocol=st.just(PROTOCOL_VERSION) | st.text(max_size=24),
         extensions=_extension_lists,
+        window=_windows,
     ),
     DeltaMessage: st.builds(DeltaMessage, timestamp=timestamps(), delta=deltas()),
     DeltaAck: st.builds(DeltaAck, timestamp=timestamps(), delta_id=st.text(max_size=16)),
     DeltaNack: st.builds(
         DeltaNack, timestamp=timestamps(), delta_id=st.text(max_size=16), reason=st.text()
     ),
+    DeltasMessage: st.builds(
+        DeltasMessage,
+        timestamp=timestamps(),
+        deltas=delta_lists(min_size=1, max_size=4).map(tuple),
+    ),
+    DeltasAck: st.builds(DeltasAck, timestamp=timestamps(), up_to=_counts),
     SyncRequest: st.builds(
         SyncRequest,
         timestamp=timestamps(),
@@ -356,5 +368,5 @@ MESSAGE_STRATEGIES: dict[type[Any], SearchStrategy[Any]] = {
 
 
 def messages() -> SearchStrategy[Message]:
-    """Any valid v1 message, of any of the 14 classes."""
+    """Any valid message, of any class (v1's 14 and the extensions' two)."""
     return st.one_of(*MESSAGE_STRATEGIES.values())

@@ -1,4 +1,5 @@
-"""The v1 codec: round trips, wire names, and how every kind of bad input is refused."""
+"""The codec (v1 and our extensions' messages): round trips, wire names, and how every kind
+of bad input is refused."""
 
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ from rhizome_proto import (
     DeltaFilter,
     DeltaMessage,
     DeltaNack,
+    DeltasAck,
+    DeltasMessage,
     ErrorCode,
     ErrorMessage,
     FederationConfig,
@@ -76,6 +79,14 @@ DELTA_JSON: dict[str, Any] = {
         {"role": "score", "target": 0.5},
         {"role": "seen", "target": True},
     ],
+}
+DELTA_2 = Delta(id="d2", timestamp=TS, author="bob", system="sys-b")
+DELTA_2_JSON: dict[str, Any] = {
+    "id": "d2",
+    "timestamp": TS,
+    "author": "bob",
+    "system": "sys-b",
+    "pointers": [],
 }
 
 # One message of every class with its exact wire form (camelCase names, absent fields omitted).
@@ -158,6 +169,14 @@ EXAMPLES: list[tuple[Any, dict[str, Any]]] = [
             "deltaId": "d1",
             "reason": "untrusted author: mallory",
         },
+    ),
+    (
+        DeltasMessage(timestamp=TS, deltas=(DELTA, DELTA_2)),
+        {"type": "deltas", "timestamp": TS, "deltas": [DELTA_JSON, DELTA_2_JSON]},
+    ),
+    (
+        DeltasAck(timestamp=TS, up_to=2),
+        {"type": "deltas_ack", "timestamp": TS, "upTo": 2},
     ),
     (
         SyncRequest(
@@ -245,7 +264,7 @@ def codec_error(text: str | bytes) -> CodecError:
 
 def test_message_strategies_cover_every_message_class() -> None:
     assert set(MESSAGE_STRATEGIES) == set(MESSAGE_TYPES.values())
-    assert len(MESSAGE_TYPES) == 14
+    assert len(MESSAGE_TYPES) == 16  # v1's 14, and deltas / deltas_ack (extension batch)
     assert {wire["type"] for _, wire in EXAMPLES} == set(MESSAGE_TYPES)
 
 
@@ -298,6 +317,32 @@ def test_hello_always_carries_protocol_and_config() -> None:
     assert wire["config"] == {}
     ack = json.loads(encode(HelloAck(timestamp=TS, system_id="s", link_id="l")))
     assert ack["protocol"] == PROTOCOL_VERSION
+
+
+def test_extension_fields_of_the_handshake() -> None:
+    hello = Hello(timestamp=TS, system_id="c", extensions=("batch", "credit"), window=500)
+    assert json.loads(encode(hello)) == {
+        "type": "hello",
+        "timestamp": TS,
+        "systemId": "c",
+        "config": {},
+        "protocol": PROTOCOL_VERSION,
+        "extensions": ["batch", "credit"],
+        "window": 500,
+    }
+    ack = HelloAck(timestamp=TS, system_id="s", link_id="l", extensions=("credit",), window=7)
+    assert json.loads(encode(ack)) == {
+        "type": "hello_ack",
+        "timestamp": TS,
+        "systemId": "s",
+        "linkId": "l",
+        "protocol": PROTOCOL_VERSION,
+        "extensions": ["credit"],
+        "window": 7,
+    }
+    assert decode(encode(hello)) == hello and decode(encode(ack)) == ack
+    # absent unless set: a v1 hello has neither field
+    assert "window" not in json.loads(encode(Hello(timestamp=TS, system_id="c")))
 
 
 def test_optional_fields_are_omitted_when_absent() -> None:
@@ -497,7 +542,17 @@ def test_unknown_type_is_reported_even_without_timestamp() -> None:
         ("hello", "systemId", ""),
         ("hello", "config", "bidirectional"),
         ("hello", "protocol", None),
+        ("hello", "window", 0),
+        ("hello", "window", 1.5),
+        ("hello", "window", "10"),
         ("hello_ack", "linkId", 1),
+        ("hello_ack", "window", -1),
+        ("deltas", "deltas", {}),
+        ("deltas", "deltas", []),
+        ("deltas", "deltas", "d1"),
+        ("deltas_ack", "upTo", -1),
+        ("deltas_ack", "upTo", "3"),
+        ("deltas_ack", "upTo", 2.5),
         ("delta_ack", "deltaId", None),
         ("delta_nack", "reason", ["no"]),
         ("sync_request", "filter", []),
@@ -531,6 +586,8 @@ def test_wrong_field_types_are_message_error(message_type: str, field: str, valu
         ("delta", "delta"),
         ("delta_ack", "deltaId"),
         ("delta_nack", "reason"),
+        ("deltas", "deltas"),
+        ("deltas_ack", "upTo"),
         ("sync_start", "batchSize"),
         ("sync_batch", "deltas"),
         ("sync_batch", "isLastBatch"),
@@ -640,6 +697,59 @@ def test_invalid_delta_with_unreadable_id(delta: Any) -> None:
     assert error.delta_id is None
 
 
+def test_invalid_deltas_in_a_deltas_message_are_judged_one_by_one() -> None:
+    wire = example_json("deltas")
+    wire["deltas"] = [
+        DELTA_JSON,
+        DELTA_JSON | {"id": "bad-1", "author": ""},
+        7,
+        {"author": "x"},
+        DELTA_2_JSON,
+    ]
+    error = codec_error(json.dumps(wire))
+    assert error.code == ErrorCode.INVALID_DELTA
+    assert error.message_type == "deltas"
+    assert error.delta_id is None
+    assert "`$.deltas[1].author`" in str(error)
+    assert error.items is not None
+    first, bad, seven, no_id, last = error.items
+    assert (first, last) == (DELTA, DELTA_2)
+    assert isinstance(bad, CodecError) and isinstance(seven, CodecError)
+    assert isinstance(no_id, CodecError)
+    assert [(e.code, e.message_type, e.delta_id) for e in (bad, seven, no_id)] == [
+        (ErrorCode.INVALID_DELTA, "deltas", "bad-1"),
+        (ErrorCode.INVALID_DELTA, "deltas", None),
+        (ErrorCode.INVALID_DELTA, "deltas", None),
+    ]
+    assert str(bad) == "invalid delta: Expected `str` of length >= 1 - at `$.deltas[1].author`"
+    assert str(seven) == "invalid delta: Expected `object`, got `int` - at `$.deltas[2]`"
+    assert "`$.deltas[3]`" in str(no_id) and "id" in str(no_id)
+
+
+@pytest.mark.parametrize(
+    "wire",
+    [
+        {"type": "deltas", "timestamp": 0, "deltas": [{"id": "x"}]},
+        {"type": "deltas", "deltas": [{"id": "x"}]},
+        {"type": "deltas", "timestamp": TS, "deltas": [{"id": "x"}], "extra": 1}
+        | {"timestamp": "1"},
+    ],
+)
+def test_a_deltas_message_with_a_bad_envelope_is_refused_whole(wire: dict[str, Any]) -> None:
+    error = codec_error(json.dumps(wire))
+    assert error.code == ErrorCode.MESSAGE_ERROR
+    assert error.message_type == "deltas"
+    assert error.items is None and error.delta_id is None
+
+
+def test_the_errors_of_v1_messages_have_no_items() -> None:
+    wire = {"type": "delta", "timestamp": TS, "delta": DELTA_JSON | {"author": ""}}
+    assert codec_error(json.dumps(wire)).items is None
+    batch = example_json("sync_batch")
+    batch["deltas"][0]["author"] = ""
+    assert codec_error(json.dumps(batch)).items is None
+
+
 @pytest.mark.parametrize(
     "text",
     [
@@ -732,4 +842,7 @@ def test_codec_error_is_a_value_error_with_defaults() -> None:
 def test_public_names() -> None:
     assert rp.decode is decode and rp.encode is encode
     assert MESSAGE_TYPES["delta"] is DeltaMessage
+    assert MESSAGE_TYPES["deltas"] is DeltasMessage
+    assert MESSAGE_TYPES["deltas_ack"] is DeltasAck
+    assert rp.DeltasMessage is DeltasMessage and rp.DeltasAck is DeltasAck
     assert MESSAGE_TYPES["error"] is ErrorMessage

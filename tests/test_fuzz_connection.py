@@ -5,8 +5,10 @@ frames made by a raw wsproto peer then mutated.
 Setup byte (the first of each input; see ``fuzz.invariants._Options``): 0x01 upgrade already
 done (server) / ``hello_ack`` already received (client), 0x02 ``hello`` already received
 (server), 0x04 compression, 0x08 a 256-byte size limit, 0x10 the client requested a sync,
-0x20 we paused the peer, 0x40 a delta of ours is pending. The second byte places the chunk
-boundaries.
+0x20 we paused the peer, 0x40 a delta of ours is pending (three with 0x80), 0x80 we speak the
+``batch`` and ``credit`` extensions with a receive window of 3 (and the ``hello`` /
+``hello_ack`` fed by 0x01 / 0x02 agree to them, with a window of 2). The second byte places
+the chunk boundaries.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from wsproto.events import BytesMessage, CloseConnection, Ping, TextMessage
 from fuzz.invariants import (
     DICTIONARY,
     UPGRADE_REQUEST,
+    batch_messages,
     check_client_connection,
     check_server_connection,
     client_seed_inputs,
@@ -86,6 +89,29 @@ def test_the_reference_session_as_a_seed() -> None:
         "SyncBatchReceived",
         "SyncCompleted",
     ]
+
+
+def test_the_batch_seeds_reach_the_extensions() -> None:
+    server = run_server_connection(SERVER_SEEDS[-2])
+    client = run_client_connection(CLIENT_SEEDS[-1])
+    for events in (server, client):
+        first = events[0]
+        assert isinstance(first, HandshakeComplete)
+        assert first.extensions == frozenset({"batch", "credit"})
+        assert [e.code for e in events if isinstance(e, ProtocolViolation)] == [
+            "FLOW_CONTROL",  # 5 deltas in flight, window 3
+            "INVALID_DELTA",  # answered with delta_nack
+            "INVALID_DELTA",  # its id cannot be read
+            "FLOW_CONTROL",  # back within the window, then beyond it again
+            "MESSAGE_ERROR",  # a deltas message needs at least one delta
+        ]
+        assert [type(e).__name__ for e in events].count("DeltaReceived") == 7
+        assert isinstance(events[-1], Closed)
+    # without the extensions, the same messages are unexpected
+    plain = run_server_connection(SERVER_SEEDS[-1])
+    assert [e.code for e in plain if isinstance(e, ProtocolViolation)] == [
+        "UNEXPECTED_MESSAGE"
+    ] * 5 + ["MESSAGE_ERROR"]
 
 
 def test_frames_right_behind_the_upgrade_request_are_not_lost() -> None:
@@ -170,6 +196,7 @@ def _raw_frames(from_client: bool) -> list[bytes]:
     peer: RawClient | RawServer = RawClient(opened=True) if from_client else RawServer(opened=True)
     direction = "c2s" if from_client else "s2c"
     frames = [peer.send_json(x["msg"]) for x in reference_session() if x["dir"] == direction]
+    frames += [peer.send_text(m.decode()) for m in batch_messages()]
     text = dumps({"type": "delta", "timestamp": 9, "delta": delta_json("raw-1")})
     frames += [
         peer.send(TextMessage(data=text[:30], message_finished=False))
@@ -197,12 +224,12 @@ def framed(draw: st.DrawFn, frames: list[bytes], setups: list[int]) -> bytes:
 
 
 @deterministic(max_examples=150)
-@given(framed(SERVER_FRAMES, setups=[0x03, 0x0B, 0x23, 0x43, 0x63]))
+@given(framed(SERVER_FRAMES, setups=[0x03, 0x0B, 0x23, 0x43, 0x63, 0x83, 0xC3, 0xE3]))
 def test_server_raw_frames(data: bytes) -> None:
     check_server_connection(data)
 
 
 @deterministic(max_examples=150)
-@given(framed(CLIENT_FRAMES, setups=[0x00, 0x01, 0x09, 0x11, 0x21, 0x41, 0x71]))
+@given(framed(CLIENT_FRAMES, setups=[0x00, 0x01, 0x09, 0x11, 0x21, 0x41, 0x71, 0x81, 0xC1]))
 def test_client_raw_frames(data: bytes) -> None:
     check_client_connection(data)

@@ -51,11 +51,12 @@ class CountingStore:
         return getattr(self.inner, name)
 
 
-def hub_with_two_spokes(store: DeltaStore) -> Network:
+def hub_with_two_spokes(store: DeltaStore, extensions: tuple[str, ...] = ()) -> Network:
+    """v1 links by default: one ``delta_ack`` per delta shows when each is acknowledged."""
     net = Network()
-    net.add_node("hub", store=store)
+    net.add_node("hub", store=store, extensions=extensions)
     for spoke in ("a", "b"):
-        net.add_node(spoke)
+        net.add_node(spoke, extensions=extensions)
         net.connect(spoke, "hub", LinkConfig(initial_sync="none"))
     net.deliver()
     return net
@@ -94,6 +95,26 @@ def test_one_transaction_for_what_every_link_brought_and_acks_only_after_it() ->
         sent = [json.loads(t) for t in conn.messages_to_send()]
         assert [m["deltaId"] for m in sent if m["type"] == "delta_ack"] == [delta.id]
         assert [m["delta"]["id"] for m in sent if m["type"] == "delta"] == [other.id]  # relayed
+
+
+def test_with_live_batching_one_cumulative_ack_follows_the_commit() -> None:
+    store = CountingStore(MemoryStore())
+    net = hub_with_two_spokes(store, extensions=("batch", "credit"))
+    hub = net.node("hub")
+    made = [net.author("a", delta_id=f"a{i}") for i in range(5)]
+    net.send_pending()
+    (ch,) = net.between("a", "hub")
+    assert len(ch.up) == 1  # five deltas, one message
+    conn = net.conn(ch, "server")
+    conn.receive_message(ch.up.popleft(), net.now)
+    assert ch.server_link_id is not None
+    hub.stage(ch.server_link_id)
+    assert [m for m in conn.messages_to_send() if "deltas_ack" in m] == []
+    store.writes.clear()
+    hub.commit()
+    assert store.writes == [([d.id for d in made], {})]
+    acks = [json.loads(m) for m in conn.messages_to_send() if "deltas_ack" in m]
+    assert [m["upTo"] for m in acks] == [5]
 
 
 def test_a_delta_from_two_links_in_one_cycle_is_stored_once_and_acked_on_both() -> None:
@@ -325,10 +346,13 @@ def test_node_rejects_bad_limits() -> None:
 # ---------------------------------------------------------------------- bounded queues
 
 
-def test_a_link_past_its_queue_bound_catches_up_from_the_store_in_order() -> None:
+@pytest.mark.parametrize("extensions", [(), ("batch", "credit")])
+def test_a_link_past_its_queue_bound_catches_up_from_the_store_in_order(
+    extensions: tuple[str, ...],
+) -> None:
     net = Network()
-    hub = net.add_node("server", max_queued=10)
-    net.add_node("client")
+    hub = net.add_node("server", max_queued=10, extensions=extensions)
+    net.add_node("client", extensions=extensions)
     ch = net.connect("client", "server", LinkConfig(initial_sync="none"))
     net.deliver()
     client_link = net.node("client").link(ch.link_id)
@@ -346,7 +370,8 @@ def test_a_link_past_its_queue_bound_catches_up_from_the_store_in_order() -> Non
     net.node("client").resume(ch.link_id)
     net.deliver()
     assert net.ids("client") == {d.id for d in made}
-    order = [d["id"] for t in net.sent("server", "client", "delta") for d in [t.message["delta"]]]
+    order = [t.message["delta"]["id"] for t in net.sent("server", "client", "delta")]
+    order += [d["id"] for t in net.sent("server", "client", "deltas") for d in t.message["deltas"]]
     assert order == [d.id for d in made]
     assert not link.catching_up
     # live again once caught up

@@ -42,6 +42,11 @@ from tests.strategies import delta_filters, deltas, deterministic
 
 # ---------------------------------------------------------------------- helpers
 
+#: These tests read live deltas and acks as v1 messages (``delta``, ``delta_ack``): extension
+#: ``batch`` (``deltas``, one cumulative ``deltas_ack``) is tested in test_hot_path.py and
+#: test_extensions.py, and the simulation runs with every default extension.
+V1_LIVE = ("cursor",)
+
 
 def pair(
     config: LinkConfig | None = None,
@@ -51,7 +56,7 @@ def pair(
     start: bool = True,
 ) -> Network:
     """A network of two nodes: ``client`` with an outgoing link to ``server``."""
-    net = Network()
+    net = Network(extensions=V1_LIVE)
     net.add_node("server", **(server or {}))
     net.add_node("client", **(client or {}))
     net.connect("client", "server", config, start=start)
@@ -153,7 +158,7 @@ def test_push_link_only_sends() -> None:
 
 def test_pull_link_only_receives() -> None:
     early = foreign("early")
-    net = Network()
+    net = Network(extensions=V1_LIVE)
     net.add_node("server").persist_delta(early)
     net.add_node("client")
     net.connect("client", "server", LinkConfig(mode="pull"))
@@ -169,7 +174,7 @@ def test_pull_link_only_receives() -> None:
 
 
 def test_client_nacks_a_delta_its_push_mode_forbids() -> None:
-    net = Network()
+    net = Network(extensions=V1_LIVE)
     net.add_node("client")
     net.add_raw("peer")
     ch = net.connect("client", "peer", LinkConfig(mode="push"))
@@ -188,7 +193,7 @@ def test_client_nacks_a_delta_its_push_mode_forbids() -> None:
 
 
 def test_server_nacks_a_delta_from_a_pull_only_client() -> None:
-    net = Network()
+    net = Network(extensions=V1_LIVE)
     net.add_node("server")
     net.add_raw("peer")
     ch = net.connect("peer", "server", LinkConfig(mode="pull"))
@@ -203,7 +208,7 @@ def test_server_nacks_a_delta_from_a_pull_only_client() -> None:
 
 
 def test_server_refuses_a_sync_to_a_push_only_client() -> None:
-    net = Network()
+    net = Network(extensions=V1_LIVE)
     net.add_node("server").persist_delta(foreign("x"))
     net.add_raw("peer")
     ch = net.connect("peer", "server", LinkConfig(mode="push"))
@@ -240,7 +245,7 @@ def test_remote_pull_filter_from_hello_narrows_live_deltas() -> None:
 
 
 def test_remote_pull_filter_narrows_the_initial_sync() -> None:
-    net = Network()
+    net = Network(extensions=V1_LIVE)
     server = net.add_node("server", batch_size=2)
     for i, author in enumerate(["alice", "bob", "alice", "bob", "alice"]):
         server.persist_delta(foreign(f"d{i}", author=author, timestamp=100 + i))
@@ -259,7 +264,7 @@ def test_sync_applies_the_sync_request_filter_and_the_hello_pull_filter(where: s
     alice, odd = DeltaFilter(authors=("alice",)), DeltaFilter(ids=("d1", "d3", "d5"))
     hello_filter = {"hello": alice, "sync_request": None, "both differ": alice}[where]
     request_filter = {"hello": None, "sync_request": alice, "both differ": odd}[where]
-    net = Network()
+    net = Network(extensions=V1_LIVE)
     server = net.add_node("server")
     for i, author in enumerate(["alice", "alice", "bob", "alice", "bob", "bob"]):
         server.persist_delta(foreign(f"d{i}", author=author, timestamp=100 + i))
@@ -280,7 +285,7 @@ def test_sync_applies_the_sync_request_filter_and_the_hello_pull_filter(where: s
 
 
 def test_own_pull_filter_rejects_what_a_peer_sends_anyway() -> None:
-    net = Network()
+    net = Network(extensions=V1_LIVE)
     net.add_node("client")
     net.add_raw("peer")
     ch = net.connect("client", "peer", LinkConfig(pull_filter=DeltaFilter(authors=("alice",))))
@@ -388,7 +393,7 @@ def test_pull_filter_property(
     with negation as the source store applies it when each delta is offered. In v1 the sync
     goes oldest first by timestamp; with the cursor extension, in the server's storage order."""
     initial, live = sets
-    net = Network()
+    net = Network(extensions=V1_LIVE)
     server = net.add_node("server", batch_size=batch_size, extensions=extensions)
     for delta in initial:
         server.persist_delta(delta)
@@ -423,7 +428,7 @@ def test_push_filter_property(
     (negation as the client's store applies it when each is offered): what the client held
     before its first connection (the push catch-up offers it) and what it authored after."""
     before, live = sets
-    net = Network()
+    net = Network(extensions=V1_LIVE)
     net.add_node("server")
     client = net.add_node("client")
     for delta in before:
@@ -444,7 +449,7 @@ def test_push_filter_property(
 
 
 def test_per_link_author_policy_rejects_untrusted_deltas() -> None:
-    net = Network()
+    net = Network(extensions=V1_LIVE)
     server = net.add_node("server")
     server.persist_delta(foreign("sync-eve", author="eve"))
     server.persist_delta(foreign("sync-ann", author="ann"))
@@ -487,7 +492,7 @@ def test_node_policy_applies_to_incoming_links() -> None:
 def test_incoming_links_always_use_the_node_policy() -> None:
     """A policy set on an incoming link's record is replaced at the handshake (its config
     mirrors the client's hello): incoming links always apply the node-wide policy."""
-    net = Network()
+    net = Network(extensions=V1_LIVE)
     net.add_node("server", trust_policy=create_author_trust_policy(["ann"]))
     net.add_node("client")
     ch = net.connect("client", "server")  # hello queued, not delivered yet
@@ -503,7 +508,7 @@ def test_incoming_links_always_use_the_node_policy() -> None:
 
 
 def test_per_link_policy_replaces_the_node_policy_on_outgoing_links() -> None:
-    net = Network()
+    net = Network(extensions=V1_LIVE)
     server = net.add_node("server")
     for author in ("ann", "bob"):
         server.persist_delta(foreign(f"by-{author}", author=author))
@@ -552,7 +557,7 @@ def test_custom_and_combined_policies() -> None:
 
 
 def test_rejected_delta_is_not_relayed() -> None:
-    net = Network()
+    net = Network(extensions=V1_LIVE)
     net.add_node("hub", trust_policy=create_author_trust_policy(["ann"]))
     for name in ("s1", "s2"):
         net.add_node(name)
@@ -568,7 +573,7 @@ def test_rejected_delta_is_not_relayed() -> None:
 
 
 def hub_and_spokes(spokes: int = 3, **hub_options: Any) -> Network:
-    net = Network()
+    net = Network(extensions=V1_LIVE)
     net.add_node("hub", **hub_options)
     for i in range(spokes):
         net.add_node(f"s{i}")
@@ -594,7 +599,7 @@ def test_known_delta_is_acked_but_not_stored_or_relayed_again() -> None:
 
 
 def test_received_delta_is_never_sent_back() -> None:
-    net = Network()
+    net = Network(extensions=V1_LIVE)
     for name in ("a", "b", "c"):
         net.add_node(name)
     net.connect("b", "a")
@@ -644,7 +649,7 @@ def test_hub_and_spoke_converges() -> None:
 def test_federated_hubs_do_not_loop() -> None:
     """Two hubs, one a client of the other, each with spokes: every delta crosses every link
     exactly once (the tree has 5 links), and the network goes quiet."""
-    net = Network()
+    net = Network(extensions=V1_LIVE)
     for name in ("h1", "h2", "a1", "a2", "b1", "b2"):
         net.add_node(name)
     net.connect("h2", "h1")
@@ -661,7 +666,7 @@ def test_federated_hubs_do_not_loop() -> None:
 
 
 def test_a_cycle_of_hubs_stays_bounded() -> None:
-    net = Network()
+    net = Network(extensions=V1_LIVE)
     for name in ("h1", "h2", "h3", "a", "b", "c"):
         net.add_node(name)
     net.connect("h2", "h1")
@@ -688,7 +693,7 @@ def stored_timestamps(net: Network, name: str) -> list[float]:
 def test_initial_sync_streams_oldest_first_in_batches() -> None:
     """v1 (a peer without the cursor extension): oldest first by timestamp."""
     rng = random.Random(5)
-    net = Network()
+    net = Network(extensions=V1_LIVE)
     server = net.add_node("server", batch_size=4, extensions=())
     stamps = list(range(1, 11)) * 2
     rng.shuffle(stamps)
@@ -713,7 +718,7 @@ def test_initial_sync_streams_oldest_first_in_batches() -> None:
 
 
 def test_cursor_sync_streams_in_storage_order_and_says_where_it_stopped() -> None:
-    net = Network()
+    net = Network(extensions=V1_LIVE)
     server = net.add_node("server", batch_size=4)
     for i, ts in enumerate([50, 10, 40, 20, 30, 60]):
         server.persist_delta(foreign(f"d{i}", timestamp=ts))
@@ -735,7 +740,7 @@ def test_cursor_sync_streams_in_storage_order_and_says_where_it_stopped() -> Non
 
 
 def test_cursor_resume_gets_exactly_what_was_stored_since_whatever_the_clocks() -> None:
-    net = Network()
+    net = Network(extensions=V1_LIVE)
     server = net.add_node("server")
     for i in range(5):
         server.persist_delta(foreign(f"old{i}", timestamp=1000 + i))
@@ -761,7 +766,7 @@ def test_cursor_resume_gets_exactly_what_was_stored_since_whatever_the_clocks() 
 def test_a_cursor_of_another_store_syncs_from_the_beginning() -> None:
     """The server restarted on a new (memory) store under the same system id: the client's
     cursor belongs to the old store and must not skip anything of the new one."""
-    net = Network()
+    net = Network(extensions=V1_LIVE)
     old = net.add_node("server")
     for i in range(5):
         old.persist_delta(foreign(f"old{i}"))
@@ -779,7 +784,7 @@ def test_a_cursor_of_another_store_syncs_from_the_beginning() -> None:
 
 
 def test_another_pull_filter_starts_its_own_cursor() -> None:
-    net = Network()
+    net = Network(extensions=V1_LIVE)
     server = net.add_node("server")
     server.persist_delta(foreign("a1", author="a"))
     server.persist_delta(foreign("b1", author="b"))
@@ -799,7 +804,7 @@ def _cursor_key(remote: str, author: str) -> str:
 
 
 def test_a_v1_client_gets_plain_v1_from_a_server_with_extensions() -> None:
-    net = Network()
+    net = Network(extensions=V1_LIVE)
     server = net.add_node("server")
     for i, ts in enumerate([30, 10, 20]):
         server.persist_delta(foreign(f"d{i}", timestamp=ts))
@@ -815,7 +820,7 @@ def test_a_v1_client_gets_plain_v1_from_a_server_with_extensions() -> None:
 
 
 def test_initial_sync_from_timestamp() -> None:
-    net = Network()
+    net = Network(extensions=V1_LIVE)
     server = net.add_node("server", batch_size=3)
     for i in range(10):
         server.persist_delta(foreign(f"d{i}", timestamp=100 + 10 * i))
@@ -830,7 +835,7 @@ def test_initial_sync_from_timestamp() -> None:
 
 
 def test_initial_sync_none_requests_nothing() -> None:
-    net = Network()
+    net = Network(extensions=V1_LIVE)
     net.add_node("server").persist_delta(foreign("old"))
     net.add_node("client")
     net.connect("client", "server", LinkConfig(initial_sync="none"))
@@ -858,7 +863,7 @@ def big_server(n: int, batch_size: int) -> tuple[Network, RecordingStore]:
         ]
     )
     store = RecordingStore(inner)
-    net = Network(record=False)
+    net = Network(record=False, extensions=V1_LIVE)
     net.add_node("server", store=store, batch_size=batch_size, extensions=())
     net.add_node("client", extensions=())
     return net, store
@@ -891,7 +896,7 @@ def test_initial_sync_with_filters_stays_bounded() -> None:
 
 
 def test_sync_produces_no_batches_while_the_peer_paused_us() -> None:
-    net = Network()
+    net = Network(extensions=V1_LIVE)
     server = net.add_node("server", batch_size=2)
     for i in range(6):
         server.persist_delta(foreign(f"d{i}", timestamp=10 + i))
@@ -924,7 +929,7 @@ def test_sync_produces_no_batches_while_the_peer_paused_us() -> None:
 
 def test_ack_only_after_the_delta_is_stored() -> None:
     store = FailingStore(MemoryStore())
-    net = Network()
+    net = Network(extensions=V1_LIVE)
     net.add_node("server", store=store)
     net.add_node("client")
     ch = net.connect("client", "server")
@@ -953,7 +958,7 @@ def test_a_store_failure_leaves_later_events_queued() -> None:
     the ``Closed`` event (carrying our unsettled delta) must still be handled afterwards, or
     that delta would never be retransmitted."""
     store = FailingStore(MemoryStore())
-    net = Network()
+    net = Network(extensions=V1_LIVE)
     net.add_node("server")
     client = net.add_node("client", store=store)
     ch = net.connect("client", "server", LinkConfig(initial_sync="none"))

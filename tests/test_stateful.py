@@ -9,9 +9,15 @@ timeout). Invariants, checked after every step and as events arrive:
 * a paused peer is sent nothing new: once our pause reached the peer and until we resume, only
   deltas it had already sent may arrive;
 * each delta is delivered at most once; no event follows ``Closed``; at most one ``Closed``.
+
+The same machine runs a second time with extensions ``batch`` and ``credit`` agreed and small
+windows, adding: never more of a side's live deltas in flight than the peer's window, and no
+``FLOW_CONTROL`` violation between two of ours.
 """
 
 from __future__ import annotations
+
+from typing import Any, ClassVar
 
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
@@ -31,6 +37,7 @@ from rhizome_proto import (
     Event,
     LocalProtocolError,
     Paused,
+    ProtocolViolation,
     Resumed,
     State,
 )
@@ -41,11 +48,23 @@ sides = st.sampled_from(SIDES)
 
 
 class PairMachine(RuleBasedStateMachine):
+    #: more options for each side's connection
+    CLIENT_OPTIONS: ClassVar[dict[str, Any]] = {}
+    SERVER_OPTIONS: ClassVar[dict[str, Any]] = {}
+
     def __init__(self) -> None:
         super().__init__()
         self.pair = ConnectionPair(
-            client_options={"ping_interval": 20.0, "ping_timeout": PING_TIMEOUT},
-            server_options={"ping_interval": 25.0, "ping_timeout": PING_TIMEOUT},
+            client_options={
+                "ping_interval": 20.0,
+                "ping_timeout": PING_TIMEOUT,
+                **self.CLIENT_OPTIONS,
+            },
+            server_options={
+                "ping_interval": 25.0,
+                "ping_timeout": PING_TIMEOUT,
+                **self.SERVER_OPTIONS,
+            },
         )
         self.pair.listener = self.on_events
         self.counter = 0
@@ -64,6 +83,7 @@ class PairMachine(RuleBasedStateMachine):
         conn = self.pair.conn(side)
         for index, event in enumerate(events):
             assert self.closed[side] == 0, f"{side} got {event!r} after Closed"
+            assert not (isinstance(event, ProtocolViolation) and event.code == "FLOW_CONTROL")
             if isinstance(event, Closed):
                 self.closed[side] += 1
                 self.unsettled[side] = {d.id for d in event.unsettled}
@@ -197,6 +217,13 @@ class PairMachine(RuleBasedStateMachine):
                 assert not pending
 
     @invariant()
+    def within_the_window(self) -> None:
+        for side in SIDES:
+            conn = self.pair.conn(side)
+            if conn.send_window is not None:
+                assert len(conn.unacknowledged) <= conn.send_window
+
+    @invariant()
     def at_most_one_closed(self) -> None:
         for side in SIDES:
             assert self.closed[side] <= 1
@@ -219,6 +246,26 @@ class PairMachine(RuleBasedStateMachine):
         self.nothing_is_lost()
 
 
+class BatchCreditPairMachine(PairMachine):
+    CLIENT_OPTIONS: ClassVar[dict[str, Any]] = {
+        "extensions": ("batch", "credit"),
+        "receive_window": 3,
+        "max_batch": 2,
+    }
+    SERVER_OPTIONS: ClassVar[dict[str, Any]] = {
+        "extensions": ("credit", "batch"),
+        "receive_window": 2,
+    }
+
+    @invariant()
+    def both_agreed(self) -> None:
+        for side in SIDES:
+            conn = self.pair.conn(side)
+            if conn.is_open:
+                assert conn.extensions_agreed == {"batch", "credit"}
+                assert conn.send_window == (2 if side == "client" else 3)
+
+
 PairMachine.TestCase.settings = settings(
     max_examples=100,
     stateful_step_count=40,
@@ -228,3 +275,5 @@ PairMachine.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow],
 )
 TestPairMachine = PairMachine.TestCase
+BatchCreditPairMachine.TestCase.settings = PairMachine.TestCase.settings
+TestBatchCreditPairMachine = BatchCreditPairMachine.TestCase

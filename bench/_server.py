@@ -6,7 +6,8 @@
 ``serve`` (preloading N deltas into the store first, if asked) listens on a free port of
 127.0.0.1, prints ``listening on ws://...`` and serves until killed. ``push`` connects a memory
 instance to URL (mode push, no initial sync), persists N deltas that stream to the server over
-the link, waits for a ``delta:sent`` event (the server's ack) for each and prints
+the link (``persist_deltas`` in chunks of 1,000), waits for a ``delta:sent`` event (the
+server's ack) for each and prints
 ``result {"rate": deltas/s, "wire": bytes of the link}``, timed from the first persist to the
 last ack.
 """
@@ -37,6 +38,10 @@ def open_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 def preload(db: Any, n: int) -> None:
     for i in range(0, n, CHUNK):
         db.store.put_many(delta_objects(i, min(i + CHUNK, n)))
+
+
+#: Deltas the pushing instance persists per call (one transaction each).
+CHUNK = 1000
 
 
 class Acks:
@@ -76,16 +81,16 @@ async def push_async(
     wait: Callable[[], Awaitable[Any]],
     tick: Callable[[], Awaitable[Any]],
 ) -> None:
-    """Persist the deltas, letting the link's writer run every 100 (``tick``)."""
+    """Persist the deltas, a chunk per transaction, letting the link's writer run after each
+    (``tick``)."""
     async with db_class(system_id="bench-client") as db:
         link = await db.connect_to_remote(args.url, PUSH)
-        db.on_federation_event(Acks(args.n, event.set))
+        db.on_federation_event(Acks(args.n, event.set), ["delta:sent", "delta:rejected"])
         deltas = delta_objects(0, args.n)
         start = time.perf_counter()
-        for i, delta in enumerate(deltas, 1):
-            await db.persist_delta(delta)
-            if i % 100 == 0:
-                await tick()
+        for i in range(0, len(deltas), CHUNK):
+            await db.persist_deltas(deltas[i : i + CHUNK])
+            await tick()
         await wait()
         report(start, args.n, link)
 
@@ -140,11 +145,11 @@ def run_threaded(args: argparse.Namespace) -> None:
     with FederatedRhizomeDB(system_id="bench-client") as client:
         link = client.connect_to_remote(args.url, PUSH, timeout=args.timeout)
         done = threading.Event()
-        client.on_federation_event(Acks(args.n, done.set))
+        client.on_federation_event(Acks(args.n, done.set), ["delta:sent", "delta:rejected"])
         deltas = delta_objects(0, args.n)
         start = time.perf_counter()
-        for delta in deltas:
-            client.persist_delta(delta)
+        for i in range(0, len(deltas), CHUNK):
+            client.persist_deltas(deltas[i : i + CHUNK])
         if not done.wait(args.timeout):
             raise TimeoutError(f"not every delta acknowledged within {args.timeout} s")
         report(start, args.n, link)

@@ -58,7 +58,7 @@ SIZES: dict[str, Size] = {
     "rtt": Size(200, 2_000, "p50"),
     "sync-serve": Size(2_000, 100_000, "rate"),
     "sync-client": Size(2_000, 100_000, "rate"),
-    "live-batch": Size(500, 20_000, "rate"),
+    "live-batch": Size(500, 50_000, "rate"),
 }
 
 
@@ -75,7 +75,7 @@ def targets(scenario: str, runtimes: list[str]) -> list[Target]:
         "rtt": cli + lib_mem + lib_sql,
         "sync-serve": cli[1:] + lib_mem + lib_sql,  # `rhizome serve --memory` starts empty
         "sync-client": cli,
-        "live-batch": lib_mem,
+        "live-batch": lib_mem + [Target("lib", rt, "sqlite") for rt in runtimes],
     }[scenario]
 
 

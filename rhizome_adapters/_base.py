@@ -386,10 +386,10 @@ class DBBase(abc.ABC, Generic[LinkT]):
                 author, pointers, id=id or str(uuid.uuid4()), timestamp=timestamp
             )
 
-    def _persist(self, delta: Delta) -> bool:
+    def _persist(self, deltas: Iterable[Delta]) -> list[bool]:
         with self._guard():
             self._check_open()
-            stored = self._node.persist_delta(delta)
+            stored = self._node.persist_deltas(deltas)
         self._wake_writers()
         return stored
 

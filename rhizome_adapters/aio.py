@@ -27,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Iterable, Sequence
 from ssl import SSLContext
 from types import TracebackType
 from typing import Any
@@ -248,7 +248,12 @@ class FederatedRhizomeDB(DBBase[FederationLink]):
 
     async def persist_delta(self, delta: Delta) -> bool:
         """Store a delta and send it to every link that should get it; ``False`` if known."""
-        return self._persist(delta)
+        return self._persist((delta,))[0]
+
+    async def persist_deltas(self, deltas: Iterable[Delta]) -> list[bool]:
+        """Store several deltas in one transaction (one fsync with SQLite) and send each to
+        every link that should get it; ``False`` for each one already stored."""
+        return self._persist(deltas)
 
     # ---------------------------------------------------------------- events
 

@@ -265,7 +265,12 @@ class FederatedRhizomeDB(DBBase[FederationLink]):
 
     def persist_delta(self, delta: Delta) -> bool:
         """Store a delta and send it to every link that should get it; ``False`` if known."""
-        return self._persist(delta)
+        return self._persist((delta,))[0]
+
+    def persist_deltas(self, deltas: Iterable[Delta]) -> list[bool]:
+        """Store several deltas in one transaction (one fsync with SQLite) and send each to
+        every link that should get it; ``False`` for each one already stored."""
+        return self._persist(deltas)
 
     # ---------------------------------------------------------------- events
 

@@ -24,7 +24,7 @@ import contextlib
 import inspect
 import logging
 import math
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager
 from ssl import SSLContext
 from types import TracebackType
@@ -293,7 +293,12 @@ class FederatedRhizomeDB(DBBase[FederationLink]):
 
     async def persist_delta(self, delta: Delta) -> bool:
         """Store a delta and send it to every link that should get it; ``False`` if known."""
-        stored = self._persist(delta)
+        return (await self.persist_deltas((delta,)))[0]
+
+    async def persist_deltas(self, deltas: Iterable[Delta]) -> list[bool]:
+        """Store several deltas in one transaction (one fsync with SQLite) and send each to
+        every link that should get it; ``False`` for each one already stored."""
+        stored = self._persist(deltas)
         await trio.lowlevel.checkpoint()
         return stored
 

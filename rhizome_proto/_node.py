@@ -323,12 +323,18 @@ class FederationNode:
         Raises :class:`InvalidDeltaError` for an invalid delta; returns ``False`` when a delta
         with this id was already stored (nothing is sent again).
         """
-        delta = validate_delta(delta)
-        seq = self.store.put_many((delta,), validate=False)[0]
-        if seq is None:
-            return False
-        self._broadcast(delta, source=None, seq=seq)
-        return True
+        return self.persist_deltas((delta,))[0]
+
+    def persist_deltas(self, deltas: Iterable[Delta]) -> list[bool]:
+        """:meth:`persist_delta` for several deltas in one store transaction (one fsync);
+        ``False`` for each one already stored. Raises :class:`InvalidDeltaError` (storing
+        nothing) if one is invalid."""
+        valid = [validate_delta(delta) for delta in deltas]
+        seqs = self.store.put_many(valid, validate=False)
+        for delta, seq in zip(valid, seqs, strict=True):
+            if seq is not None:
+                self._broadcast(delta, source=None, seq=seq)
+        return [seq is not None for seq in seqs]
 
     def create_delta(
         self,

@@ -614,3 +614,25 @@ async def test_handlers_get_only_the_event_types_they_ask_for() -> None:
         await wait_until(lambda: bool(only) and only[-1].type == "sync:completed")
         assert [e.type for e in only] == ["link:connected", "sync:completed"]
         assert len(everything.of("delta:received")) == 3
+
+
+@deadline()
+async def test_persist_deltas_stores_many_in_one_transaction_and_sends_each(
+    tmp_path: Path,
+) -> None:
+    async with (
+        pair() as (server, _client, url),
+        FederatedRhizomeDB(
+            system_id="writer", storage="sqlite", path=str(tmp_path / "w.db")
+        ) as writer,
+    ):
+        await writer.connect_to_remote(url, LinkConfig(mode="push", initial_sync="none"))
+        made = [
+            writer.create_delta("alice", [{"role": "n", "target": i}], id=f"m{i}")
+            for i in range(300)
+        ]
+        assert await writer.persist_deltas([*made, made[0]]) == [True] * 300 + [False]
+        await wait_until(lambda: len(server.store) == 300)
+        assert [d.id for d in writer.scan_deltas()] == [d.id for d in made]
+        with pytest.raises(InvalidDeltaError):
+            await writer.persist_deltas([Delta(id="", timestamp=1, author="a", system="s")])

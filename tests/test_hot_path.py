@@ -378,3 +378,22 @@ def test_a_link_past_its_queue_bound_catches_up_from_the_store_in_order(
     late = net.author("server", delta_id="late")
     net.deliver()
     assert late.id in net.store("client")
+
+
+def test_persist_deltas_is_one_write_and_reports_what_was_known() -> None:
+    store = CountingStore(MemoryStore())
+    net = Network(extensions=())
+    node = net.add_node("server", store=store)
+    net.add_node("client")
+    net.connect("client", "server", LinkConfig(initial_sync="none"))
+    net.deliver()
+    deltas = [make_delta(f"p{i}", system="server") for i in range(5)]
+    store.writes.clear()
+    assert node.persist_deltas([*deltas[:3], deltas[0]]) == [True, True, True, False]
+    assert node.persist_deltas(deltas) == [False, False, False, True, True]
+    assert [ids for ids, _ in store.writes] == [
+        ["p0", "p1", "p2", "p0"],
+        ["p0", "p1", "p2", "p3", "p4"],
+    ]
+    net.deliver()
+    assert net.ids("client") == {d.id for d in deltas}

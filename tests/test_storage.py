@@ -9,10 +9,12 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
+import tracemalloc
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -444,6 +446,124 @@ def test_open_store(tmp_path: Path) -> None:
         open_store("sqlite", "")
     with pytest.raises(ValueError, match="unknown storage"):
         open_store("redis")  # type: ignore[arg-type]
+
+
+# --- stored text and timestamp order -------------------------------------------------------
+
+
+def test_scan_raw_gives_the_canonical_text_and_the_timestamp_as_given(store: Store) -> None:
+    given = [
+        delta("i", 3, pointers=(Pointer("n", Reference("e", "c")), Pointer("v", 1.5))),
+        delta("f", 3.0, author='b\u00e9"q'),
+        delta("h", 2.5),
+        delta("max", 2**53 - 1),
+        delta("tiny", 1e-300),
+    ]
+    store.put_many(given)
+    for order, seqs in (("sequence", [1, 2, 3, 4, 5]), ("timestamp", [5, 3, 1, 2, 4])):
+        raw = store.scan_raw(order=order)  # type: ignore[arg-type]
+        assert [seq for seq, _, _ in raw] == seqs
+        for seq, timestamp, text in raw:
+            kept = given[seq - 1]
+            assert text == msgspec.json.encode(kept)
+            assert timestamp == kept.timestamp
+            assert type(timestamp) is type(kept.timestamp)
+    # 3 and 3.0 are equal: the tie is broken by sequence number, whatever the type
+    assert [r[0] for r in store.scan_raw(order="timestamp", after=(3, 1))] == [2, 4]
+    assert [r[0] for r in store.scan_raw(order="timestamp", after=(3.0, 2))] == [4]
+    assert [r[0] for r in store.scan_raw(order="timestamp", after=(2.5, 3))] == [1, 2, 4]
+    assert [r[0] for r in store.scan_raw(from_timestamp=3.0)] == [1, 2, 4]
+    assert store.count(from_timestamp=3) == 3
+    exactly_three = DeltaFilter(timestamp_range=TimestampRange(start=3.0, end=3))
+    assert ids(store.scan(filter=exactly_three, order="timestamp")) == ["i", "f"]
+    assert ids(store.scan(filter=DeltaFilter(authors=('b\u00e9"q',)))) == ["f"]
+
+
+def _timestamp(rng: random.Random, i: int) -> float:
+    """Mostly rising, sometimes late or equal to earlier ones; ints and floats mixed."""
+    base = rng.choice([10 + i, 10 + i, rng.randint(1, 30), 1])
+    kind = rng.random()
+    return float(base) if kind < 0.3 else base + 0.5 if kind < 0.4 else base
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_timestamp_order_stays_right_as_deltas_arrive_around_the_first_timestamp_scan(
+    store: Store, seed: int
+) -> None:
+    rng = random.Random(seed)
+    given: list[Delta] = []
+    for round_ in range(6):
+        batch = [
+            delta(f"d{len(given) + k:03}", _timestamp(rng, len(given) + k))
+            for k in range(rng.randint(0, 40))
+        ]
+        if rng.random() < 0.5:
+            store.put_many(batch)
+        else:
+            for d in batch:
+                store.put(d)
+        given.extend(batch)
+        if round_ == 0 and seed % 2:
+            continue  # some timestamp orders are first needed after several rounds of puts
+        expected = sorted(enumerate(given, start=1), key=lambda pair: (pair[1].timestamp, pair[0]))
+        if seed < 2:  # a count builds the order first, or a scan does
+            assert store.count(from_timestamp=15) == sum(d.timestamp >= 15 for d in given)
+        assert scan_all(store, order="timestamp", limit=rng.randint(1, 50)) == expected
+        assert store.count(from_timestamp=15.5) == sum(d.timestamp >= 15.5 for d in given)
+        raw = store.scan_raw(order="timestamp", limit=len(given) + 1)
+        assert [(seq, ts) for seq, ts, _ in raw] == [(seq, d.timestamp) for seq, d in expected]
+
+
+# --- MemoryStore only -----------------------------------------------------------------------
+
+
+def test_memory_store_hands_back_the_text_it_kept() -> None:
+    store = MemoryStore()
+    given = delta("a", 5, pointers=(Pointer("v", 0.1), Pointer("negates", Reference("z"))))
+    store.put(given)
+    [(seq, timestamp, text)] = store.scan_raw()
+    assert (seq, timestamp, text) == (1, 5, msgspec.json.encode(given))
+    # the same bytes object every time, whichever path found it: kept, never encoded again
+    for flt in (None, DeltaFilter(), DeltaFilter(authors=("alice",)), DeltaFilter(ids=("a",))):
+        for order in ("sequence", "timestamp"):
+            [(_, _, again)] = store.scan_raw(filter=flt, order=order)  # type: ignore[arg-type]
+            assert again is text
+    assert store.get("a") == given
+
+
+def _typical(i: int) -> Delta:
+    """A delta like the benchmarks' (about 270 bytes of JSON)."""
+    return Delta(
+        id=f"delta-{i:08d}",
+        timestamp=1_795_624_086_443 + i,
+        author="server-author",
+        system="ref-server-001",
+        pointers=(
+            Pointer("movie", Reference(f"movie-{i % 97}", "reviews")),
+            Pointer("text", f"great great great review #{i}"),
+            Pointer("rating", i % 5 + 1),
+        ),
+    )
+
+
+def test_memory_store_keeps_the_text_and_no_delta_objects() -> None:
+    deltas = [_typical(i) for i in range(3000)]
+    refcounts = [sys.getrefcount(d) for d in deltas]
+    store = MemoryStore()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        store.put_many(deltas[:1500], validate=False)
+        store.put_many(deltas[1500:])  # nor the copies validation makes
+        kept = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    # no reference to a delta it was given
+    assert [sys.getrefcount(d) for d in deltas] == refcounts
+    # per delta: its text, its id and some 100 bytes of indexes (a kept Delta adds ~700 bytes)
+    text_bytes = sum(len(msgspec.json.encode(d)) for d in deltas)
+    assert kept < text_bytes + 300 * len(deltas)
+    assert store.get("delta-00002999") == deltas[-1]
 
 
 # --- SQLite only ----------------------------------------------------------------------------

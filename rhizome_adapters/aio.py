@@ -9,9 +9,10 @@ Each live connection (:class:`_Session`) has one reader task and one writer task
 * the reader reads up to 64 KiB, feeds the core and runs the pump (``FederatedRhizomeDB._pump``):
   take the node's events for that link, wake every connection's writer (a broadcast queues
   output on other links), re-arm the core's one timer, hand the events to the handlers;
-* the writer is the only place that writes: it takes ``data_to_send()``, awaits ``drain()``
-  (backpressure), streams the link's initial sync one batch per ``drain()`` (memory bounded by
-  the transport buffer) and closes the transport when the core says so.
+* the writer takes ``data_to_send()``, awaits ``drain()`` (backpressure), streams the link's
+  initial sync (memory bounded by the transport buffer) and closes the transport when the core
+  says so; when the transport has nothing buffered, what a commit queued (acknowledgements,
+  live deltas) is written at once instead (``_Session.flush``), without a turn of the loop.
 
 Reading never waits for writing, so a peer's ``pause``, pings and acks are read while a large
 sync is written (one task doing both could deadlock with a peer that writes nacks as it reads).
@@ -155,6 +156,22 @@ class _Session:
         finally:
             self.writer.close()
 
+    def flush(self) -> None:
+        """Write what the core has queued now if the transport has nothing buffered (the usual
+        case: acknowledgements, live deltas), saving the writer task a turn of the loop; else,
+        or when a sync batch or the close is due, wake the writer. Bytes are taken and written
+        with no ``await`` in between here and in the writer, so they stay in order."""
+        transport = self.writer.transport
+        if not transport.is_closing() and transport.get_write_buffer_size() == 0:
+            data = self.conn.data_to_send()
+            if data:
+                self.writer.write(data)
+                self.link.stats.bytes_sent += len(data)
+            self.rearm()
+            if not self.conn.should_close and not self.link._sync_ready(self.conn):
+                return
+        self.wake.set()
+
     def fail(self, exc: BaseException) -> None:
         """A transport failure: report it (``link:error``); the core sees the connection lost."""
         self.db._fail(self, exc)
@@ -270,7 +287,7 @@ class FederatedRhizomeDB(DBBase[FederationLink]):
 
     def _wake_writers(self) -> None:
         for session in self._sessions:
-            session.wake.set()
+            session.flush()
 
     def _commit_soon(self) -> None:
         """Group commit: the readers that got data in this turn of the loop all stage what
@@ -282,13 +299,16 @@ class FederatedRhizomeDB(DBBase[FederationLink]):
     def _commit_cycle(self) -> None:
         self._commit_scheduled = False
         try:
-            self._commit()
+            events = self._node.commit()
         except Exception as exc:
             # nothing staged was acknowledged: drop the connections, their peers send it again
             log.exception("storing received deltas failed; closing every connection")
             for session in list(self._sessions):
                 if not session.conn.closed:
                     session.fail(exc)
+            return
+        self._wake_writers()
+        self._dispatch(events)
 
     # ---------------------------------------------------------------- server
 

@@ -51,6 +51,7 @@ __all__ = [
     "DISCONNECT_WAIT",
     "READ_SIZE",
     "REFUSAL",
+    "SYNC_BUFFER",
     "DBBase",
     "EventHandler",
     "EventHandlers",
@@ -70,6 +71,9 @@ EventHandler: TypeAlias = Callable[[FederationEvent], Awaitable[None] | None]
 
 #: Bytes asked of the transport per read.
 READ_SIZE = 64 * 1024
+#: Bytes of sync batches queued before they are written (several batches per write), and
+#: written between two turns a streaming writer gives the rest of the runtime.
+SYNC_BUFFER = 256 * 1024
 #: Seconds a closed connection's transport gets to flush its last bytes before it is aborted.
 CLOSE_GRACE = 5.0
 #: Seconds ``disconnect``/``close`` wait for a link to end (the core's close timeout is 10 s).
@@ -481,10 +485,17 @@ class DBBase(abc.ABC, Generic[LinkT]):
         commits at once; the asyncio adapter waits for the end of the loop's cycle."""
         self._commit()
 
-    def _sync_step(self, link_id: str) -> None:
-        """The next batch of the link's sync; the events it made (a delta too large to send)
-        are dispatched with the next commit."""
-        self._node.sync_step(link_id)
+    def _stream_sync(self, link: LinkBase, conn: FederationConnection) -> None:
+        """The next batches of the link's sync (or push catch-up), until ``SYNC_BUFFER`` bytes
+        wait to be written or none is ready: one write carries several batches."""
+        self._node.sync_step(link.id)
+        while conn.outbound_size < SYNC_BUFFER and link._sync_ready(conn):
+            self._node.sync_step(link.id)
+
+    def _sync_step(self, link: LinkBase, conn: FederationConnection) -> None:
+        """:meth:`_stream_sync`; the events it made (a delta too large to send) are
+        dispatched with the next commit."""
+        self._stream_sync(link, conn)
         if self._node.has_events:
             self._commit_soon()
 

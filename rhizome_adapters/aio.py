@@ -48,6 +48,7 @@ from ._base import (
     DISCONNECT_WAIT,
     READ_SIZE,
     REFUSAL,
+    SYNC_BUFFER,
     DBBase,
     EventHandler,
     LinkBase,
@@ -60,10 +61,6 @@ from ._base import parse_url as _parse_url  # noqa: F401 -- importable from here
 __all__ = ["EventHandler", "FederatedRhizomeDB", "FederationLink", "LinkStatus"]
 
 log = logging.getLogger(__name__)
-
-#: Bytes a writer streaming a sync writes before it lets the loop run (the reader and the other
-#: links in): a loop turn per batch would cost more than the batch.
-SYNC_BUFFER = 256 * 1024
 
 
 class _Session:
@@ -141,9 +138,7 @@ class _Session:
                         continue  # more may have been queued meanwhile
                     if not link._sync_ready(conn):
                         break
-                    self.db._sync_step(link.id)
-                    while conn.outbound_size < SYNC_BUFFER and link._sync_ready(conn):
-                        self.db._sync_step(link.id)  # several batches per write
+                    self.db._sync_step(link, conn)
                     if link.stats.bytes_sent - yielded_at >= SYNC_BUFFER:
                         yielded_at = link.stats.bytes_sent
                         await asyncio.sleep(0)  # let the reader and the other links in

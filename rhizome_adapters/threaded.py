@@ -159,7 +159,7 @@ class _Session:
                     with db._lock:
                         data = conn.data_to_send()
                         if not data and link._sync_ready(conn):
-                            db._node.sync_step(link.id)
+                            db._stream_sync(link, conn)
                             stepped, reported = True, db._node.has_events
                         done = conn.should_close
                     if reported:  # a delta too large to send: say so now

@@ -144,8 +144,8 @@ class _Session:
                             continue  # more may have been queued meanwhile
                         if not link._sync_ready(conn):
                             break
-                        self.db._sync_step(link.id)
-                        await trio.lowlevel.checkpoint()  # let the reader in between batches
+                        self.db._sync_step(link, conn)
+                        await trio.lowlevel.checkpoint()  # let the reader in between writes
                     if conn.should_close:
                         break
         except _BROKEN as exc:

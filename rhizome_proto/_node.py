@@ -616,6 +616,14 @@ class FederationNode:
         policy = cfg.trust_policy or self.trust_policy
         return policy.check(delta)
 
+    def _checks(self, link: NodeLink) -> bool:
+        """Whether what the link brings must pass :meth:`_verdict` (else everything may)."""
+        cfg = link.config
+        policy = cfg.trust_policy or self.trust_policy
+        return not (
+            cfg.receives and cfg.pull_filter is None and type(policy) is PermissiveTrustPolicy
+        )
+
     def _store_staged(self) -> None:
         """Group commit: settle every staged delta (already stored: acknowledge; refused:
         nack), store the accepted ones and the staged meta in one transaction, then
@@ -623,22 +631,29 @@ class FederationNode:
         staged, self._staged = self._staged, []
         meta, self._staged_meta = self._staged_meta, {}
         store, out = self.store, self._out
-        stored = store.stored_ids([d.id for entry in staged for d in entry[2]])
+        # the common case decided once per group: everything is let through (then a sync
+        # batch needs no look-up either: the store skips what it holds)
+        checked = [self._checks(link) for link, _, _, _ in staged]
+        stored = store.stored_ids(
+            [
+                d.id
+                for entry, check in zip(staged, checked, strict=True)
+                if check or entry[3]
+                for d in entry[2]
+            ]
+        )
         accepted: list[_Staged] = []
-        for link, conn, deltas, live in staged:
-            cfg = link.config
-            policy = cfg.trust_policy or self.trust_policy
-            # the common case decided once per group: everything is let through
-            checked = not (
-                cfg.receives and cfg.pull_filter is None and type(policy) is PermissiveTrustPolicy
-            )
+        for (link, conn, deltas, live), check in zip(staged, checked, strict=True):
+            if not (check or live):
+                accepted.append((link, conn, deltas, live))
+                continue
             keep: list[Delta] = []
             for delta in deltas:
                 if delta.id in stored:
                     if live:
                         conn.ack(delta.id)
                     continue
-                reason = self._verdict(link, delta) if checked else None
+                reason = self._verdict(link, delta) if check else None
                 if reason is None:
                     keep.append(delta)
                     continue

@@ -6,6 +6,7 @@ Each subprocess has an absolute timeout, every server and client started here is
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import json
 import os
@@ -391,3 +392,71 @@ def test_connect_stays_and_receives_live_deltas(tmp_path: Path, spawn: Spawn) ->
     assert client.popen.poll() is None
     assert client.stop(signal.SIGINT) == 0
     assert server.stop() == 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("extensions", [[], ["batch", "credit"]], ids=["v1", "batch"])
+def test_every_acknowledged_delta_survives_sigkill_of_the_server(
+    spawn: Spawn, tmp_path: Path, extensions: list[str]
+) -> None:
+    """Group commit keeps its promise: a client streams deltas into ``rhizome serve`` and the
+    server is killed with SIGKILL mid-stream; every delta it acknowledged is in the file."""
+    from websockets.sync.client import connect
+
+    db = tmp_path / "server.sqlite"
+    server, url = serve(spawn, "--db", str(db))
+    acked: set[str] = set()
+    sent: list[str] = []
+    with connect(url, open_timeout=10, close_timeout=1) as ws:
+        hello = {"type": "hello", "timestamp": 1, "systemId": "killer", "config": {}}
+        hello |= {"protocol": "rhizomedb-federation-v1", "extensions": extensions}
+        ws.send(json.dumps(hello))
+        assert json.loads(ws.recv(timeout=10))["type"] == "hello_ack"
+        batch = bool(extensions)
+
+        def writer() -> None:
+            with contextlib.suppress(Exception):
+                for chunk in range(400):
+                    ids = [f"k{chunk:03}-{i:02}" for i in range(50)]
+                    deltas = [
+                        {
+                            "id": i,
+                            "timestamp": 1 + chunk,
+                            "author": "a",
+                            "system": "killer",
+                            "pointers": [{"role": "n", "target": chunk}],
+                        }
+                        for i in ids
+                    ]
+                    sent.extend(ids)
+                    if batch:
+                        ws.send(json.dumps({"type": "deltas", "timestamp": 1, "deltas": deltas}))
+                    else:
+                        for d in deltas:
+                            ws.send(json.dumps({"type": "delta", "timestamp": 1, "delta": d}))
+
+        thread = threading.Thread(target=writer, daemon=True)
+        thread.start()
+        with contextlib.suppress(Exception):
+            while len(acked) < 3_000:
+                message = json.loads(ws.recv(timeout=10))
+                if message["type"] == "delta_ack":
+                    acked.add(message["deltaId"])
+                elif message["type"] == "deltas_ack":
+                    acked.update(sent[: message["upTo"]])
+        server.popen.send_signal(signal.SIGKILL)
+        server.popen.wait(timeout=TIMEOUT)
+        with contextlib.suppress(Exception):  # acks already on the way count too
+            while True:
+                message = json.loads(ws.recv(timeout=1))
+                if message["type"] == "delta_ack":
+                    acked.add(message["deltaId"])
+                elif message["type"] == "deltas_ack":
+                    acked.update(sent[: message["upTo"]])
+        thread.join(timeout=10)
+    assert len(acked) >= 3_000
+    conn = sqlite3.connect(db)
+    stored = {row[0] for row in conn.execute("SELECT id FROM deltas")}
+    conn.close()
+    assert acked <= stored, sorted(acked - stored)[:5]
+    assert len(stored) < len(sent)  # it was killed mid-stream

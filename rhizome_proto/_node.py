@@ -328,8 +328,16 @@ class FederationNode:
     def persist_deltas(self, deltas: Iterable[Delta]) -> list[bool]:
         """:meth:`persist_delta` for several deltas in one store transaction (one fsync);
         ``False`` for each one already stored. Raises :class:`InvalidDeltaError` (storing
-        nothing) if one is invalid."""
+        nothing) if one is invalid or too large for any message (``max_message_size``)."""
         valid = [validate_delta(delta) for delta in deltas]
+        for delta in valid:
+            size = len(_encode(delta))
+            if size > self._max_delta_bytes:  # no peer could ever be sent it
+                raise InvalidDeltaError(
+                    f"delta {delta.id!r} is {size} bytes: too large for a message of at most "
+                    f"{self.max_message_size} bytes",
+                    delta.id,
+                )
         seqs = self.store.put_many(valid, validate=False)
         for delta, seq in zip(valid, seqs, strict=True):
             if seq is not None:

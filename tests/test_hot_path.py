@@ -16,6 +16,7 @@ from rhizome_proto import (
     DeltaFilter,
     DeltaStore,
     FederationNode,
+    InvalidDeltaError,
     LinkConfig,
     Pointer,
 )
@@ -397,3 +398,12 @@ def test_persist_deltas_is_one_write_and_reports_what_was_known() -> None:
     ]
     net.deliver()
     assert net.ids("client") == {d.id for d in deltas}
+
+
+def test_a_local_delta_too_large_for_any_message_is_refused_before_it_is_stored() -> None:
+    node = FederationNode("x", MemoryStore(), clock=lambda: 1, max_message_size=10_000)
+    small, huge = padded("small", 10), padded("huge", 20_000)
+    with pytest.raises(InvalidDeltaError, match="too large"):
+        node.persist_deltas([small, huge])
+    assert len(node.store) == 0
+    assert node.persist_delta(small)

@@ -16,6 +16,7 @@ from rhizome_proto import (
     DeltaFilter,
     DeltaStore,
     FederationNode,
+    FederationProtocol,
     InvalidDeltaError,
     LinkConfig,
     Pointer,
@@ -23,13 +24,14 @@ from rhizome_proto import (
 from rhizome_proto._codec import encode_value
 from tests.harness import make_delta
 from tests.node_sim import Network
+from tests.test_node import RecordingStore
 
 
-class CountingStore:
-    """A store wrapper recording each ``put_many``: the ids and the meta it was given."""
+class CountingStore(RecordingStore):
+    """A store wrapper recording each ``put_many`` too: the ids and the meta it was given."""
 
     def __init__(self, inner: DeltaStore) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.writes: list[tuple[list[str], dict[str, str]]] = []
 
     def put_many(
@@ -42,15 +44,6 @@ class CountingStore:
         self.writes.append(([d.id for d in deltas], dict(meta or {})))
         return self.inner.put_many(deltas, validate=validate, meta=meta)
 
-    def __len__(self) -> int:
-        return len(self.inner)
-
-    def __contains__(self, delta_id: object) -> bool:
-        return delta_id in self.inner
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
-
 
 def hub_with_two_spokes(store: DeltaStore, extensions: tuple[str, ...] = ()) -> Network:
     """v1 links by default: one ``delta_ack`` per delta shows when each is acknowledged."""
@@ -61,6 +54,19 @@ def hub_with_two_spokes(store: DeltaStore, extensions: tuple[str, ...] = ()) -> 
         net.connect(spoke, "hub", LinkConfig(initial_sync="none"))
     net.deliver()
     return net
+
+
+def stage_from(net: Network, spoke: str) -> FederationProtocol:
+    """What an adapter does with one link in a read cycle: feed what the spoke sent to the
+    hub's connection and stage it (no commit); that connection."""
+    (ch,) = net.between(spoke, "hub")
+    conn = net.conn(ch, "server")
+    for text in ch.up:
+        conn.receive_message(text, net.now)
+    ch.up.clear()
+    assert ch.server_link_id is not None
+    net.node("hub").stage(ch.server_link_id)
+    return conn
 
 
 # ---------------------------------------------------------------------- group commit
@@ -75,16 +81,7 @@ def test_one_transaction_for_what_every_link_brought_and_acks_only_after_it() ->
     b = net.author("b", delta_id="from-b")
     net.send_pending()
     # what an adapter does in one read cycle: feed each link, stage, then commit once
-    links = []
-    for spoke in ("a", "b"):
-        (ch,) = net.between(spoke, "hub")
-        conn = net.conn(ch, "server")
-        for text in ch.up:
-            conn.receive_message(text, net.now)
-        ch.up.clear()
-        assert ch.server_link_id is not None
-        hub.stage(ch.server_link_id)
-        links.append(conn)
+    links = [stage_from(net, spoke) for spoke in ("a", "b")]
     assert hub.staged == 2
     assert all("delta_ack" not in "".join(c.messages_to_send()) for c in links)
     assert a.id not in store and b.id not in store
@@ -106,10 +103,7 @@ def test_with_live_batching_one_cumulative_ack_follows_the_commit() -> None:
     net.send_pending()
     (ch,) = net.between("a", "hub")
     assert len(ch.up) == 1  # five deltas, one message
-    conn = net.conn(ch, "server")
-    conn.receive_message(ch.up.popleft(), net.now)
-    assert ch.server_link_id is not None
-    hub.stage(ch.server_link_id)
+    conn = stage_from(net, "a")
     assert [m for m in conn.messages_to_send() if "deltas_ack" in m] == []
     store.writes.clear()
     hub.commit()
@@ -128,13 +122,7 @@ def test_a_delta_from_two_links_in_one_cycle_is_stored_once_and_acked_on_both() 
         (ch,) = net.between(spoke, "hub")
         net.node(spoke).send_delta(ch.link_id, twin)
         net.send_pending()
-        conn = net.conn(ch, "server")
-        for text in ch.up:
-            conn.receive_message(text, net.now)
-        ch.up.clear()
-        assert ch.server_link_id is not None
-        hub.stage(ch.server_link_id)
-        conns.append(conn)
+        conns.append(stage_from(net, spoke))
     store.writes.clear()
     events = hub.commit()
     assert store.writes == [(["twin", "twin"], {})]
@@ -179,13 +167,7 @@ def test_a_failed_commit_acks_nothing_and_keeps_what_it_could_not_store() -> Non
     hub = net.node("hub")
     delta = net.author("a", delta_id="late")
     net.send_pending()
-    (ch,) = net.between("a", "hub")
-    conn = net.conn(ch, "server")
-    for text in ch.up:
-        conn.receive_message(text, net.now)
-    ch.up.clear()
-    assert ch.server_link_id is not None
-    hub.stage(ch.server_link_id)
+    conn = stage_from(net, "a")
     store.failing = True
     with pytest.raises(OSError, match="disk full"):
         hub.commit()

@@ -52,6 +52,9 @@ DEFAULT_MAX_MESSAGE_SIZE = 16 * 1024 * 1024
 _MAX_REJECT_BODY = 4096
 
 
+_DATA = (TextMessage, BytesMessage)
+
+
 class _BoundedDeflate(PerMessageDeflate):
     """permessage-deflate that refuses to inflate a message beyond ``max_size`` bytes.
 
@@ -213,7 +216,7 @@ class FederationConnection(FederationProtocol):
             self._failed_upgrade("Bad HTTP message: non-ASCII header value")
             return
         for event in self._ws.events():
-            if isinstance(event, TextMessage | BytesMessage):
+            if isinstance(event, _DATA):
                 self._on_data(event)
             elif isinstance(event, Ping):
                 if self._ws.state is ConnectionState.OPEN:  # not once our close is sent
@@ -326,7 +329,23 @@ class FederationConnection(FederationProtocol):
 
     def _frame_messages(self) -> None:
         if self._ws.state is ConnectionState.OPEN:
-            for text in self.messages_to_send():
+            messages = self.messages_to_send()
+            if self.role is Role.SERVER and not self.compression:
+                # unmasked, unfragmented, uncompressed text frames (RFC 6455 section 5.2): what
+                # wsproto would write, without its per-frame objects (no extension can apply)
+                out = self._out
+                for text in messages:
+                    payload = text.encode()
+                    size = len(payload)
+                    if size < 126:
+                        out += bytes((0x81, size))
+                    elif size < 65536:
+                        out += b"\x81\x7e" + size.to_bytes(2, "big")
+                    else:
+                        out += b"\x81\x7f" + size.to_bytes(8, "big")
+                    out += payload
+                return
+            for text in messages:
                 self._out += self._ws.send(TextMessage(data=text))
 
     def _close_deadline(self) -> float | None:
@@ -343,8 +362,19 @@ class FederationConnection(FederationProtocol):
         if self.state is State.CLOSING:
             return
         data = event.data
-        self._rx_size += len(data) if isinstance(data, bytes | bytearray) else len(data.encode())
-        if self._rx_size > self.max_message_size:
+        limit = self.max_message_size
+        if isinstance(data, str):
+            if event.message_finished and not self._rx and not self._rx_binary:
+                # a whole message in one frame (the usual case): no copies, and its size is
+                # counted only when it could be over the limit (a character is <= 4 bytes)
+                if 4 * len(data) > limit and len(data.encode()) > limit:
+                    self._too_big()
+                self.receive_message(data)
+                return
+            self._rx_size += len(data.encode())
+        else:
+            self._rx_size += len(data)
+        if self._rx_size > limit:
             self._rx.clear()
             self._too_big()
         if isinstance(data, str):

@@ -132,6 +132,8 @@ _ACCEPTED: dict[tuple[Role, State], frozenset[str]] = {
 _HANDSHAKE_STATES = (State.IDLE, State.HELLO_SENT, State.AWAITING_HELLO)
 #: Messages of an extension: accepted (where ``_ACCEPTED`` says) only once it was agreed.
 _EXTENSION_OF: dict[str, str] = {"deltas": "batch", "deltas_ack": "batch"}
+#: The method handling each message type (``_on_<type>``).
+_HANDLERS: dict[type, str] = {cls: f"_on_{cls.__struct_config__.tag}" for cls in Message.__args__}
 # Events made per delta of a batch skip the frozen dataclass __init__ (same object, no checks
 # to skip: these events have one field and no __post_init__).
 _new = object.__new__
@@ -193,6 +195,9 @@ class FederationProtocol:
         #: the extensions both ends agreed on in the handshake
         self.extensions_agreed: frozenset[str] = frozenset()
         self.state = State.IDLE if role is Role.CLIENT else State.AWAITING_HELLO
+        # what the peer may send in ``_accepted_in`` (``_dispatch`` keeps it current)
+        self._accepted_in: State | None = None
+        self._accepted: frozenset[str] = frozenset()
         #: the peer's system id, once the handshake is done
         self.remote_system_id: str | None = None
         #: the client's ``hello`` config (server side), once received
@@ -788,8 +793,11 @@ class FederationProtocol:
 
     def _dispatch(self, message: Message) -> None:
         mtype = type(message).__struct_config__.tag
-        accepted = _ACCEPTED.get((self.role, self.state), frozenset())
-        if mtype not in accepted:
+        state = self.state
+        if state is not self._accepted_in:  # looked up again only when the state changed
+            self._accepted_in = state
+            self._accepted = _ACCEPTED.get((self.role, state), frozenset())
+        if mtype not in self._accepted:
             self._violation(
                 ErrorCode.UNEXPECTED_MESSAGE,
                 f"unexpected {mtype} for a {self.role.value} in state {self.state.value}",
@@ -799,8 +807,7 @@ class FederationProtocol:
         if extension is not None and extension not in self.extensions_agreed:
             self._not_agreed(str(mtype))
             return
-        handler = getattr(self, "_on_" + str(mtype))
-        handler(message)
+        getattr(self, _HANDLERS[type(message)])(message)
 
     def _not_agreed(self, mtype: str) -> None:
         self._violation(

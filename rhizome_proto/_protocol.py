@@ -355,9 +355,10 @@ class FederationProtocol:
             return
         if self.state in (State.CLOSING, State.CLOSED):
             return
-        silent = now - self._last_heard
-        if silent >= self.ping_timeout:
-            self._events.append(PingTimeout(silent_for=silent))
+        # the same sum as get_timer's deadline: ``now - last >= timeout`` can be false in
+        # floating point at that very deadline, and the timer would never move on
+        if now >= self._last_heard + self.ping_timeout:
+            self._events.append(PingTimeout(silent_for=now - self._last_heard))
             self.connection_closed(CloseCode.ABNORMAL, "ping timeout")
             return
         if now >= self._next_ping:

@@ -781,6 +781,23 @@ def test_ping_timeout_after_silence() -> None:
     assert pair.new_events("client") == []
 
 
+def test_the_ping_timeout_fires_at_the_deadline_get_timer_gave() -> None:
+    """Found by the state machine: 20.56708414217102 + 60 rounds to a deadline at which
+    ``now - last_heard`` is 59.99999999999999, so a check by difference never fired and the
+    timer stood still."""
+    pair = ProtocolPair.opened(client_options={"ping_interval": 20.0, "ping_timeout": 60.0})
+    pair.client.heard_from_peer(20.56708414217102)
+    for _ in range(10):
+        deadline = pair.client.get_timer()
+        if deadline is None:
+            break
+        pair.client.handle_timer(deadline)
+        later = pair.client.get_timer()
+        assert later is None or later > deadline
+    assert pair.client.closed
+    assert [type(e) for e in pair.new_events("client")][-2:] == [PingTimeout, Closed]
+
+
 def test_any_message_resets_the_heartbeat() -> None:
     pair = ProtocolPair.opened(server_options={"ping_interval": 30.0, "ping_timeout": 90.0})
     pair.server.receive_message(dumps(sample_messages()["pong"]), 80.0)

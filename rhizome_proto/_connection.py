@@ -328,6 +328,8 @@ class FederationConnection(FederationProtocol):
             self.should_close = True
 
     def _frame_messages(self) -> None:
+        if not (self._outbox or self._batch or self._rx_done > self._rx_acked):
+            return  # nothing queued (the common case after an event)
         if self._ws.state is ConnectionState.OPEN:
             messages = self.messages_to_send()
             if self.role is Role.SERVER and not self.compression:

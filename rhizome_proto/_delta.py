@@ -96,16 +96,25 @@ _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder(Delta)
 
 
-def validate_delta(delta: Delta) -> Delta:
+def validate_delta(delta: Delta, *, max_size: int | None = None) -> Delta:
     """Check ``delta`` against spec section 2.1.1 and return it; raise :class:`InvalidDeltaError`.
 
     The check runs the delta through the same typed decoder the wire uses, so one set of rules
-    (the constraints on the types above) governs both.
+    (the constraints on the types above) governs both. ``max_size``: the most bytes its JSON
+    text may take (a delta no message could carry is refused too).
     """
     if not isinstance(delta, Delta):
         raise InvalidDeltaError(f"Expected a Delta, got {type(delta).__name__}")
     delta_id = delta.id if isinstance(delta.id, str) and delta.id else None
     try:
-        return _decoder.decode(_encoder.encode(delta))
+        text = _encoder.encode(delta)
+        checked: Delta = _decoder.decode(text)
     except (msgspec.MsgspecError, TypeError, ValueError, OverflowError) as exc:
         raise InvalidDeltaError(str(exc), delta_id) from None
+    if max_size is not None and len(text) > max_size:
+        raise InvalidDeltaError(
+            f"delta {delta_id!r} is {len(text)} bytes of JSON: too large for a message "
+            f"(at most {max_size})",
+            delta_id,
+        )
+    return checked

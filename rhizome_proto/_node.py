@@ -329,15 +329,9 @@ class FederationNode:
         """:meth:`persist_delta` for several deltas in one store transaction (one fsync);
         ``False`` for each one already stored. Raises :class:`InvalidDeltaError` (storing
         nothing) if one is invalid or too large for any message (``max_message_size``)."""
-        valid = [validate_delta(delta) for delta in deltas]
-        for delta in valid:
-            size = len(_encode(delta))
-            if size > self._max_delta_bytes:  # no peer could ever be sent it
-                raise InvalidDeltaError(
-                    f"delta {delta.id!r} is {size} bytes: too large for a message of at most "
-                    f"{self.max_message_size} bytes",
-                    delta.id,
-                )
+        # a delta no message could carry would never reach a peer: refused too
+        limit = self._max_delta_bytes
+        valid = [validate_delta(delta, max_size=limit) for delta in deltas]
         seqs = self.store.put_many(valid, validate=False)
         for delta, seq in zip(valid, seqs, strict=True):
             if seq is not None:
@@ -501,7 +495,12 @@ class FederationNode:
     ) -> None:
         lid = link.id
         if isinstance(event, DeltaReceived):
-            self._staged.append((link, conn, (event.delta,), True))
+            staged = self._staged
+            last = staged[-1] if staged else None
+            if last is not None and last[1] is conn and last[3] and type(last[2]) is list:
+                last[2].append(event.delta)  # live deltas of one connection: one group
+            else:
+                staged.append((link, conn, [event.delta], True))
         elif isinstance(event, SyncBatchReceived):
             self._staged.append((link, conn, event.deltas, False))
             if event.cursor is not None and link._cursor_key is not None:

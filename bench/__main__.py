@@ -86,6 +86,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, every scenario")
     parser.add_argument(
+        "--n", type=int, default=0, help="deltas (or round trips) per scenario, instead of its size"
+    )
+    parser.add_argument(
         "--only", type=lambda s: listed(s, tuple(SIZES)), default=list(SIZES),
         help=f"scenarios, comma-separated: {','.join(SIZES)}",
     )  # fmt: skip
@@ -110,7 +113,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="rhizome-bench-") as tmp:
         bench = Bench(Path(tmp), timeout, max(1, args.repeat))
         for scenario in args.only:
-            n = SIZES[scenario].smoke if args.smoke else SIZES[scenario].full
+            n = args.n or (SIZES[scenario].smoke if args.smoke else SIZES[scenario].full)
             rows += scenario_rows(bench, scenario, n, args.runtime)
     print(table(rows))
     if args.json:

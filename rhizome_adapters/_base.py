@@ -305,7 +305,8 @@ class DBBase(abc.ABC, Generic[LinkT]):
             extensions=extensions,
             max_message_size=max_message_size,
         )
-        self._node.report_received = False  # until a handler asks for delta:received
+        # until a handler asks for them, no event per received or acknowledged delta
+        self._node.report_received = self._node.report_sent = False
         self._ping_interval = ping_interval
         self._ping_timeout = ping_timeout
         self._max_message_size = max_message_size
@@ -426,18 +427,24 @@ class DBBase(abc.ABC, Generic[LinkT]):
         ``types``; returns a function that unsubscribes.
 
         A coroutine handler runs as its own task. Exceptions are logged and never reach a link.
-        While no handler asks for ``delta:received``, received deltas are not reported one by
-        one (a sync still reports ``sync:progress`` per batch): asking only for the types you
-        use saves an event per delta.
+        While no handler asks for ``delta:received`` (or ``delta:sent``), received (or
+        acknowledged) deltas are not reported one by one (a sync still reports
+        ``sync:progress`` per batch): asking only for the types you use saves an event per
+        delta.
         """
         unsubscribe = self._handlers.subscribe(handler, types)
-        self._node.report_received = self._handlers.wants("delta:received")
+        self._per_delta_events()
 
         def unsubscribe_and_update() -> None:
             unsubscribe()
-            self._node.report_received = self._handlers.wants("delta:received")
+            self._per_delta_events()
 
         return unsubscribe_and_update
+
+    def _per_delta_events(self) -> None:
+        """Make an event per received or acknowledged delta only if a handler wants it."""
+        self._node.report_received = self._handlers.wants("delta:received")
+        self._node.report_sent = self._handlers.wants("delta:sent")
 
     def _emit(self, event: FederationEvent) -> None:
         for pending in self._handlers.call(event):

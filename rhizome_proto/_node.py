@@ -264,6 +264,8 @@ class FederationNode:
         #: whether received deltas are reported one by one (``delta:received``); an application
         #: that does not ask for them gets ``sync:progress`` per batch and nothing per delta
         self.report_received = True
+        #: the same for ``delta:sent`` (a peer acknowledged one of ours)
+        self.report_sent = True
         # group commit: what arrived since the last commit, stored in one transaction by
         # :meth:`commit` and only then acknowledged: (link, connection, delta, live)
         self._staged: list[_Staged] = []
@@ -509,7 +511,8 @@ class FederationNode:
             out.append(FederationEvent(type="sync:progress", link_id=lid, count=len(event.deltas)))
         elif isinstance(event, DeltaAcked):
             link.stats.deltas_sent += 1
-            out.append(FederationEvent(type="delta:sent", link_id=lid, delta_id=event.delta_id))
+            if self.report_sent:
+                out.append(FederationEvent(type="delta:sent", link_id=lid, delta_id=event.delta_id))
         elif isinstance(event, DeltaRejected):
             link.stats.deltas_rejected_by_peer += 1
             out.append(

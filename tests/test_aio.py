@@ -636,3 +636,20 @@ async def test_persist_deltas_stores_many_in_one_transaction_and_sends_each(
         assert [d.id for d in writer.scan_deltas()] == [d.id for d in made]
         with pytest.raises(InvalidDeltaError):
             await writer.persist_deltas([Delta(id="", timestamp=1, author="a", system="s")])
+
+
+@deadline()
+async def test_per_delta_events_are_made_only_while_a_handler_wants_them() -> None:
+    async with FederatedRhizomeDB() as db:
+        node = db.node
+        assert (node.report_received, node.report_sent) == (False, False)
+        unsubscribe = db.on_federation_event(lambda e: None, ["link:connected"])
+        assert (node.report_received, node.report_sent) == (False, False)
+        sent = db.on_federation_event(lambda e: None, ["delta:sent"])
+        assert (node.report_received, node.report_sent) == (False, True)
+        everything = db.on_federation_event(lambda e: None)
+        assert (node.report_received, node.report_sent) == (True, True)
+        everything()
+        sent()
+        unsubscribe()
+        assert (node.report_received, node.report_sent) == (False, False)

@@ -430,7 +430,7 @@ class FederatedRhizomeDB(DBBase[FederationLink]):
         link._stopping = True
         session = link._session
         if session is not None and not session.conn.closed:
-            session.conn.close()
+            session.conn.close(now=self._now())
             self._pump(session)
         task = link._task
         if task is not None and not task.done() and task is not asyncio.current_task():

@@ -476,7 +476,7 @@ class FederatedRhizomeDB(DBBase[FederationLink]):
             session = link._session
             if session is None or session.conn.closed:
                 return
-            session.conn.close()
+            session.conn.close(now=self._now())
         self._pump(session)
 
     def _end_disconnect(self, link: FederationLink) -> None:

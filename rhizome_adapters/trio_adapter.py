@@ -462,7 +462,7 @@ class FederatedRhizomeDB(DBBase[FederationLink]):
         link._stopping = True
         session = link._session
         if session is not None and not session.conn.closed:
-            session.conn.close()
+            session.conn.close(now=self._now())
             self._pump(session)
         if not link._done.is_set():
             if session is None:

@@ -243,6 +243,16 @@ class FederationConnection(FederationProtocol):
             # follows in the same data, no message can be sent any more
             self._frame_messages()
 
+    def close(
+        self, code: int = CloseCode.NORMAL, reason: str = "", *, now: float | None = None
+    ) -> None:
+        """Start the closing handshake (see :meth:`FederationProtocol.close`). ``now``: the
+        time of the call, from which the close timeout runs; without it, the time of the last
+        input is used, which after a quiet spell makes the handshake time out at once."""
+        if now is not None:
+            self._now = max(self._now, now)
+        super().close(code, reason)
+
     def receive_eof(self, now: float) -> None:
         """The peer closed its side of the transport."""
         self.connection_lost(now, "connection closed by peer")

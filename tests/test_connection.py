@@ -710,6 +710,21 @@ def test_close_code_and_reason_reach_the_peer() -> None:
     assert pair.new_events("server") == [Closed(code=1001, reason="shutting down")]
 
 
+def test_the_close_timeout_runs_from_the_time_close_is_called() -> None:
+    """11 s of quiet, then close(now=11): the handshake has its 10 s from 11, not from 0 (it
+    used to time out at once and end in 1006 instead of a clean 1000)."""
+    pair = ConnectionPair.opened(
+        client_options={"ping_interval": 100.0, "ping_timeout": 300.0},
+        server_options={"ping_interval": 100.0, "ping_timeout": 300.0},
+    )
+    pair.now = 11.0  # nothing arrived meanwhile
+    pair.client.close(now=pair.now)
+    pair.client.data_to_send()  # the close frame goes out now (lost here)
+    assert pair.client.get_timer() == 21.0
+    pair.client.handle_timer(11.5)
+    assert not pair.client.closed
+
+
 def test_closed_unsettled_carries_unacked_and_held() -> None:
     pair = ConnectionPair.opened()
     pair.client.send_delta(make_delta("a1"))

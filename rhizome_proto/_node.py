@@ -1,10 +1,12 @@
 """``FederationNode``: the logic of one instance with many links (pure: no I/O of its own).
 
 The adapter owns sockets and timers; it attaches each link's :class:`FederationProtocol` (or
-:class:`FederationConnection`) here, calls :meth:`FederationNode.handle_events` after feeding the
-connection, writes what every connection has to send, and calls :meth:`sync_step` while a
-server link streams its initial sync and its transport has room. The node decides which delta
-goes to which link and what happens to what arrives:
+:class:`FederationConnection`) here, calls :meth:`FederationNode.stage` after feeding a
+connection and :meth:`FederationNode.commit` once per read cycle (group commit: what every link
+brought is stored in one transaction, then acknowledged; :meth:`handle_events` does both),
+writes what every connection has to send, and calls :meth:`sync_step` while a server link
+streams its initial sync and its transport has room. The node decides which delta goes to which
+link and what happens to what arrives:
 
 * modes: ``push`` only sends, ``pull`` only receives, enforced on both ends (a delta arriving
   where the mode forbids it is nacked);
@@ -16,7 +18,7 @@ goes to which link and what happens to what arrives:
   sent back on the link it came from; with ``auto_broadcast`` new deltas are relayed to the
   other links, which makes hub-and-spoke converge and keeps federated hubs from looping;
 * a delta is stored only after it validated and passed trust, and acknowledged only after it
-  is stored;
+  is stored (committed, for a durable store);
 * initial sync streams from the store in batches, oldest first, one batch in memory;
 * nothing is lost: deltas a link could not deliver (closed before the ack) and deltas meant for
   an outgoing link while it is disconnected wait in its outbox for the next connection; an
@@ -267,7 +269,7 @@ class FederationNode:
         #: the same for ``delta:sent`` (a peer acknowledged one of ours)
         self.report_sent = True
         # group commit: what arrived since the last commit, stored in one transaction by
-        # :meth:`commit` and only then acknowledged: (link, connection, delta, live)
+        # :meth:`commit` and only then acknowledged (see _Staged)
         self._staged: list[_Staged] = []
         self._staged_meta: dict[str, str] = {}
         #: application events made since the last :meth:`commit`

@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from rhizome_adapters.storage import MemoryStore, SQLiteStore
 from rhizome_proto import (
@@ -20,10 +22,12 @@ from rhizome_proto import (
     InvalidDeltaError,
     LinkConfig,
     Pointer,
+    create_author_trust_policy,
 )
 from rhizome_proto._codec import encode_value
 from tests.harness import make_delta
 from tests.node_sim import Network
+from tests.strategies import deterministic
 from tests.test_node import RecordingStore
 
 
@@ -389,3 +393,63 @@ def test_a_local_delta_too_large_for_any_message_is_refused_before_it_is_stored(
         node.persist_deltas([small, huge])
     assert len(node.store) == 0
     assert node.persist_delta(small)
+
+
+@deterministic(max_examples=60)
+@given(
+    sends=st.lists(
+        st.tuples(st.sampled_from(["a", "b", "c"]), st.integers(0, 7)), unique=True, max_size=20
+    ),
+    cuts=st.lists(st.booleans(), min_size=20, max_size=20),
+)
+def test_group_commit_answers_each_live_delta_once_and_only_after_its_commit(
+    sends: list[tuple[str, int]], cuts: list[bool]
+) -> None:
+    """Spokes send deltas (some the same, some refused by the hub's trust policy) in any
+    order; the hub stages them link by link and commits at arbitrary points. Nothing is
+    answered before the commit that stores it; afterwards every delta is answered exactly once
+    on every link it came on; the store holds exactly the accepted ones."""
+    pool = [make_delta(f"g{i}", author="evil" if i % 4 == 3 else "good") for i in range(8)]
+    store = CountingStore(MemoryStore())
+    net = Network(extensions=())
+    net.add_node("hub", store=store, trust_policy=create_author_trust_policy(["good"]))
+    for spoke in ("a", "b", "c"):
+        net.add_node(spoke, extensions=())
+        net.connect(spoke, "hub", LinkConfig(initial_sync="none"))
+    net.deliver()
+    hub = net.node("hub")
+    answers: dict[tuple[str, str], list[str]] = {}
+    staged: set[tuple[str, str]] = set()
+
+    def collect(spoke: str, conn: FederationProtocol) -> None:
+        for text in conn.messages_to_send():
+            message = json.loads(text)
+            if message["type"] in ("delta_ack", "delta_nack"):
+                key = (spoke, message["deltaId"])
+                assert key not in staged, f"{key} answered before its commit"
+                answers.setdefault(key, []).append(message["type"])
+
+    conns: dict[str, FederationProtocol] = {}
+    for (spoke, index), cut in zip(sends, cuts, strict=False):
+        (ch,) = net.between(spoke, "hub")
+        net.node(spoke).send_delta(ch.link_id, pool[index])
+        net.send_pending()
+        conns[spoke] = conn = stage_from(net, spoke)
+        staged.add((spoke, pool[index].id))
+        collect(spoke, conn)
+        if cut:
+            hub.commit()
+            staged.clear()
+            for name, c in conns.items():
+                collect(name, c)
+    hub.commit()
+    staged.clear()
+    for name, c in conns.items():
+        collect(name, c)
+    for spoke, index in sends:
+        expected = "delta_nack" if pool[index].author == "evil" else "delta_ack"
+        assert answers[(spoke, pool[index].id)] == [expected]
+    accepted = {pool[i].id for _, i in sends if pool[i].author == "good"}
+    assert {d.id for _, d in net.node("hub").store.scan(limit=100)} == accepted
+    commits = 1 + sum(cuts[: len(sends)])
+    assert len([ids for ids, _ in store.writes if ids]) <= commits  # one write per commit

@@ -643,20 +643,15 @@ class FederationNode:
         staged, self._staged = self._staged, []
         meta, self._staged_meta = self._staged_meta, {}
         store, out = self.store, self._out
-        # the common case decided once per group: everything is let through (then a sync
-        # batch needs no look-up either: the store skips what it holds)
+        # the common case decided once per group: everything is let through (then nothing
+        # needs a look-up first: the store skips what it holds)
         checked = [self._checks(link) for link, _, _, _ in staged]
         stored = store.stored_ids(
-            [
-                d.id
-                for entry, check in zip(staged, checked, strict=True)
-                if check or entry[3]
-                for d in entry[2]
-            ]
+            [d.id for entry, check in zip(staged, checked, strict=True) if check for d in entry[2]]
         )
         accepted: list[_Staged] = []
         for (link, conn, deltas, live), check in zip(staged, checked, strict=True):
-            if not (check or live):
+            if not check:  # the store skips what it holds; live ones are acked after it
                 accepted.append((link, conn, deltas, live))
                 continue
             keep: list[Delta] = []

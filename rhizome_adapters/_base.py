@@ -466,12 +466,6 @@ class DBBase(abc.ABC, Generic[LinkT]):
             self._note(event)
             self._emit(event)
 
-    def _take_events(self, link_id: str, conn: FederationConnection) -> list[FederationEvent]:
-        """The node's events for ``link_id`` if ``conn`` is still the link's connection (staged
-        and committed at once)."""
-        node_link = self._node.link(link_id)
-        return self._node.handle_events(link_id) if node_link and node_link.conn is conn else []
-
     # ---------------------------------------------------------------- the pump
 
     def _pump(self, session: LiveConnection) -> None:
@@ -479,11 +473,13 @@ class DBBase(abc.ABC, Generic[LinkT]):
         and a commit asked for (:meth:`_commit_soon`), which stores what every link staged,
         acknowledges it, wakes the writers and hands the events to the handlers."""
         conn, link = session.conn, session.link
-        node_link = self._node.link(link.id)
-        if node_link is not None and node_link.conn is conn:
-            self._node.stage(link.id)
+        with self._guard():
+            node_link = self._node.link(link.id)
+            if node_link is not None and node_link.conn is conn:  # else a stale connection
+                self._node.stage(link.id)
+            closed = conn.closed
         session.rearm()
-        if conn.closed:
+        if closed:
             session.closing()
         self._commit_soon()
 

@@ -84,6 +84,14 @@ def _start(after: tuple[float, int] | int | None, order: str) -> _Start:
     raise ValueError(f"order must be 'sequence' or 'timestamp', got {order!r}")
 
 
+def _scan_start(after: tuple[float, int] | int | None, order: str, limit: int) -> _Start | None:
+    """:func:`_start` for a scan of at most ``limit`` (checked too); ``None`` when the scan
+    can only be empty (``limit == 0``)."""
+    start = _start(after, order)
+    _check_limit(limit)
+    return start if limit else None
+
+
 def _matches_nothing(flt: DeltaFilter) -> bool:
     """Whether a list field of ``flt`` is empty, so that no delta can match."""
     return any(
@@ -300,9 +308,8 @@ class MemoryStore:
         ``after`` (a sequence number for ``"sequence"``, a ``(timestamp, seq)`` pair for
         ``"timestamp"``, ``None`` for the beginning). ``filter=None`` applies no filter at all;
         a filter leaves out deltas negated in this store unless ``include_negated`` is true."""
-        start = _start(after, order)
-        _check_limit(limit)
-        if limit == 0:
+        start = _scan_start(after, order, limit)
+        if start is None:
             return []
         texts = self._texts
         return [
@@ -322,9 +329,8 @@ class MemoryStore:
         """:meth:`scan` as ``(seq, timestamp, json)``: each delta's JSON text as kept (the
         timestamp an int or a float as given), decoded only for filters on authors, systems
         or targets."""
-        start = _start(after, order)
-        _check_limit(limit)
-        if limit == 0:
+        start = _scan_start(after, order, limit)
+        if start is None:
             return []
         timestamps, ints, texts = self._timestamps, self._int_timestamps, self._texts
         return [
@@ -654,9 +660,8 @@ class SQLiteStore:
         ``after`` (a sequence number for ``"sequence"``, a ``(timestamp, seq)`` pair for
         ``"timestamp"``, ``None`` for the beginning). ``filter=None`` applies no filter at all;
         a filter leaves out deltas negated in this store unless ``include_negated`` is true."""
-        start = _start(after, order)
-        _check_limit(limit)
-        if limit == 0:
+        start = _scan_start(after, order, limit)
+        if start is None:
             return []
         rows = self._matching(start, filter, from_timestamp, order, limit=limit)
         return list(islice(rows, limit))
@@ -734,9 +739,8 @@ class SQLiteStore:
     ) -> list[tuple[int, float, bytes]]:
         """:meth:`scan` as ``(seq, timestamp, json)``: each delta's stored JSON text, decoded
         only where SQL cannot decide the filter alone."""
-        start = _start(after, order)
-        _check_limit(limit)
-        if limit == 0:
+        start = _scan_start(after, order, limit)
+        if start is None:
             return []
         rows = self._rows(start, filter, from_timestamp, order, limit=limit)
         return [(seq, timestamp, body) for seq, timestamp, body, _ in islice(rows, limit)]

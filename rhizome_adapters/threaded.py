@@ -58,7 +58,6 @@ from ._base import (
     EventHandler,
     LinkBase,
     LinkStatus,
-    LiveConnection,
     listen_error,
     parse_url,
 )
@@ -284,20 +283,9 @@ class FederatedRhizomeDB(DBBase[FederationLink]):
             raise TypeError("the threaded adapter calls plain functions, not coroutines")
         return super().on_federation_event(handler, types)
 
-    def _pump(self, session: LiveConnection) -> None:
-        with self._lock:
-            events = self._take_events(session.link.id, session.conn)
-            closed = session.conn.closed
-            for event in events:
-                self._note(event)
-            self._events.extend(events)  # under the lock: in the order the node made them
-        self._wake_writers()
-        if closed:
-            session.closing()
-        self._flush_events()
-
     def _commit(self) -> None:
-        """What the node has to report outside a read (a sync step's), as ``_pump`` does."""
+        """Commit under the lock, and queue the events there: handlers get them in the order
+        the node made them, from whichever thread flushes."""
         with self._lock:
             events = self._node.commit()
             for event in events:

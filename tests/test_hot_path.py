@@ -4,7 +4,6 @@ where asked for. Pure node tests over :class:`tests.node_sim.Network` and real s
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,25 +27,7 @@ from rhizome_proto._codec import encode_value
 from tests.harness import make_delta
 from tests.node_sim import Network
 from tests.strategies import deterministic
-from tests.test_node import RecordingStore
-
-
-class CountingStore(RecordingStore):
-    """A store wrapper recording each ``put_many`` too: the ids and the meta it was given."""
-
-    def __init__(self, inner: DeltaStore) -> None:
-        super().__init__(inner)
-        self.writes: list[tuple[list[str], dict[str, str]]] = []
-
-    def put_many(
-        self,
-        deltas: Sequence[Delta],
-        *,
-        validate: bool = True,
-        meta: Mapping[str, str] | None = None,
-    ) -> list[int | None]:
-        self.writes.append(([d.id for d in deltas], dict(meta or {})))
-        return self.inner.put_many(deltas, validate=validate, meta=meta)
+from tests.test_node import FailingStore, RecordingStore
 
 
 def hub_with_two_spokes(store: DeltaStore, extensions: tuple[str, ...] = ()) -> Network:
@@ -77,7 +58,7 @@ def stage_from(net: Network, spoke: str) -> FederationProtocol:
 
 
 def test_one_transaction_for_what_every_link_brought_and_acks_only_after_it() -> None:
-    store = CountingStore(MemoryStore())
+    store = RecordingStore(MemoryStore())
     net = hub_with_two_spokes(store)
     hub = net.node("hub")
     store.writes.clear()
@@ -100,7 +81,7 @@ def test_one_transaction_for_what_every_link_brought_and_acks_only_after_it() ->
 
 
 def test_with_live_batching_one_cumulative_ack_follows_the_commit() -> None:
-    store = CountingStore(MemoryStore())
+    store = RecordingStore(MemoryStore())
     net = hub_with_two_spokes(store, extensions=("batch", "credit"))
     hub = net.node("hub")
     made = [net.author("a", delta_id=f"a{i}") for i in range(5)]
@@ -117,7 +98,7 @@ def test_with_live_batching_one_cumulative_ack_follows_the_commit() -> None:
 
 
 def test_a_delta_from_two_links_in_one_cycle_is_stored_once_and_acked_on_both() -> None:
-    store = CountingStore(MemoryStore())
+    store = RecordingStore(MemoryStore())
     net = hub_with_two_spokes(store)
     hub = net.node("hub")
     twin = make_delta("twin", system="elsewhere")
@@ -140,7 +121,7 @@ def test_a_delta_from_two_links_in_one_cycle_is_stored_once_and_acked_on_both() 
 def test_the_sync_cursor_is_saved_in_the_transaction_of_its_batch(tmp_path: Path) -> None:
     server = SQLiteStore(tmp_path / "server.db")
     server.put_many([make_delta(f"d{i}", timestamp=1_000 + i) for i in range(250)])
-    client = CountingStore(SQLiteStore(tmp_path / "client.db"))
+    client = RecordingStore(SQLiteStore(tmp_path / "client.db"))
     net = Network()
     net.add_node("server", store=server, batch_size=100)
     net.add_node("client", store=client)
@@ -157,16 +138,7 @@ def test_the_sync_cursor_is_saved_in_the_transaction_of_its_batch(tmp_path: Path
 
 
 def test_a_failed_commit_acks_nothing_and_keeps_what_it_could_not_store() -> None:
-    class Failing(CountingStore):
-        failing = True
-
-        def put_many(self, deltas: Sequence[Delta], **kwargs: Any) -> list[int | None]:
-            if self.failing and deltas:
-                raise OSError("disk full")
-            return super().put_many(deltas, **kwargs)
-
-    store = Failing(MemoryStore())
-    store.failing = False
+    store = FailingStore(MemoryStore())
     net = hub_with_two_spokes(store)
     hub = net.node("hub")
     delta = net.author("a", delta_id="late")
@@ -309,7 +281,7 @@ def test_a_served_sync_writes_the_stored_text_without_decoding(tmp_path: Path) -
     """The server's store hands out its text; decoding it would fail here, so the batch can
     only carry it as it is (a real store's text is always the canonical JSON)."""
 
-    class TextStore(CountingStore):
+    class TextStore(RecordingStore):
         def scan(self, **kwargs: Any) -> Any:
             raise AssertionError("a sync with at most one filter must not decode")
 
@@ -368,7 +340,7 @@ def test_a_link_past_its_queue_bound_catches_up_from_the_store_in_order(
 
 
 def test_persist_deltas_is_one_write_and_reports_what_was_known() -> None:
-    store = CountingStore(MemoryStore())
+    store = RecordingStore(MemoryStore())
     net = Network(extensions=())
     node = net.add_node("server", store=store)
     net.add_node("client")
@@ -410,7 +382,7 @@ def test_group_commit_answers_each_live_delta_once_and_only_after_its_commit(
     answered before the commit that stores it; afterwards every delta is answered exactly once
     on every link it came on; the store holds exactly the accepted ones."""
     pool = [make_delta(f"g{i}", author="evil" if i % 4 == 3 else "good") for i in range(8)]
-    store = CountingStore(MemoryStore())
+    store = RecordingStore(MemoryStore())
     net = Network(extensions=())
     net.add_node("hub", store=store, trust_policy=create_author_trust_policy(["good"]))
     for spoke in ("a", "b", "c"):

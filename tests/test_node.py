@@ -87,12 +87,25 @@ def acks(net: Network, sender: str, receiver: str) -> list[str]:
 
 
 class RecordingStore:
-    """A store wrapper recording each ``scan``: the ``limit`` asked and the rows returned."""
+    """A store wrapper recording each ``scan`` (the ``limit`` asked and the rows returned) and
+    each ``put_many``."""
 
     def __init__(self, inner: DeltaStore) -> None:
         self.inner = inner
         self.scans: list[tuple[int, int]] = []
         self.counts = 0
+        #: each ``put_many``: the ids and the meta it was given
+        self.writes: list[tuple[list[str], dict[str, str]]] = []
+
+    def put_many(
+        self,
+        deltas: Sequence[Delta],
+        *,
+        validate: bool = True,
+        meta: Mapping[str, str] | None = None,
+    ) -> list[int | None]:
+        self.writes.append(([d.id for d in deltas], dict(meta or {})))
+        return self.inner.put_many(deltas, validate=validate, meta=meta)
 
     def scan(self, **kwargs: Any) -> list[tuple[int, Delta]]:
         rows = self.inner.scan(**kwargs)
@@ -128,16 +141,10 @@ class FailingStore(RecordingStore):
             raise OSError("disk full")
         return self.inner.put(delta)
 
-    def put_many(
-        self,
-        deltas: Sequence[Delta],
-        *,
-        validate: bool = True,
-        meta: Mapping[str, str] | None = None,
-    ) -> list[int | None]:
+    def put_many(self, deltas: Sequence[Delta], **options: Any) -> list[int | None]:
         if self.failing:
             raise OSError("disk full")
-        return self.inner.put_many(deltas, validate=validate, meta=meta)
+        return super().put_many(deltas, **options)
 
 
 # ---------------------------------------------------------------------- modes

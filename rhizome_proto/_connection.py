@@ -338,7 +338,7 @@ class FederationConnection(FederationProtocol):
             self.should_close = True
 
     def _frame_messages(self) -> None:
-        if not (self._outbox or self._batch or self._rx_done > self._rx_acked):
+        if not self.has_output:
             return  # nothing queued (the common case after an event)
         if self._ws.state is ConnectionState.OPEN:
             messages = self.messages_to_send()

@@ -660,7 +660,7 @@ class FederationNode:
                     if live:
                         conn.ack(delta.id)
                     continue
-                reason = self._verdict(link, delta) if check else None
+                reason = self._verdict(link, delta)
                 if reason is None:
                     keep.append(delta)
                     continue

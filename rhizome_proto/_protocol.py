@@ -295,6 +295,13 @@ class FederationProtocol:
         """The handshake is done and the link is not closing."""
         return self.state is State.OPEN
 
+    @property
+    def has_output(self) -> bool:
+        """Whether :meth:`messages_to_send` has something to hand out."""
+        return bool(self._outbox or self._batch) or (
+            self._rx_done > self._rx_acked and self.state is not State.CLOSED
+        )
+
     def messages_to_send(self) -> list[str]:
         """Take the queued outgoing messages (JSON text, one per WebSocket text frame).
 

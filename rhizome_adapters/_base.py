@@ -32,7 +32,6 @@ from rhizome_proto import (
     DEFAULT_PATH,
     Delta,
     DeltaFilter,
-    DeltaStore,
     FederationConnection,
     FederationEvent,
     FederationNode,
@@ -44,7 +43,7 @@ from rhizome_proto import (
     TrustPolicy,
 )
 
-from .storage import open_store
+from .storage import Store, open_store
 
 __all__ = [
     "CLOSE_GRACE",
@@ -281,7 +280,7 @@ class DBBase(abc.ABC, Generic[LinkT]):
         system_id: str | None = None,
         storage: Literal["memory", "sqlite"] = "memory",
         path: str | None = None,
-        store: DeltaStore | None = None,
+        store: Store | None = None,
         trust_policy: TrustPolicy | None = None,
         auto_broadcast: bool = True,
         batch_size: int = 100,
@@ -294,7 +293,7 @@ class DBBase(abc.ABC, Generic[LinkT]):
             raise ValueError("ping_interval, ping_timeout and max_message_size must be positive")
         self._system_id = system_id or str(uuid.uuid4())
         self._owns_store = store is None
-        self._store: DeltaStore = open_store(storage, path) if store is None else store
+        self._store: Store = open_store(storage, path) if store is None else store
         self._node = FederationNode(
             self._system_id,
             self._store,
@@ -362,7 +361,7 @@ class DBBase(abc.ABC, Generic[LinkT]):
         return self._system_id
 
     @property
-    def store(self) -> DeltaStore:
+    def store(self) -> Store:
         return self._store
 
     @property

@@ -1,4 +1,4 @@
-"""Delta stores implementing :class:`rhizome_proto.DeltaStore`: ``MemoryStore`` and ``SQLiteStore``.
+"""Delta stores for the adapters: the :class:`Store` protocol, ``MemoryStore`` and ``SQLiteStore``.
 
 Both give every new delta the next local sequence number (1, 2, 3, ...), ignore a delta whose id
 is already stored, answer keyset-paginated scans in sequence or timestamp order, honour negation
@@ -20,13 +20,14 @@ from array import array
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from itertools import islice, pairwise
 from types import TracebackType
-from typing import Any, Final, Literal, TypeAlias
+from typing import Any, Final, Literal, Protocol, TypeAlias
 
 import msgspec
 
 from rhizome_proto import (
     Delta,
     DeltaFilter,
+    DeltaStore,
     NegationIndex,
     ScanOrder,
     negated_targets,
@@ -34,10 +35,42 @@ from rhizome_proto import (
     validate_delta,
 )
 
-__all__ = ["MemoryStore", "SQLiteStore", "StoreCallback", "open_store"]
+__all__ = ["MemoryStore", "SQLiteStore", "Store", "StoreCallback", "open_store"]
 
 #: What :meth:`MemoryStore.subscribe` and :meth:`SQLiteStore.subscribe` accept.
 StoreCallback: TypeAlias = Callable[[int, Delta], None]
+
+
+class Store(DeltaStore, Protocol):
+    """A store an adapter (``FederatedRhizomeDB``) runs on: what the core's
+    :class:`~rhizome_proto.DeltaStore` asks for, plus what applications and the adapters call.
+    ``MemoryStore`` and ``SQLiteStore`` are both; pass your own as ``store=``."""
+
+    def put(self, delta: Delta) -> int | None:
+        """Store ``delta`` unless a delta with its id is stored; return its new sequence number,
+        or ``None`` when it was already there (the stored one is kept). Durable on return."""
+        ...
+
+    def get(self, delta_id: str) -> Delta | None:
+        """The stored delta with this id, or ``None``."""
+        ...
+
+    def __len__(self) -> int:
+        """How many deltas are stored."""
+        ...
+
+    def __contains__(self, delta_id: object) -> bool:
+        """Whether a delta with this id is stored."""
+        ...
+
+    def subscribe(self, callback: StoreCallback) -> Callable[[], None]:
+        """Call ``callback(seq, delta)`` after each new delta is stored; returns unsubscribe."""
+        ...
+
+    def close(self) -> None:
+        """Release resources; further calls may fail."""
+        ...
+
 
 #: Where a scan starts, checked: the sequence number a ``"sequence"`` scan continues after (0 for
 #: the beginning) and the ``(timestamp, seq)`` pair a ``"timestamp"`` scan continues after

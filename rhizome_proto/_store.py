@@ -7,7 +7,7 @@ paginated, so streaming a store of any size holds one page in memory.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Literal, Protocol, TypeAlias
 
 from ._delta import Delta
@@ -21,13 +21,11 @@ ScanOrder: TypeAlias = Literal["sequence", "timestamp"]
 
 
 class DeltaStore(Protocol):
-    """What ``FederationNode`` needs of a store. All methods are synchronous and thread-confined
-    to the caller (adapters call them from one thread or one event loop)."""
+    """What ``FederationNode`` calls on a store, and nothing more. All methods are synchronous
+    and thread-confined to the caller (adapters call them from one thread or one event loop).
 
-    def put(self, delta: Delta) -> int | None:
-        """Store ``delta`` unless a delta with its id is stored; return its new sequence number,
-        or ``None`` when it was already there (the stored one is kept). Durable on return."""
-        ...
+    The adapters' stores offer more (``put``, ``get``, ``subscribe``, ``close`` ...): see
+    ``rhizome_adapters.storage.Store``."""
 
     def put_many(
         self,
@@ -36,27 +34,17 @@ class DeltaStore(Protocol):
         validate: bool = True,
         meta: Mapping[str, str] | None = None,
     ) -> list[int | None]:
-        """:meth:`put` for several deltas in one durable transaction; results in order.
+        """Store each delta unless a delta with its id is stored (the stored one is kept), in
+        one durable transaction; results in order: the new sequence number, or ``None`` for a
+        delta already there.
         ``validate=False``: the caller guarantees the deltas are valid (decoded by the codec,
         or checked by :func:`validate_delta`), so the store need not check them again.
         ``meta``: values to :meth:`set_meta` in the same transaction (a cursor saved with
         the deltas it covers)."""
         ...
 
-    def __len__(self) -> int:
-        """How many deltas are stored."""
-        ...
-
-    def get(self, delta_id: str) -> Delta | None:
-        """The stored delta with this id, or ``None``."""
-        ...
-
     def stored_ids(self, delta_ids: Iterable[str]) -> set[str]:
         """Which of ``delta_ids`` are stored (the node asks once per commit)."""
-        ...
-
-    def __contains__(self, delta_id: object) -> bool:
-        """Whether a delta with this id is stored."""
         ...
 
     def count(self, filter: DeltaFilter | None = None, *, from_timestamp: float = 0) -> int:
@@ -106,12 +94,4 @@ class DeltaStore(Protocol):
 
     def set_meta(self, key: str, value: str) -> None:
         """Keep ``value`` under ``key``, durably for a durable store."""
-        ...
-
-    def subscribe(self, callback: Callable[[int, Delta], None]) -> Callable[[], None]:
-        """Call ``callback(seq, delta)`` after each new delta is stored; returns unsubscribe."""
-        ...
-
-    def close(self) -> None:
-        """Release resources; further calls may fail."""
         ...

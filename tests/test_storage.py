@@ -12,7 +12,7 @@ import tempfile
 import tracemalloc
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import msgspec
 import pytest
@@ -20,17 +20,20 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from rhizome_adapters.storage import MemoryStore, SQLiteStore, open_store
+from rhizome_adapters.storage import Store as StoreProtocol
 from rhizome_proto import (
     Delta,
     DeltaFilter,
     DeltaStore,
     InvalidDeltaError,
+    LinkConfig,
     NegationIndex,
     Pointer,
     Reference,
     ScanOrder,
     TimestampRange,
 )
+from tests.node_sim import Network
 
 Store = MemoryStore | SQLiteStore
 
@@ -84,11 +87,55 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
     s.close()
 
 
-def test_stores_satisfy_the_protocol(tmp_path: Path) -> None:
-    memory: DeltaStore = MemoryStore()
+def test_stores_satisfy_the_protocols(tmp_path: Path) -> None:
+    memory: StoreProtocol = MemoryStore()
     with SQLiteStore(tmp_path / "p.db") as sqlite_store:
-        on_disk: DeltaStore = sqlite_store
-        assert memory.last_sequence() == on_disk.last_sequence() == 0
+        on_disk: StoreProtocol = sqlite_store
+        core_view: DeltaStore = on_disk
+        assert memory.last_sequence() == core_view.last_sequence() == 0
+
+
+class OnlyDeltaStore:
+    """A store showing exactly the members of :class:`DeltaStore` (and ``close``, for the
+    simulation's teardown): anything else the node reached for would be an AttributeError."""
+
+    ALLOWED = frozenset(name for name in vars(DeltaStore) if not name.startswith("_")) | {"close"}
+
+    def __init__(self, inner: StoreProtocol) -> None:
+        self._inner = inner
+        self.used: set[str] = set()
+
+    def __getattr__(self, name: str) -> Any:
+        if name not in self.ALLOWED:
+            raise AttributeError(f"the node called {name!r}, which DeltaStore does not have")
+        self.used.add(name)
+        return getattr(self._inner, name)
+
+
+def test_the_node_needs_nothing_beyond_delta_store(tmp_path: Path) -> None:
+    assert {
+        "put_many", "stored_ids", "count", "scan", "scan_raw", "is_negated",
+        "last_sequence", "get_meta", "set_meta", "close",
+    } == OnlyDeltaStore.ALLOWED  # fmt: skip
+    hub = OnlyDeltaStore(SQLiteStore(tmp_path / "hub.db"))
+    net = Network()
+    try:
+        net.add_node("hub", store=cast(DeltaStore, hub))
+        for name in ("a", "b"):
+            net.add_node(name)
+        for _ in range(5):
+            net.author("a")
+        net.connect("a", "hub", LinkConfig(mode="bidirectional", initial_sync="full"))
+        net.deliver()
+        for _ in range(5):
+            net.author("hub")
+        net.connect("b", "hub", LinkConfig(mode="bidirectional", initial_sync="full"))
+        net.deliver()
+        assert net.ids("a") == net.ids("b") == net.ids("hub")
+        assert len(net.ids("hub")) == 10
+        assert {"put_many", "scan_raw", "count"} <= hub.used  # the proxy served a sync
+    finally:
+        net.close()
 
 
 # --- put / get / contains -------------------------------------------------------------------

@@ -561,6 +561,17 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _url_path(text: str) -> str:
+    """``--path``: a URL path; ``federation`` means ``/federation`` (a path without its leading
+    slash would make ``ws://host:portfederation``)."""
+    path = text if text.startswith("/") else "/" + text
+    if any(c in path for c in "?# ") or any(ord(c) < 0x21 or ord(c) > 0x7E for c in path):
+        raise argparse.ArgumentTypeError(
+            f"not a URL path: {text!r} (printable ASCII, no '?', '#' or spaces)"
+        )
+    return path
+
+
 def _add_storage(p: argparse.ArgumentParser, default_db: str | None = DEFAULT_DB) -> None:
     group = p.add_mutually_exclusive_group()
     group.add_argument("--db", default=default_db, help=f"SQLite file (default {DEFAULT_DB})")
@@ -577,7 +588,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="run a federation server")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=_port, default=8080, help="0 picks a free port")
-    p.add_argument("--path", default="/federation")
+    p.add_argument("--path", type=_url_path, default="/federation", help="URL path served")
     _add_storage(p)
     p.add_argument("--system-id", help="this instance's id (default: kept in the database)")
     p.add_argument("--trust-author", action="append", metavar="A", help="accept only authors A")

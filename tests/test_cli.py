@@ -290,6 +290,17 @@ def test_serve_port_0_default_db_system_id_kept(tmp_path: Path, spawn: Spawn) ->
     assert server.stop(signal.SIGTERM) == 0
 
 
+def test_serve_path_without_its_slash_is_normalised(tmp_path: Path, spawn: Spawn) -> None:
+    server, url = serve(spawn, "--path", "federation", "--memory")
+    assert url.split(":")[2].split("/", 1)[1] == "federation"  # ws://127.0.0.1:PORT/federation
+    ok(tmp_path, "put", "a=1", "--author", "alice", "--to", url)
+    assert synced(tmp_path, url, "--memory")[0] == 1
+    assert server.stop() == 0
+    for bad in ("/a b", "/x?y=1", "/é"):
+        proc = run(tmp_path, "serve", "--path", bad)
+        assert proc.returncode == 2 and "--path: not a URL path" in proc.stderr
+
+
 @pytest.mark.slow
 def test_serve_memory_and_system_id(tmp_path: Path, spawn: Spawn) -> None:
     server, url = serve(spawn, "--memory", "--system-id", "hub-1")

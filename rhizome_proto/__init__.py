@@ -82,6 +82,15 @@ from ._protocol import (
     Role,
     State,
 )
+from ._signing import (
+    SignatureTrustPolicy,
+    generate_signing_key,
+    load_signing_key,
+    load_verify_key,
+    public_key_text,
+    sign_delta,
+    verify_delta,
+)
 from ._store import DeltaStore, ScanOrder
 from ._trust import (
     AuthorTrustPolicy,
@@ -165,6 +174,7 @@ __all__ = [
     "Resumed",
     "Role",
     "ScanOrder",
+    "SignatureTrustPolicy",
     "State",
     "SyncBatch",
     "SyncBatchReceived",
@@ -183,7 +193,13 @@ __all__ = [
     "create_system_trust_policy",
     "decode",
     "encode",
+    "generate_signing_key",
+    "load_signing_key",
+    "load_verify_key",
     "negated_targets",
+    "public_key_text",
     "resolve_negation",
+    "sign_delta",
     "validate_delta",
+    "verify_delta",
 ]

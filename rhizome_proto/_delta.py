@@ -6,7 +6,9 @@ so decoding from JSON checks them in C and names the offending field by its path
 built in Python.
 
 Unknown fields on a delta are dropped when decoding: a delta is identified by its id and its five
-defined fields, and only those are stored and forwarded. A ``Reference`` target, however, admits
+defined fields, and only those are stored and forwarded, with one exception of ours: an optional
+``signature`` (extension ``signatures``, ``rhizome_proto._signing``), kept and forwarded with the
+delta, and absent from the JSON of an unsigned delta. A ``Reference`` target, however, admits
 exactly ``id`` and ``context``; any other object as a pointer target is invalid.
 """
 
@@ -77,6 +79,10 @@ class Delta(msgspec.Struct, frozen=True, gc=False):
     author: NonEmptyStr
     system: NonEmptyStr
     pointers: tuple[Pointer, ...] = ()
+    #: Ed25519 signature by the system's key (base64url), or unset: see ``sign_delta``
+    signature: Annotated[str, msgspec.Meta(min_length=1, max_length=512)] | msgspec.UnsetType = (
+        msgspec.UNSET
+    )
 
 
 class InvalidDeltaError(ValueError):

@@ -395,12 +395,17 @@ def test_unknown_extra_fields_are_ignored() -> None:
             "x": None,
         }
         assert decode(json.dumps(extended)) == message
-    # ... on a delta, too (they are dropped).
-    delta = DELTA_JSON | {"signature": "abc", "extra": [1]}
+    # ... on a delta, too (they are dropped), but for our ``signature``, which is kept
+    delta = DELTA_JSON | {"comment": "abc", "extra": [1]}
     decoded = decode(json.dumps({"type": "delta", "timestamp": TS, "delta": delta}))
     assert isinstance(decoded, DeltaMessage)
     assert decoded.delta == DELTA
-    assert "signature" not in encode(decoded)
+    assert "comment" not in encode(decoded) and "signature" not in encode(decoded)
+    signed = decode(
+        json.dumps({"type": "delta", "timestamp": TS, "delta": delta | {"signature": "s"}})
+    )
+    assert isinstance(signed, DeltaMessage) and signed.delta.signature == "s"
+    assert '"signature":"s"' in encode(signed)
 
 
 # --- nothing but CodecError escapes --------------------------------------------------------

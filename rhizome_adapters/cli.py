@@ -11,6 +11,7 @@ import asyncio
 import json
 import logging
 import math
+import os
 import signal
 import sqlite3
 import ssl
@@ -31,11 +32,17 @@ from rhizome_proto import (
     Pointer,
     ReconnectPolicy,
     Reference,
+    SignatureTrustPolicy,
     TimestampRange,
     TrustPolicy,
     combine_trust_policies,
     create_author_trust_policy,
     create_system_trust_policy,
+    generate_signing_key,
+    load_signing_key,
+    load_verify_key,
+    public_key_text,
+    sign_delta,
 )
 
 from .aio import FederatedRhizomeDB, FederationLink
@@ -172,11 +179,44 @@ async def _first(*aws: Awaitable[Any]) -> None:
             task.cancel()
 
 
+def _read_key(text: str, what: str) -> bytes:
+    """A key given as text, or ``@FILE`` / the path of an existing file holding it."""
+    path = Path(text[1:] if text.startswith("@") else text)
+    if text.startswith("@") or (len(text) < 4096 and path.is_file()):
+        try:
+            return path.read_bytes()
+        except OSError as exc:
+            raise CLIError(f"{what}: cannot read {path}: {exc.strerror}") from None
+    return text.encode()
+
+
+def _trust_keys(specs: Sequence[str]) -> dict[str, list[bytes]]:
+    """``--trust-key SYSTEM=KEY`` (repeatable; several keys for one system all count)."""
+    keys: dict[str, list[bytes]] = {}
+    for spec in specs:
+        system, sep, key = spec.partition("=")
+        if not sep or not system or not key:
+            raise CLIError(f"--trust-key {spec!r}: expected SYSTEM=KEY (KEY: text, or @FILE)")
+        data = _read_key(key, f"--trust-key {system}")
+        try:
+            load_verify_key(data)
+        except ValueError as exc:
+            raise CLIError(f"--trust-key {system}: {exc}") from None
+        keys.setdefault(system, []).append(data)
+    return keys
+
+
 def _trust(args: argparse.Namespace) -> TrustPolicy | None:
     policies: list[TrustPolicy] = []
     if args.trust_author:
         policies.append(create_author_trust_policy(args.trust_author))
-    if args.trust_system:
+    keys = _trust_keys(args.trust_key or ())
+    if keys:  # systems are trusted by their signatures: each trusted system needs a key
+        missing = sorted(set(args.trust_system or ()) - set(keys))
+        if missing:
+            raise CLIError(f"--trust-system {missing[0]}: no --trust-key for it")
+        policies.append(SignatureTrustPolicy(keys))
+    elif args.trust_system:
         policies.append(create_system_trust_policy(args.trust_system))
     if not policies:
         return None
@@ -343,7 +383,9 @@ async def _connect(args: argparse.Namespace) -> int:
         reconnect=_reconnect(args.max_attempts, args.max_delay),
     )
     stop = _install_stop()
-    async with FederatedRhizomeDB(system_id=_system_id(args), **_storage_kwargs(args)) as db:
+    async with FederatedRhizomeDB(
+        system_id=_system_id(args), trust_policy=_trust(args), **_storage_kwargs(args)
+    ) as db:
         progress = _Progress()
         synced = asyncio.Event()
         failed = asyncio.Event()  # the link gave up reconnecting, or the sync was refused
@@ -416,6 +458,12 @@ async def _put(args: argparse.Namespace) -> int:
             )
         except InvalidDeltaError as exc:
             raise CLIError(f"invalid delta: {exc}") from None
+        if args.signing_key:
+            data = _read_key("@" + args.signing_key, "--signing-key")
+            try:
+                delta = sign_delta(delta, load_signing_key(data))
+            except ValueError as exc:
+                raise CLIError(f"--signing-key {args.signing_key}: {exc}") from None
         await db.persist_delta(delta)
         if args.to:
             config = LinkConfig(mode="push", initial_sync="none", reconnect=_reconnect(1))
@@ -438,6 +486,25 @@ async def _put(args: argparse.Namespace) -> int:
             if verdict[0].type == "delta:rejected":
                 raise CLIError(f"rejected by {link.remote_system_id}: {verdict[0].reason}")
         print(delta.id)
+    return 0
+
+
+def _keygen(args: argparse.Namespace) -> int:
+    """Write a new Ed25519 private key (PEM, readable by its owner only); print the public key
+    (what ``--trust-key SYSTEM=KEY`` takes on the instances that trust it)."""
+    from cryptography.hazmat.primitives import serialization
+
+    key = generate_signing_key()
+    pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    try:
+        fd = os.open(args.key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        raise CLIError(f"{args.key_file} exists: not overwriting a key") from None
+    with os.fdopen(fd, "wb") as f:
+        f.write(pem)
+    print(public_key_text(key))
     return 0
 
 
@@ -578,9 +645,20 @@ def _add_storage(p: argparse.ArgumentParser, default_db: str | None = DEFAULT_DB
     group.add_argument("--memory", action="store_true", help="keep deltas in memory only")
 
 
+def _add_trust(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trust-author", action="append", metavar="A", help="accept only authors A")
+    p.add_argument("--trust-system", action="append", metavar="S", help="accept only systems S")
+    p.add_argument(
+        "--trust-key",
+        action="append",
+        metavar="S=KEY",
+        help="accept system S's deltas only signed by KEY (public key text or @FILE)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="rhizome", description="RhizomeDB federation: serve, connect, put, ls, demo."
+        prog="rhizome", description="RhizomeDB federation: serve, connect, put, ls, keygen, demo."
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log more")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -591,8 +669,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--path", type=_url_path, default="/federation", help="URL path served")
     _add_storage(p)
     p.add_argument("--system-id", help="this instance's id (default: kept in the database)")
-    p.add_argument("--trust-author", action="append", metavar="A", help="accept only authors A")
-    p.add_argument("--trust-system", action="append", metavar="S", help="accept only systems S")
+    _add_trust(p)
     p.add_argument("--no-broadcast", action="store_true", help="do not relay between links")
     p.add_argument("--tls-cert", metavar="FILE", help="serve wss://: certificate chain (PEM)")
     p.add_argument("--tls-key", metavar="FILE", help="serve wss://: private key (PEM)")
@@ -614,6 +691,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--max-delay", type=_seconds, default=30.0, help="longest retry delay, seconds")
     p.add_argument("--tls-ca", metavar="FILE", help=TLS_CA_HELP)
+    _add_trust(p)
 
     p = sub.add_parser("put", help="author a delta into a database, or send it to a URL")
     p.add_argument("pointer", nargs="+", help="role=text, or role:=JSON (number, bool, reference)")
@@ -623,6 +701,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_storage(p, default_db=None)
     p.add_argument("--system-id")
     p.add_argument("--to", metavar="URL", help="send the delta to this federation server")
+    p.add_argument("--signing-key", metavar="FILE", help="sign the delta with this key")
     p.add_argument("--timeout", type=_seconds, default=10.0, help="seconds to wait for the ack")
     p.add_argument("--tls-ca", metavar="FILE", help=TLS_CA_HELP)
 
@@ -641,6 +720,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--until", type=_ms, metavar="MS")
     p.add_argument("--include-negated", action="store_true")
 
+    p = sub.add_parser("keygen", help="write a new signing key; print its public key")
+    p.add_argument("key_file", help="where to write the private key (PEM); must not exist")
+
     p = sub.add_parser("demo", help="a hub and three spokes converge on screen")
     p.add_argument("--deltas", type=int, default=5, help="deltas authored by each spoke")
     return parser
@@ -658,6 +740,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "ls":
             return _ls(args)
+        if args.command == "keygen":
+            return _keygen(args)
         runner = {"serve": _serve, "connect": _connect, "put": _put, "demo": _demo}[args.command]
         return asyncio.run(runner(args))
     except CLIError as exc:

@@ -325,6 +325,35 @@ def test_serve_trust_author(tmp_path: Path, spawn: Spawn) -> None:
 
 
 @pytest.mark.slow
+def test_keygen_and_signed_deltas_with_trust_key(tmp_path: Path, spawn: Spawn) -> None:
+    public = ok(tmp_path, "keygen", "spoke1.pem").strip()
+    assert len(public) == 43 and (tmp_path / "spoke1.pem").stat().st_mode & 0o777 == 0o600
+    other = ok(tmp_path, "keygen", "other.pem").strip()
+    assert other != public
+    assert "exists" in fails(tmp_path, "keygen", "spoke1.pem")
+    (tmp_path / "spoke1.pub").write_text(public + "\n")
+    assert "no --trust-key for it" in fails(
+        tmp_path, "serve", "--trust-key", f"spoke1={public}", "--trust-system", "spoke2"
+    )
+    assert "--trust-key spoke1: not an Ed25519 public key" in fails(
+        tmp_path, "serve", "--trust-key", "spoke1=nonsense"
+    )
+    server, url = serve(spawn, "--db", "hub.db", "--trust-key", "spoke1=@spoke1.pub")
+    put = ("put", "n:=1", "--author", "alice", "--to", url, "--system-id")
+    good = ok(tmp_path, *put, "spoke1", "--signing-key", "spoke1.pem").strip()
+    for args, reason in [
+        (("spoke1",), "unsigned delta: system spoke1 requires a signature"),
+        (("spoke1", "--signing-key", "other.pem"), "invalid signature"),
+        (("mallory", "--signing-key", "spoke1.pem"), "untrusted system: mallory"),
+    ]:
+        line = fails(tmp_path, *put, *args)
+        assert "rejected" in line and reason in line, line
+    shown = json.loads(ok(tmp_path, "ls", "--db", "hub.db", "--json"))
+    assert shown["id"] == good and shown["system"] == "spoke1" and len(shown["signature"]) == 86
+    assert server.stop() == 0
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_serve_clean_shutdown_with_a_client(
     tmp_path: Path, spawn: Spawn, sig: signal.Signals

@@ -24,6 +24,7 @@ from __future__ import annotations
 import zlib
 from collections.abc import Callable, Iterable, Sequence
 
+import msgspec
 from wsproto import ConnectionType, WSConnection
 from wsproto.connection import ConnectionState
 from wsproto.events import (
@@ -40,9 +41,19 @@ from wsproto.extensions import Extension, PerMessageDeflate
 from wsproto.frame_protocol import CloseReason, FrameDecoder, FrameProtocol
 from wsproto.utilities import RemoteProtocolError as WSRemoteProtocolError
 
+from ._delta import Delta
 from ._errors import CloseCode, ErrorCode, LocalProtocolError, RemoteProtocolError
+from ._events import Event
+from ._filter import DeltaFilter
 from ._messages import FederationConfig
-from ._protocol import DEFAULT_MAX_BATCH, DEFAULT_RECEIVE_WINDOW, FederationProtocol, Role, State
+from ._protocol import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_MAX_BATCH,
+    DEFAULT_RECEIVE_WINDOW,
+    FederationProtocol,
+    Role,
+    State,
+)
 
 __all__ = ["DEFAULT_MAX_MESSAGE_SIZE", "DEFAULT_PATH", "FederationConnection"]
 
@@ -92,8 +103,13 @@ class _BoundedDeflate(PerMessageDeflate):
         return result
 
 
-class FederationConnection(FederationProtocol):
+class FederationConnection:
     """One federation link over WebSocket, for either role, as a sans-IO object.
+
+    It owns a :class:`FederationProtocol` (the way wsproto owns an h11 connection) and offers
+    only its own surface: bytes in and out, events, the timer, and the application calls,
+    each handed on to the protocol explicitly. Nothing on it reaches the message level
+    directly, so every message it queues reaches the wire.
 
     Parameters are those of :class:`FederationProtocol` plus:
         host: the ``Host`` of the client's upgrade request.
@@ -106,7 +122,7 @@ class FederationConnection(FederationProtocol):
 
     Feed transport bytes to :meth:`receive_data`, write :meth:`data_to_send`, close the
     transport when :attr:`should_close` is true, and call :meth:`handle_timer` at
-    :meth:`get_timer`. All of :class:`FederationProtocol`'s application calls apply.
+    :meth:`get_timer`.
     """
 
     def __init__(
@@ -130,7 +146,7 @@ class FederationConnection(FederationProtocol):
         receive_window: int = DEFAULT_RECEIVE_WINDOW,
         max_batch: int = DEFAULT_MAX_BATCH,
     ) -> None:
-        super().__init__(
+        self._proto = FederationProtocol(
             role,
             system_id=system_id,
             clock=clock,
@@ -144,6 +160,7 @@ class FederationConnection(FederationProtocol):
         )
         if max_message_size < 1:
             raise ValueError("max_message_size must be positive")
+        self.role = role
         self.host = host
         self.path = path
         self.extra_headers = tuple(extra_headers)
@@ -162,24 +179,231 @@ class FederationConnection(FederationProtocol):
         self._rx: list[str] = []
         self._rx_size = 0
         self._rx_binary = False
-        self._now = 0.0
         self._ws_started = False
         self._open_deadline: float | None = None
+        # when closing began (the close timeout runs from it): always the ``now`` of the call
+        # during which it began, never one remembered from an earlier call
         self._closing_since: float | None = None
         self._reject_status: int | None = None
         self._reject_body = bytearray()
         #: wsproto hit a framing error: its input is dead, no close reply can be read
         self._ws_failed = False
 
+    # ---------------------------------------------------------------- the protocol's view
+
+    @property
+    def state(self) -> State:
+        """The link's :class:`State`."""
+        return self._proto.state
+
+    @property
+    def is_open(self) -> bool:
+        """The handshake is done and the link is not closing."""
+        return self._proto.state is State.OPEN
+
+    @property
+    def closed(self) -> bool:
+        """The link is over (:class:`Closed` was emitted)."""
+        return self._proto.state is State.CLOSED
+
+    @property
+    def system_id(self) -> str:
+        """Our system id."""
+        return self._proto.system_id
+
+    @property
+    def config(self) -> FederationConfig:
+        """The client's link configuration (announced in ``hello``)."""
+        return self._proto.config
+
+    @property
+    def remote_system_id(self) -> str | None:
+        """The peer's system id, once the handshake is done."""
+        return self._proto.remote_system_id
+
+    @property
+    def remote_config(self) -> FederationConfig | None:
+        """The client's ``hello`` config (server side), once received."""
+        return self._proto.remote_config
+
+    @property
+    def link_id(self) -> str | None:
+        """The server's id of this link (a client learns it in ``hello_ack``)."""
+        return self._proto.link_id
+
+    @property
+    def extensions_offered(self) -> tuple[str, ...]:
+        """The extensions this end speaks."""
+        return self._proto.extensions_offered
+
+    @property
+    def extensions_agreed(self) -> frozenset[str]:
+        """The extensions both ends agreed on in the handshake."""
+        return self._proto.extensions_agreed
+
+    @property
+    def ping_interval(self) -> float:
+        """Seconds between our pings."""
+        return self._proto.ping_interval
+
+    @property
+    def ping_timeout(self) -> float:
+        """Seconds of the peer's silence after which the link is dead."""
+        return self._proto.ping_timeout
+
+    @property
+    def receive_window(self) -> int:
+        """Extension ``credit``: the most unacknowledged live deltas we accept."""
+        return self._proto.receive_window
+
+    @property
+    def max_batch(self) -> int:
+        """Extension ``batch``: the most deltas per ``deltas`` message we send."""
+        return self._proto.max_batch
+
+    @property
+    def send_window(self) -> int | None:
+        """Extension ``credit``: the peer's window, or ``None`` when not agreed."""
+        return self._proto.send_window
+
+    @property
+    def unacknowledged(self) -> tuple[Delta, ...]:
+        """Our deltas sent and not yet acknowledged or rejected, in send order."""
+        return self._proto.unacknowledged
+
+    @property
+    def held(self) -> tuple[Delta, ...]:
+        """Our live deltas held back, in order."""
+        return self._proto.held
+
+    @property
+    def pending_count(self) -> int:
+        """How many of our deltas are held or awaiting the peer's answer."""
+        return self._proto.pending_count
+
+    def is_pending(self, delta_id: str) -> bool:
+        """Whether our delta with this id is held or awaiting the peer's answer."""
+        return self._proto.is_pending(delta_id)
+
+    @property
+    def unanswered(self) -> frozenset[str]:
+        """Ids of live deltas received and not yet answered."""
+        return self._proto.unanswered
+
+    @property
+    def syncing(self) -> bool:
+        """A sync is requested or running on this link."""
+        return self._proto.syncing
+
+    @property
+    def peer_paused(self) -> bool:
+        """The peer asked us to pause."""
+        return self._proto.peer_paused
+
+    @property
+    def paused(self) -> bool:
+        """We asked the peer to pause."""
+        return self._proto.paused
+
+    @property
+    def stray_acks(self) -> int:
+        """Acks / nacks for ids we never sent or that were already settled."""
+        return self._proto.stray_acks
+
+    @property
+    def close_code(self) -> int | None:
+        """The close code once closing began."""
+        return self._proto.close_code
+
+    @property
+    def close_reason(self) -> str:
+        """The close reason once closing began."""
+        return self._proto.close_reason
+
+    def events(self) -> list[Event]:
+        """Take the queued events, oldest first."""
+        return self._proto.events()
+
+    def next_event(self) -> Event | None:
+        """Take the oldest queued event, or ``None``."""
+        return self._proto.next_event()
+
+    # ---------------------------------------------------------------- application calls
+
+    def send_delta(self, delta: Delta, *, validate: bool = True) -> None:
+        """See :meth:`FederationProtocol.send_delta`."""
+        self._proto.send_delta(delta, validate=validate)
+
+    def ack(self, delta_id: str) -> None:
+        """See :meth:`FederationProtocol.ack`."""
+        self._proto.ack(delta_id)
+
+    def nack(self, delta_id: str, reason: str) -> None:
+        """See :meth:`FederationProtocol.nack`."""
+        self._proto.nack(delta_id, reason)
+
+    def pause(self) -> None:
+        """See :meth:`FederationProtocol.pause`."""
+        self._proto.pause()
+
+    def resume(self) -> None:
+        """See :meth:`FederationProtocol.resume`."""
+        self._proto.resume()
+
+    def request_sync(
+        self,
+        filter: DeltaFilter | None = None,
+        from_timestamp: float | None = None,
+        *,
+        from_cursor: str | None = None,
+    ) -> None:
+        """See :meth:`FederationProtocol.request_sync`."""
+        self._proto.request_sync(filter, from_timestamp, from_cursor=from_cursor)
+
+    def start_sync(self, total_deltas: int, batch_size: int = DEFAULT_BATCH_SIZE) -> None:
+        """See :meth:`FederationProtocol.start_sync`."""
+        self._proto.start_sync(total_deltas, batch_size)
+
+    def send_sync_batch(
+        self,
+        deltas: Sequence[Delta | msgspec.Raw],
+        *,
+        last: bool,
+        cursor: str | None = None,
+    ) -> None:
+        """See :meth:`FederationProtocol.send_sync_batch`."""
+        self._proto.send_sync_batch(deltas, last=last, cursor=cursor)
+
+    def complete_sync(self, cursor: str | None = None) -> None:
+        """See :meth:`FederationProtocol.complete_sync`."""
+        self._proto.complete_sync(cursor)
+
+    def reject_sync(self, message: str, code: ErrorCode = ErrorCode.SYNC_ERROR) -> None:
+        """See :meth:`FederationProtocol.reject_sync`."""
+        self._proto.reject_sync(message, code)
+
+    def send_error(
+        self, code: ErrorCode | str, message: str, *, fatal: bool = False, now: float
+    ) -> None:
+        """Send an ``error``; a fatal one starts closing the link, and the close timeout runs
+        from ``now`` (the time of this call)."""
+        self._proto.send_error(code, message, fatal=fatal)
+        self._closing_began(now)
+
+    def close(self, code: int = CloseCode.NORMAL, reason: str = "", *, now: float) -> None:
+        """Start the closing handshake (see :meth:`FederationProtocol.close`); the close
+        timeout runs from ``now``, the time of this call. A no-op once closing."""
+        self._proto.close(code, reason)
+        self._closing_began(now)
+
     # ---------------------------------------------------------------- driving
 
     def start(self, now: float) -> None:
         """The transport is connected: a client sends its upgrade request; both arm the
         opening timeout. (The federation ``hello`` follows once the upgrade completes.)"""
-        if self._ws_started or self.state in (State.CLOSING, State.CLOSED):
+        if self._ws_started or self._proto.state in (State.CLOSING, State.CLOSED):
             raise LocalProtocolError("already started", code=ErrorCode.UNEXPECTED_MESSAGE)
         self._ws_started = True
-        self._now = now
         self._open_deadline = now + self.open_timeout
         if self.role is Role.CLIENT:
             extensions: list[Extension] = (
@@ -203,10 +427,15 @@ class FederationConnection(FederationProtocol):
         """
         if not data:
             raise ValueError("receive_data needs bytes; call receive_eof() at end of stream")
-        if self.state is State.CLOSED:
+        if self._proto.state is State.CLOSED:
             return
-        self._now = max(self._now, now)
-        self.heard_from_peer(now)
+        self._proto.heard_from_peer(now)
+        try:
+            self._receive(data, now)
+        finally:
+            self._closing_began(now)
+
+    def _receive(self, data: bytes, now: float) -> None:
         try:
             self._ws.receive_data(data)
         except WSRemoteProtocolError as exc:
@@ -224,9 +453,9 @@ class FederationConnection(FederationProtocol):
             elif isinstance(event, CloseConnection):
                 self._on_close(event)
             elif isinstance(event, Request):
-                self._on_request(event)
+                self._on_request(event, now)
             elif isinstance(event, AcceptConnection):
-                self._opened()
+                self._opened(now)
             elif isinstance(event, RejectConnection):
                 self._reject_status = event.status_code
                 if not event.has_body:
@@ -243,40 +472,28 @@ class FederationConnection(FederationProtocol):
             # follows in the same data, no message can be sent any more
             self._frame_messages()
 
-    def close(
-        self, code: int = CloseCode.NORMAL, reason: str = "", *, now: float | None = None
-    ) -> None:
-        """Start the closing handshake (see :meth:`FederationProtocol.close`). ``now``: the
-        time of the call, from which the close timeout runs; without it, the time of the last
-        input is used, which after a quiet spell makes the handshake time out at once."""
-        if now is not None:
-            self._now = max(self._now, now)
-        super().close(code, reason)
-
     def receive_eof(self, now: float) -> None:
         """The peer closed its side of the transport."""
         self.connection_lost(now, "connection closed by peer")
 
     def connection_lost(self, now: float, reason: str = "connection lost") -> None:
         """The transport ended under us: :class:`Closed` with code 1006 unless already closed."""
-        self._now = max(self._now, now)
         self._abort(reason)
 
     def get_timer(self) -> float | None:
         """The next deadline of either layer (monotonic seconds), or ``None``."""
-        if self.state is State.CLOSED:
+        if self._proto.state is State.CLOSED:
             return None
         deadlines = [
             t
-            for t in (super().get_timer(), self._open_deadline, self._close_deadline())
+            for t in (self._proto.get_timer(), self._open_deadline, self._close_deadline())
             if t is not None
         ]
         return min(deadlines) if deadlines else None
 
     def handle_timer(self, now: float) -> None:
         """Fire what is due: opening/closing handshake timeouts, pings, the heartbeat timeout."""
-        self._now = max(self._now, now)
-        if self.state is State.CLOSED:
+        if self._proto.state is State.CLOSED:
             return
         if self._open_deadline is not None and now >= self._open_deadline:
             self._abort("opening handshake timed out")
@@ -285,7 +502,7 @@ class FederationConnection(FederationProtocol):
         if deadline is not None and now >= deadline:
             self._abort("closing handshake timed out")
             return
-        super().handle_timer(now)
+        self._proto.handle_timer(now)
         if self.closed:
             self.should_close = True
 
@@ -301,14 +518,20 @@ class FederationConnection(FederationProtocol):
         """Bytes waiting for :meth:`data_to_send` (queued messages counted by length; live
         deltas committed to the next ``deltas`` message of extension ``batch`` are not encoded
         yet and not counted)."""
-        return len(self._out) + sum(len(m) for m in self._outbox)
+        return len(self._out) + self._proto.outbox_size
 
     # ---------------------------------------------------------------- internals
 
-    def _opened(self) -> None:
+    def _closing_began(self, now: float) -> None:
+        """Closing may have begun during the call made at ``now``: the close timeout runs
+        from there (not from an earlier input: a quiet spell must not time it out at once)."""
+        if self._closing_since is None and self._proto.state is State.CLOSING:
+            self._closing_since = now
+
+    def _opened(self, now: float) -> None:
         self._open_deadline = None
-        if self.state is not State.CLOSING:  # else close() came first: _pump sends the close
-            super().start(self._now)
+        if self._proto.state is not State.CLOSING:  # else close() came first: _pump closes
+            self._proto.start(now)
 
     def _pump(self) -> None:
         """Frame queued messages; send the close frame once the protocol is closing."""
@@ -318,9 +541,8 @@ class FederationConnection(FederationProtocol):
             if self.state is State.CLOSING:
                 code = self.close_code or CloseCode.NORMAL
                 self._out += self._ws.send(CloseConnection(code=code, reason=self.close_reason))
-                self._closing_since = self._now
         else:
-            self.messages_to_send()  # no channel can carry them any more
+            self._proto.messages_to_send()  # no channel can carry them any more
             if self.state is State.CLOSING and ws_state in (
                 ConnectionState.CONNECTING,
                 ConnectionState.REJECTING,
@@ -333,15 +555,18 @@ class FederationConnection(FederationProtocol):
         ):
             # RFC 6455 7.1.7: after a framing error, close without waiting for the peer's close
             self.should_close = True
-            self.connection_closed(self.close_code or CloseCode.PROTOCOL_ERROR, self.close_reason)
+            self._proto.connection_closed(
+                self.close_code or CloseCode.PROTOCOL_ERROR, self.close_reason
+            )
         if self.state is State.CLOSED:
             self.should_close = True
 
     def _frame_messages(self) -> None:
-        if not self.has_output:
+        proto = self._proto
+        if not proto.has_output:
             return  # nothing queued (the common case after an event)
         if self._ws.state is ConnectionState.OPEN:
-            messages = self.messages_to_send()
+            messages = proto.messages_to_send()
             if self.role is Role.SERVER and not self.compression:
                 # unmasked, unfragmented, uncompressed text frames (RFC 6455 section 5.2): what
                 # wsproto would write, without its per-frame objects (no extension can apply)
@@ -361,17 +586,17 @@ class FederationConnection(FederationProtocol):
                 self._out += self._ws.send(TextMessage(data=text))
 
     def _close_deadline(self) -> float | None:
-        if self.state is State.CLOSING and self._closing_since is not None:
+        if self._proto.state is State.CLOSING and self._closing_since is not None:
             return self._closing_since + self.close_timeout
         return None
 
     def _abort(self, reason: str) -> None:
         self.should_close = True
         self._open_deadline = None
-        self.connection_closed(CloseCode.ABNORMAL, reason)
+        self._proto.connection_closed(CloseCode.ABNORMAL, reason)
 
     def _on_data(self, event: TextMessage | BytesMessage) -> None:
-        if self.state is State.CLOSING:
+        if self._proto.state is State.CLOSING:
             return
         data = event.data
         limit = self.max_message_size
@@ -381,7 +606,7 @@ class FederationConnection(FederationProtocol):
                 # counted only when it could be over the limit (a character is <= 4 bytes)
                 if 4 * len(data) > limit and len(data.encode()) > limit:
                     self._too_big()
-                self.receive_message(data)
+                self._proto.receive_message(data)
                 return
             self._rx_size += len(data.encode())
         else:
@@ -398,12 +623,14 @@ class FederationConnection(FederationProtocol):
             self._rx.clear()
             self._rx_size, self._rx_binary = 0, False
             if binary:
-                self.receive_invalid(ErrorCode.MESSAGE_ERROR, "binary frames are not accepted")
+                self._proto.receive_invalid(
+                    ErrorCode.MESSAGE_ERROR, "binary frames are not accepted"
+                )
             else:
-                self.receive_message(text)
+                self._proto.receive_message(text)
 
     def _too_big(self) -> None:
-        self._begin_close(CloseCode.MESSAGE_TOO_BIG, "message too big")
+        self._proto.close(CloseCode.MESSAGE_TOO_BIG, "message too big")
         raise RemoteProtocolError(
             f"message over {self.max_message_size} bytes",
             code=ErrorCode.MESSAGE_TOO_LARGE,
@@ -415,23 +642,23 @@ class FederationConnection(FederationProtocol):
         if ws_state is ConnectionState.REMOTE_CLOSING:  # the peer closes: answer, done
             self._out += self._ws.send(event.response())
             self.should_close = True
-            self.connection_closed(int(event.code), event.reason or "")
+            self._proto.connection_closed(int(event.code), event.reason or "")
         elif ws_state is ConnectionState.CLOSED:  # the answer to our close
             self.should_close = True
-            self.connection_closed(self.close_code or int(event.code), self.close_reason)
+            self._proto.connection_closed(self.close_code or int(event.code), self.close_reason)
         elif event.code == CloseCode.MESSAGE_TOO_BIG:  # our deflate bound tripped
             self._ws_failed = True
             self._too_big()
         else:  # wsproto found a framing error: fail the connection with its code
             self._ws_failed = True
-            self._begin_close(int(event.code), event.reason or "")
+            self._proto.close(int(event.code), event.reason or "")
             raise RemoteProtocolError(
                 f"WebSocket protocol error: {event.reason}",
                 code=ErrorCode.MESSAGE_ERROR,
                 close_code=int(event.code),
             )
 
-    def _on_request(self, event: Request) -> None:
+    def _on_request(self, event: Request, now: float) -> None:
         self.request = event
         if event.target.split("?", 1)[0] != self.path:
             self._reject(404, f"Not Found: federation is served at {self.path}\n")
@@ -446,7 +673,7 @@ class FederationConnection(FederationProtocol):
         trailing = self._ws.handshake._h11_connection.trailing_data[0]
         if trailing and self._ws.connection is not None:
             self._ws.connection.receive_data(trailing)
-        self._opened()
+        self._opened(now)
 
     def _reject(self, status: int, body: str) -> None:
         data = body.encode()

@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from enum import Enum
-from typing import cast
+from typing import Protocol, cast
 
 import msgspec
 
@@ -73,6 +73,7 @@ __all__ = [
     "DEFAULT_MAX_BATCH",
     "DEFAULT_RECEIVE_WINDOW",
     "FederationProtocol",
+    "LinkEndpoint",
     "Role",
     "State",
 ]
@@ -138,6 +139,47 @@ _HANDLERS: dict[type, str] = {cls: f"_on_{cls.__struct_config__.tag}" for cls in
 # to skip: these events have one field and no __post_init__).
 _new = object.__new__
 _set = object.__setattr__
+
+
+class LinkEndpoint(Protocol):
+    """What :class:`~rhizome_proto.FederationNode` needs of a link's protocol object: the
+    message-level application calls and what they depend on. Both
+    :class:`FederationProtocol` and :class:`~rhizome_proto.FederationConnection` are one."""
+
+    @property
+    def role(self) -> Role: ...
+    @property
+    def state(self) -> State: ...
+    @property
+    def is_open(self) -> bool: ...
+    @property
+    def closed(self) -> bool: ...
+    @property
+    def peer_paused(self) -> bool: ...
+    @property
+    def pending_count(self) -> int: ...
+    @property
+    def extensions_agreed(self) -> frozenset[str]: ...
+    def is_pending(self, delta_id: str) -> bool: ...
+    def next_event(self) -> Event | None: ...
+    def send_delta(self, delta: Delta, *, validate: bool = True) -> None: ...
+    def ack(self, delta_id: str) -> None: ...
+    def nack(self, delta_id: str, reason: str) -> None: ...
+    def pause(self) -> None: ...
+    def resume(self) -> None: ...
+    def request_sync(
+        self,
+        filter: DeltaFilter | None = None,
+        from_timestamp: float | None = None,
+        *,
+        from_cursor: str | None = None,
+    ) -> None: ...
+    def start_sync(self, total_deltas: int, batch_size: int = DEFAULT_BATCH_SIZE) -> None: ...
+    def send_sync_batch(
+        self, deltas: Sequence[Delta | msgspec.Raw], *, last: bool, cursor: str | None = None
+    ) -> None: ...
+    def complete_sync(self, cursor: str | None = None) -> None: ...
+    def reject_sync(self, message: str, code: ErrorCode = ErrorCode.SYNC_ERROR) -> None: ...
 
 
 class FederationProtocol:
@@ -301,6 +343,12 @@ class FederationProtocol:
         return bool(self._outbox or self._batch) or (
             self._rx_done > self._rx_acked and self.state is not State.CLOSED
         )
+
+    @property
+    def outbox_size(self) -> int:
+        """Characters of the messages queued for :meth:`messages_to_send` (the live deltas
+        committed to the next ``deltas`` message are not encoded yet and not counted)."""
+        return sum(len(m) for m in self._outbox)
 
     def messages_to_send(self) -> list[str]:
         """Take the queued outgoing messages (JSON text, one per WebSocket text frame).

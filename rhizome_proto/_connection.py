@@ -630,7 +630,7 @@ class FederationConnection:
                 self._proto.receive_message(text)
 
     def _too_big(self) -> None:
-        self._proto.close(CloseCode.MESSAGE_TOO_BIG, "message too big")
+        self._proto.fail(CloseCode.MESSAGE_TOO_BIG, "message too big")
         raise RemoteProtocolError(
             f"message over {self.max_message_size} bytes",
             code=ErrorCode.MESSAGE_TOO_LARGE,
@@ -651,7 +651,7 @@ class FederationConnection:
             self._too_big()
         else:  # wsproto found a framing error: fail the connection with its code
             self._ws_failed = True
-            self._proto.close(int(event.code), event.reason or "")
+            self._proto.fail(int(event.code), event.reason or "")
             raise RemoteProtocolError(
                 f"WebSocket protocol error: {event.reason}",
                 code=ErrorCode.MESSAGE_ERROR,

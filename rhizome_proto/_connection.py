@@ -24,6 +24,7 @@ from __future__ import annotations
 import zlib
 from collections.abc import Callable, Iterable, Sequence
 
+import h11
 import msgspec
 from wsproto import ConnectionType, WSConnection
 from wsproto.connection import ConnectionState
@@ -38,7 +39,7 @@ from wsproto.events import (
     TextMessage,
 )
 from wsproto.extensions import Extension, PerMessageDeflate
-from wsproto.frame_protocol import CloseReason, FrameDecoder, FrameProtocol
+from wsproto.frame_protocol import CloseReason, FrameDecoder, FrameProtocol, Opcode, RsvBits
 from wsproto.utilities import RemoteProtocolError as WSRemoteProtocolError
 
 from ._delta import Delta
@@ -69,38 +70,70 @@ _DATA = (TextMessage, BytesMessage)
 class _BoundedDeflate(PerMessageDeflate):
     """permessage-deflate that refuses to inflate a message beyond ``max_size`` bytes.
 
-    wsproto inflates without a bound; a few KiB of deflate can expand to gigabytes. This
+    wsproto inflates without a bound; a few KiB of deflate can expand to gigabytes. The
+    negotiation and the outbound side are wsproto's; the inbound side (RFC 7692 section 7.2.2)
+    is carried here, on wsproto's public extension hooks and negotiated parameters only: it
     decompresses with ``max_length`` and fails the message with 1009 past the limit.
     """
 
     def __init__(self, max_size: int) -> None:
         super().__init__()
         self.max_size = max_size
-        self._inflated = 0
+        self._inflated = 0  # bytes of the current message so far
+        self._rx_inflater: zlib._Decompress | None = None
+        self._rx_message_compressed: bool | None = None  # set by a message's first frame
+        self._rx_frame_data = False  # the current frame is a data frame (not control)
+
+    def frame_inbound_header(
+        self, proto: FrameDecoder | FrameProtocol, opcode: Opcode, rsv: RsvBits, length: int
+    ) -> CloseReason | RsvBits:
+        if rsv.rsv1 and (opcode.iscontrol() or opcode is Opcode.CONTINUATION):
+            return CloseReason.PROTOCOL_ERROR
+        self._rx_frame_data = not opcode.iscontrol()
+        if self._rx_frame_data and self._rx_message_compressed is None:
+            self._rx_message_compressed = rsv.rsv1
+            if rsv.rsv1 and self._rx_inflater is None:
+                bits = self.server_max_window_bits if proto.client else self.client_max_window_bits
+                self._rx_inflater = zlib.decompressobj(-bits)
+        return RsvBits(True, False, False)
 
     def frame_inbound_payload_data(
         self, proto: FrameDecoder | FrameProtocol, data: bytes
     ) -> bytes | CloseReason:
-        if not self._inbound_compressed or not self._inbound_is_compressible:
+        if not self._rx_frame_data or not self._rx_message_compressed:
             return data
-        assert self._decompressor is not None
-        remaining = self.max_size - self._inflated
-        try:
-            out = self._decompressor.decompress(bytes(data), remaining + 1)
-        except zlib.error:
-            return CloseReason.INVALID_FRAME_PAYLOAD_DATA
-        self._inflated += len(out)
-        if self._inflated > self.max_size or self._decompressor.unconsumed_tail:
-            return CloseReason.MESSAGE_TOO_BIG
-        return out
+        assert self._rx_inflater is not None
+        return self._inflate(bytes(data))
 
     def frame_inbound_complete(
         self, proto: FrameDecoder | FrameProtocol, fin: bool
     ) -> bytes | CloseReason | None:
-        result = super().frame_inbound_complete(proto, fin)
-        if fin:
+        if not fin or not self._rx_frame_data:
+            return None
+        compressed, self._rx_message_compressed = self._rx_message_compressed, None
+        if not compressed:
             self._inflated = 0
-        return result
+            return None
+        out = self._inflate(b"\x00\x00\xff\xff")  # the tail the sender stripped
+        self._inflated = 0
+        no_takeover = (
+            self.server_no_context_takeover if proto.client else self.client_no_context_takeover
+        )
+        if no_takeover:
+            self._rx_inflater = None
+        return out
+
+    def _inflate(self, data: bytes) -> bytes | CloseReason:
+        assert self._rx_inflater is not None
+        remaining = self.max_size - self._inflated
+        try:
+            out = self._rx_inflater.decompress(data, remaining + 1)
+        except zlib.error:
+            return CloseReason.INVALID_FRAME_PAYLOAD_DATA
+        self._inflated += len(out)
+        if self._inflated > self.max_size or self._rx_inflater.unconsumed_tail:
+            return CloseReason.MESSAGE_TOO_BIG
+        return out
 
 
 class FederationConnection:
@@ -175,6 +208,10 @@ class FederationConnection:
         self._ws = WSConnection(
             ConnectionType.CLIENT if role is Role.CLIENT else ConnectionType.SERVER
         )
+        # server: our h11 reads the upgrade request (and answers a refusal); what follows
+        # the request in the same read is kept in _trailing until the upgrade is accepted
+        self._http = h11.Connection(h11.SERVER) if role is Role.SERVER else None
+        self._trailing: bytes | None = None
         self._out = bytearray()
         self._rx: list[str] = []
         self._rx_size = 0
@@ -436,14 +473,18 @@ class FederationConnection:
             self._closing_began(now)
 
     def _receive(self, data: bytes, now: float) -> None:
-        try:
-            self._ws.receive_data(data)
-        except WSRemoteProtocolError as exc:
-            self._failed_upgrade(str(exc))
-            return
-        except UnicodeError:  # wsproto decodes some handshake headers as ASCII unchecked
-            self._failed_upgrade("Bad HTTP message: non-ASCII header value")
-            return
+        if self._http is not None and self._trailing is None:  # server, before the request
+            if not self._read_request(data):
+                return
+        else:
+            try:
+                self._ws.receive_data(data)
+            except WSRemoteProtocolError as exc:  # the client's view of a bad response
+                self._failed_upgrade(400, str(exc))
+                return
+            except UnicodeError:  # wsproto decodes some handshake headers as ASCII unchecked
+                self._failed_upgrade(400, "Bad HTTP message: non-ASCII header value")
+                return
         for event in self._ws.events():
             if isinstance(event, _DATA):
                 self._on_data(event)
@@ -668,30 +709,79 @@ class FederationConnection:
             [_BoundedDeflate(self.max_message_size)] if self.compression else []
         )
         self._out += self._ws.send(AcceptConnection(extensions=extensions))
-        # wsproto's server handshake drops what arrived after the request in the same read
-        # (h11's trailing data); hand it on so frames sent right behind it are not lost
-        trailing = self._ws.handshake._h11_connection.trailing_data[0]
-        if trailing and self._ws.connection is not None:
-            self._ws.connection.receive_data(trailing)
+        # frames the client sent right behind its request, in the same read
+        trailing, self._trailing = self._trailing, b""
+        if trailing:
+            self._ws.receive_data(trailing)
         self._opened(now)
 
+    def _read_request(self, data: bytes) -> bool:
+        """Server: read the upgrade request with h11 (ours, so that the bytes after it are
+        ours to hand on) and give it to wsproto's public ``initiate_upgrade_connection``.
+        True once wsproto has it; false while incomplete, or when refused (answered)."""
+        http = self._http
+        assert http is not None
+        http.receive_data(data)
+        try:
+            event = http.next_event()
+        except h11.RemoteProtocolError as exc:
+            self._failed_upgrade(400, f"Bad HTTP message: {exc}")
+            return False
+        if event is h11.NEED_DATA:
+            return False
+        if not isinstance(event, h11.Request):  # pragma: no cover - h11 gives a request first
+            self._failed_upgrade(400, "Bad HTTP message")
+            return False
+        self._trailing = http.trailing_data[0]
+        if not all(value.isascii() for _, value in event.headers):
+            self._failed_upgrade(400, "Bad HTTP message: non-ASCII header value")
+            return False
+        if not _asks_for_websocket(event.headers):
+            self._failed_upgrade(426, "not a WebSocket upgrade request")
+            return False
+        try:
+            self._ws.initiate_upgrade_connection(list(event.headers), event.target)
+        except WSRemoteProtocolError as exc:
+            self._failed_upgrade(400, str(exc))
+            return False
+        except UnicodeError:  # wsproto decodes some handshake headers as ASCII unchecked
+            self._failed_upgrade(400, "Bad HTTP message: non-ASCII header value")
+            return False
+        return True
+
     def _reject(self, status: int, body: str) -> None:
+        """Server: answer the upgrade request with an HTTP error (through our h11)."""
+        assert self._http is not None
         data = body.encode()
         headers = [
             (b"content-type", b"text/plain; charset=utf-8"),
             (b"content-length", str(len(data)).encode()),
             (b"connection", b"close"),
         ]
-        self._out += self._ws.send(
-            RejectConnection(status_code=status, headers=headers, has_body=True)
-        )
-        self._out += self._ws.send(RejectData(data=data, body_finished=True))
+        self._out += self._http.send(h11.Response(status_code=status, headers=headers)) or b""
+        self._out += self._http.send(h11.Data(data=data)) or b""
+        self._out += self._http.send(h11.EndOfMessage()) or b""
 
-    def _failed_upgrade(self, reason: str) -> None:
-        """The HTTP side of the upgrade failed (not a WebSocket request, bad headers...)."""
+    def _failed_upgrade(self, status: int, reason: str) -> None:
+        """The HTTP side of the upgrade failed: a server answers ``status`` (426: not a
+        WebSocket request at all; 400: a bad one), then both end with 1006."""
         if self.role is Role.SERVER:
-            if "Upgrade" in reason or "Connection" in reason:
+            if status == 426:
                 self._reject(426, "This is a RhizomeDB federation endpoint: use WebSocket.\n")
             else:
                 self._reject(400, f"Bad Request: {reason}\n")
         self._abort(f"upgrade failed: {reason}")
+
+
+def _asks_for_websocket(headers: Iterable[tuple[bytes, bytes]]) -> bool:
+    """The request asks to upgrade to WebSocket (``Connection: upgrade`` and ``Upgrade:
+    websocket``, RFC 6455 4.2.1); whether the rest of it is valid is wsproto's to say."""
+    connection: set[bytes] = set()
+    upgrade: set[bytes] = set()
+    for name, value in headers:
+        tokens = {t.strip().lower() for t in value.split(b",")}
+        if name.lower() == b"connection":
+            connection |= tokens
+        elif name.lower() == b"upgrade":
+            upgrade |= tokens
+    return b"upgrade" in connection and b"websocket" in upgrade

@@ -977,6 +977,32 @@ def test_compressed_message_over_the_limit_is_refused() -> None:
     assert raw.closes[-1].code == 1009
 
 
+@pytest.mark.parametrize("no_takeover", [False, True])
+def test_compressed_messages_in_a_row_and_in_fragments(no_takeover: bool) -> None:
+    """Our inbound permessage-deflate: messages in a row (with and without context takeover,
+    as negotiated), one message in compressed fragments, an uncompressed one between."""
+    server = make_server(max_message_size=10_000, compression=True)
+    server.start(0.0)
+    raw = RawClient()
+    deflate = PerMessageDeflate(
+        client_no_context_takeover=no_takeover, server_no_context_takeover=no_takeover
+    )
+    raw.connect(server, extensions=[deflate])
+    feed(server, raw.hello(), 0.0)
+    raw.take()
+    server.events()
+    raw.receive(server.data_to_send())
+    pings = [dumps({"type": "ping", "timestamp": n, "pad": "p" * 500}) for n in (1, 2, 3)]
+    data = b"".join(raw.send_text(text) for text in pings[:2])
+    half = len(pings[2]) // 2
+    data += raw.send(TextMessage(data=pings[2][:half], message_finished=False))
+    data += raw.send(TextMessage(data=pings[2][half:], message_finished=True))
+    assert feed(server, data, 0.1) is None
+    assert server.events() == []
+    raw.receive(server.data_to_send())
+    assert raw.types() == ["hello_ack", "pong", "pong", "pong"]  # compressed too
+
+
 @pytest.mark.slow
 def test_compressed_bomb_is_refused_without_inflating_it() -> None:
     server = make_server(max_message_size=1024 * 1024, compression=True)

@@ -9,6 +9,12 @@ The three drivers: text from the peer (:meth:`receive_message`), calls from the 
 (:meth:`messages_to_send`) and events (:meth:`events`). Time is ``now``, monotonic seconds,
 passed in; message timestamps come from the injected ``clock`` (wall-clock milliseconds).
 
+Every rule of the protocol is one row of ``TRANSITIONS`` (at the end of this module):
+``(role, state, sync progress, input) -> Row`` (check, effect, next state, next sync progress).
+Every guard reads it: an application call it does not list raises :class:`LocalProtocolError`
+before anything changes; a peer's message it does not list is answered with
+``UNEXPECTED_MESSAGE``. docs/state-table.md is generated from it.
+
 Extensions ``batch`` and ``credit`` (docs/extensions.md) live here too. With ``batch`` our live
 deltas are numbered 1, 2, 3 ... as they are committed to the wire and coalesced into ``deltas``
 messages when output is taken; received ones are numbered in arrival order and answered with

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING
 
 import h11
 import msgspec
@@ -52,6 +53,7 @@ from ._protocol import (
     DEFAULT_MAX_BATCH,
     DEFAULT_RECEIVE_WINDOW,
     FederationProtocol,
+    LinkEndpoint,
     Role,
     State,
 )
@@ -785,3 +787,9 @@ def _asks_for_websocket(headers: Iterable[tuple[bytes, bytes]]) -> bool:
         elif name.lower() == b"upgrade":
             upgrade |= tokens
     return b"upgrade" in connection and b"websocket" in upgrade
+
+
+if TYPE_CHECKING:  # both layers are what a FederationNode attaches to a link (mypy checks it)
+
+    def _endpoints(p: FederationProtocol, c: FederationConnection) -> list[LinkEndpoint]:
+        return [p, c]

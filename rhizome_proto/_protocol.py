@@ -1394,26 +1394,30 @@ def _build() -> None:
 
 _build()
 
-#: per (role, state, sync): the rows by input (and by message class, for one look-up per
-#: message), whether the peer's input is ignored, whether the heartbeat timers run
-_BY_STATE: dict[tuple[Role, State, SyncProgress], tuple[dict[object, Row], bool, bool]] = {}
 _CLASS_OF: dict[str, type] = {
     str(cls.__struct_config__.tag): cls
     for cls in Message.__args__
     if cls not in (SyncBatch, ErrorMessage)  # split by content: looked up by input name
 }
-for _role in Role:
-    for _state in State:
-        for _sync in SyncProgress:
-            _rows: dict[object, Row] = {}
-            for (_r, _s, _y, _name), _row in TRANSITIONS.items():
-                if (_r, _s, _y) == (_role, _state, _sync):
-                    _rows[_name] = _row
-                    if _name in _CLASS_OF:
-                        _rows[_CLASS_OF[_name]] = _row
-            _silent = _rows.get(PEER_SILENT)
-            _BY_STATE[(_role, _state, _sync)] = (
-                _rows,
-                all(_name in _rows and _rows[_name].handler is None for _name in MESSAGE_INPUTS),
-                _silent is not None and _silent.handler is not None,
-            )
+
+
+def _by_state() -> dict[tuple[Role, State, SyncProgress], tuple[dict[object, Row], bool, bool]]:
+    """Per (role, state, sync): the rows by input (and by message class, for one look-up per
+    message), whether the peer's input is ignored there, whether the heartbeat timers run."""
+    rows: dict[tuple[Role, State, SyncProgress], dict[object, Row]] = {
+        (role, state, sync): {} for role in Role for state in State for sync in SyncProgress
+    }
+    for (role, state, sync, name), row in TRANSITIONS.items():
+        here = rows[(role, state, sync)]
+        here[name] = row
+        if name in _CLASS_OF:
+            here[_CLASS_OF[name]] = row
+    out = {}
+    for key, here in rows.items():
+        deaf = all(name in here and here[name].handler is None for name in MESSAGE_INPUTS)
+        silent = here.get(PEER_SILENT)
+        out[key] = (here, deaf, silent is not None and silent.handler is not None)
+    return out
+
+
+_BY_STATE = _by_state()

@@ -1316,7 +1316,7 @@ def _build() -> None:
     _rule(client, [State.HELLO_SENT], nosync, ["ping"], "_on_ping")
     _rule(client, [State.HELLO_SENT], nosync, ["pong"], "_on_pong")
     _rule(client, [State.HELLO_SENT], nosync, ["error", ERROR_SYNC], "_on_error")
-    # before the handshake and once open: live deltas are held until the link is open
+    # before the handshake: live deltas are held until the link is open
     for role, states in ((Role.CLIENT, hs_client), (Role.SERVER, hs_server)):
         _rule([role], states, nosync, [SEND_DELTA], "_hold_live")
         _rule([role], states, nosync, [SEND_ERROR], "_send_error")

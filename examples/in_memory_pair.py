@@ -63,6 +63,6 @@ pump(0.5)
 batches = [e for e in client.events() if isinstance(e, SyncBatchReceived)]
 print("synced", sum(len(b.deltas) for b in batches), "delta(s)")
 
-client.close()
+client.close(now=0.6)
 pump(0.6)
 print(client.events(), server.events())

@@ -28,7 +28,8 @@ if str(REPO_ROOT) not in sys.path:
 with atheris.instrument_imports():
     # rhizome_proto, and wsproto and h11 under it, are instrumented for coverage feedback
     import rhizome_proto  # noqa: F401
-    from fuzz.invariants import check_client_connection, client_seed_inputs
+    from fuzz.harness import check_client_connection
+    from fuzz.seeds import client_seed_inputs
 
 from fuzz.runner import run  # noqa: E402
 

@@ -27,7 +27,8 @@ if str(REPO_ROOT) not in sys.path:
 with atheris.instrument_imports():
     # rhizome_proto, and wsproto and h11 under it, are instrumented for coverage feedback
     import rhizome_proto  # noqa: F401
-    from fuzz.invariants import check_server_connection, server_seed_inputs
+    from fuzz.harness import check_server_connection
+    from fuzz.seeds import server_seed_inputs
 
 from fuzz.runner import run  # noqa: E402
 

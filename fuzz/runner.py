@@ -13,7 +13,7 @@ import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from fuzz.invariants import DICTIONARY
+from fuzz.seeds import DICTIONARY
 
 
 def _dict_entry(token: str) -> str:

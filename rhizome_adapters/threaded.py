@@ -99,7 +99,7 @@ class _Session:
             db._sessions.add(self)
             conn.start(time.monotonic())
             if link._stopping:  # disconnected while this connection was being opened
-                conn.close()
+                conn.close(now=time.monotonic())
         self.writer.start()
         db._pump(self)
         try:

@@ -31,7 +31,15 @@ class _LooseDeltas(msgspec.Struct, frozen=True, tag="deltas", tag_field="type", 
     deltas: Annotated[list[msgspec.Raw], msgspec.Meta(min_length=1)]
 
 
+class _LooseDelta(msgspec.Struct, frozen=True, tag="delta", tag_field="type", rename="camel"):
+    """A ``delta`` message whose delta is left undecoded (to tell which part is invalid)."""
+
+    timestamp: Timestamp
+    delta: msgspec.Raw
+
+
 _loose_deltas_decoder = msgspec.json.Decoder(_LooseDeltas)
+_loose_delta_decoder = msgspec.json.Decoder(_LooseDelta)
 
 #: The ``type`` strings of v1 and of our extensions, mapped to their classes.
 MESSAGE_TYPES: dict[str, type[Any]] = {cls.__struct_config__.tag: cls for cls in Message.__args__}
@@ -60,7 +68,10 @@ def decode(text: str | bytes) -> Message:
 
 
 def _classify(text: str | bytes, detail: str) -> CodecError:
-    """Work out why well-formed JSON was not a valid message (the slow path, errors only)."""
+    """Work out why well-formed JSON was not a valid message (the slow path, errors only).
+
+    Decided by decoding the parts again (the envelope with its deltas left raw, then each
+    delta), never by reading msgspec's message text; ``detail`` is only quoted."""
     try:
         obj = _any_decoder.decode(text)
     except _DECODE_ERRORS as exc:
@@ -76,18 +87,24 @@ def _classify(text: str | bytes, detail: str) -> CodecError:
             code=ErrorCode.UNKNOWN_MESSAGE_TYPE,
             message_type=mtype,
         )
-    if mtype == "delta" and "`$.delta" in detail:
-        delta = obj.get("delta")
-        delta_id = delta.get("id") if isinstance(delta, dict) else None
-        return CodecError(
-            f"invalid delta: {detail}",
-            code=ErrorCode.INVALID_DELTA,
-            message_type=mtype,
-            delta_id=delta_id if isinstance(delta_id, str) and delta_id else None,
-        )
-    if mtype == "deltas" and "`$.deltas[" in detail:
+    if mtype == "delta":
+        return _classify_delta(text, detail)
+    if mtype == "deltas":
         return _classify_deltas(text, detail)
     return CodecError(f"invalid {mtype} message: {detail}", message_type=mtype)
+
+
+def _classify_delta(text: str | bytes, detail: str) -> CodecError:
+    """A ``delta`` message: an invalid delta in a valid envelope is ``INVALID_DELTA`` (with
+    its id when readable, to be answered with ``delta_nack``); else the message is invalid."""
+    try:
+        loose = _loose_delta_decoder.decode(text)
+    except _DECODE_ERRORS:
+        return CodecError(f"invalid delta message: {detail}", message_type="delta")
+    item = _judge(loose.delta, "`$.delta", "delta")
+    if isinstance(item, CodecError):
+        return item
+    return CodecError(f"invalid delta message: {detail}", message_type="delta")  # pragma: no cover
 
 
 def _classify_deltas(text: str | bytes, detail: str) -> CodecError:
@@ -95,9 +112,13 @@ def _classify_deltas(text: str | bytes, detail: str) -> CodecError:
     can deliver the valid ones and answer the others (``CodecError.items``)."""
     try:
         loose = _loose_deltas_decoder.decode(text)
-    except _DECODE_ERRORS:  # the envelope is bad too: refuse the message whole
+    except _DECODE_ERRORS:  # the envelope is bad: refuse the message whole
         return CodecError(f"invalid deltas message: {detail}", message_type="deltas")
-    items = tuple(_batch_item(raw, index) for index, raw in enumerate(loose.deltas))
+    items = tuple(
+        _judge(raw, f"`$.deltas[{index}]", "deltas") for index, raw in enumerate(loose.deltas)
+    )
+    if not any(isinstance(item, CodecError) for item in items):  # pragma: no cover
+        return CodecError(f"invalid deltas message: {detail}", message_type="deltas")
     return CodecError(
         f"invalid delta in deltas: {detail}",
         code=ErrorCode.INVALID_DELTA,
@@ -106,12 +127,13 @@ def _classify_deltas(text: str | bytes, detail: str) -> CodecError:
     )
 
 
-def _batch_item(raw: msgspec.Raw, index: int) -> Delta | CodecError:
+def _judge(raw: msgspec.Raw, where: str, mtype: str) -> Delta | CodecError:
+    """One delta of a message, at path ``where``: the delta, or its ``INVALID_DELTA`` error."""
     try:
         return _delta_decoder.decode(raw)
     except _DECODE_ERRORS as exc:
         detail = str(exc)
-    where = f"`$.deltas[{index}]"
+    # msgspec names the path from the delta's root (``$``): name it from the message's
     detail = detail.replace("`$", where, 1) if "- at `$" in detail else f"{detail} - at {where}`"
     try:
         obj = _any_decoder.decode(raw)
@@ -121,6 +143,6 @@ def _batch_item(raw: msgspec.Raw, index: int) -> Delta | CodecError:
     return CodecError(
         f"invalid delta: {detail}",
         code=ErrorCode.INVALID_DELTA,
-        message_type="deltas",
+        message_type=mtype,
         delta_id=delta_id if isinstance(delta_id, str) and delta_id else None,
     )

@@ -23,7 +23,10 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING
 
+import h11
+import msgspec
 from wsproto import ConnectionType, WSConnection
 from wsproto.connection import ConnectionState
 from wsproto.events import (
@@ -37,12 +40,23 @@ from wsproto.events import (
     TextMessage,
 )
 from wsproto.extensions import Extension, PerMessageDeflate
-from wsproto.frame_protocol import CloseReason, FrameDecoder, FrameProtocol
+from wsproto.frame_protocol import CloseReason, FrameDecoder, FrameProtocol, Opcode, RsvBits
 from wsproto.utilities import RemoteProtocolError as WSRemoteProtocolError
 
+from ._delta import Delta
 from ._errors import CloseCode, ErrorCode, LocalProtocolError, RemoteProtocolError
+from ._events import Event
+from ._filter import DeltaFilter
 from ._messages import FederationConfig
-from ._protocol import DEFAULT_MAX_BATCH, DEFAULT_RECEIVE_WINDOW, FederationProtocol, Role, State
+from ._protocol import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_MAX_BATCH,
+    DEFAULT_RECEIVE_WINDOW,
+    FederationProtocol,
+    LinkEndpoint,
+    Role,
+    State,
+)
 
 __all__ = ["DEFAULT_MAX_MESSAGE_SIZE", "DEFAULT_PATH", "FederationConnection"]
 
@@ -58,42 +72,79 @@ _DATA = (TextMessage, BytesMessage)
 class _BoundedDeflate(PerMessageDeflate):
     """permessage-deflate that refuses to inflate a message beyond ``max_size`` bytes.
 
-    wsproto inflates without a bound; a few KiB of deflate can expand to gigabytes. This
+    wsproto inflates without a bound; a few KiB of deflate can expand to gigabytes. The
+    negotiation and the outbound side are wsproto's; the inbound side (RFC 7692 section 7.2.2)
+    is carried here, on wsproto's public extension hooks and negotiated parameters only: it
     decompresses with ``max_length`` and fails the message with 1009 past the limit.
     """
 
     def __init__(self, max_size: int) -> None:
         super().__init__()
         self.max_size = max_size
-        self._inflated = 0
+        self._inflated = 0  # bytes of the current message so far
+        self._rx_inflater: zlib._Decompress | None = None
+        self._rx_message_compressed: bool | None = None  # set by a message's first frame
+        self._rx_frame_data = False  # the current frame is a data frame (not control)
+
+    def frame_inbound_header(
+        self, proto: FrameDecoder | FrameProtocol, opcode: Opcode, rsv: RsvBits, length: int
+    ) -> CloseReason | RsvBits:
+        if rsv.rsv1 and (opcode.iscontrol() or opcode is Opcode.CONTINUATION):
+            return CloseReason.PROTOCOL_ERROR
+        self._rx_frame_data = not opcode.iscontrol()
+        if self._rx_frame_data and self._rx_message_compressed is None:
+            self._rx_message_compressed = rsv.rsv1
+            if rsv.rsv1 and self._rx_inflater is None:
+                bits = self.server_max_window_bits if proto.client else self.client_max_window_bits
+                self._rx_inflater = zlib.decompressobj(-bits)
+        return RsvBits(True, False, False)
 
     def frame_inbound_payload_data(
         self, proto: FrameDecoder | FrameProtocol, data: bytes
     ) -> bytes | CloseReason:
-        if not self._inbound_compressed or not self._inbound_is_compressible:
+        if not self._rx_frame_data or not self._rx_message_compressed:
             return data
-        assert self._decompressor is not None
-        remaining = self.max_size - self._inflated
-        try:
-            out = self._decompressor.decompress(bytes(data), remaining + 1)
-        except zlib.error:
-            return CloseReason.INVALID_FRAME_PAYLOAD_DATA
-        self._inflated += len(out)
-        if self._inflated > self.max_size or self._decompressor.unconsumed_tail:
-            return CloseReason.MESSAGE_TOO_BIG
-        return out
+        assert self._rx_inflater is not None
+        return self._inflate(bytes(data))
 
     def frame_inbound_complete(
         self, proto: FrameDecoder | FrameProtocol, fin: bool
     ) -> bytes | CloseReason | None:
-        result = super().frame_inbound_complete(proto, fin)
-        if fin:
+        if not fin or not self._rx_frame_data:
+            return None
+        compressed, self._rx_message_compressed = self._rx_message_compressed, None
+        if not compressed:
             self._inflated = 0
-        return result
+            return None
+        out = self._inflate(b"\x00\x00\xff\xff")  # the tail the sender stripped
+        self._inflated = 0
+        no_takeover = (
+            self.server_no_context_takeover if proto.client else self.client_no_context_takeover
+        )
+        if no_takeover:
+            self._rx_inflater = None
+        return out
+
+    def _inflate(self, data: bytes) -> bytes | CloseReason:
+        assert self._rx_inflater is not None
+        remaining = self.max_size - self._inflated
+        try:
+            out = self._rx_inflater.decompress(data, remaining + 1)
+        except zlib.error:
+            return CloseReason.INVALID_FRAME_PAYLOAD_DATA
+        self._inflated += len(out)
+        if self._inflated > self.max_size or self._rx_inflater.unconsumed_tail:
+            return CloseReason.MESSAGE_TOO_BIG
+        return out
 
 
-class FederationConnection(FederationProtocol):
+class FederationConnection:
     """One federation link over WebSocket, for either role, as a sans-IO object.
+
+    It owns a :class:`FederationProtocol` (the way wsproto owns an h11 connection) and offers
+    only its own surface: bytes in and out, events, the timer, and the application calls,
+    each handed on to the protocol explicitly. Nothing on it reaches the message level
+    directly, so every message it queues reaches the wire.
 
     Parameters are those of :class:`FederationProtocol` plus:
         host: the ``Host`` of the client's upgrade request.
@@ -106,7 +157,7 @@ class FederationConnection(FederationProtocol):
 
     Feed transport bytes to :meth:`receive_data`, write :meth:`data_to_send`, close the
     transport when :attr:`should_close` is true, and call :meth:`handle_timer` at
-    :meth:`get_timer`. All of :class:`FederationProtocol`'s application calls apply.
+    :meth:`get_timer`.
     """
 
     def __init__(
@@ -130,7 +181,7 @@ class FederationConnection(FederationProtocol):
         receive_window: int = DEFAULT_RECEIVE_WINDOW,
         max_batch: int = DEFAULT_MAX_BATCH,
     ) -> None:
-        super().__init__(
+        self._proto = FederationProtocol(
             role,
             system_id=system_id,
             clock=clock,
@@ -144,6 +195,7 @@ class FederationConnection(FederationProtocol):
         )
         if max_message_size < 1:
             raise ValueError("max_message_size must be positive")
+        self.role = role
         self.host = host
         self.path = path
         self.extra_headers = tuple(extra_headers)
@@ -158,28 +210,239 @@ class FederationConnection(FederationProtocol):
         self._ws = WSConnection(
             ConnectionType.CLIENT if role is Role.CLIENT else ConnectionType.SERVER
         )
+        # server: our h11 reads the upgrade request (and answers a refusal); what follows
+        # the request in the same read is kept in _trailing until the upgrade is accepted
+        self._http = h11.Connection(h11.SERVER) if role is Role.SERVER else None
+        self._trailing: bytes | None = None
         self._out = bytearray()
         self._rx: list[str] = []
         self._rx_size = 0
         self._rx_binary = False
-        self._now = 0.0
         self._ws_started = False
         self._open_deadline: float | None = None
+        # when closing began (the close timeout runs from it): always the ``now`` of the call
+        # during which it began, never one remembered from an earlier call
         self._closing_since: float | None = None
         self._reject_status: int | None = None
         self._reject_body = bytearray()
         #: wsproto hit a framing error: its input is dead, no close reply can be read
         self._ws_failed = False
 
+    # ---------------------------------------------------------------- the protocol's view
+
+    @property
+    def state(self) -> State:
+        """The link's :class:`State`."""
+        return self._proto.state
+
+    @property
+    def is_open(self) -> bool:
+        """The handshake is done and the link is not closing."""
+        return self._proto.state is State.OPEN
+
+    @property
+    def closed(self) -> bool:
+        """The link is over (:class:`Closed` was emitted)."""
+        return self._proto.state is State.CLOSED
+
+    @property
+    def system_id(self) -> str:
+        """Our system id."""
+        return self._proto.system_id
+
+    @property
+    def config(self) -> FederationConfig:
+        """The client's link configuration (announced in ``hello``)."""
+        return self._proto.config
+
+    @property
+    def remote_system_id(self) -> str | None:
+        """The peer's system id, once the handshake is done."""
+        return self._proto.remote_system_id
+
+    @property
+    def remote_config(self) -> FederationConfig | None:
+        """The client's ``hello`` config (server side), once received."""
+        return self._proto.remote_config
+
+    @property
+    def link_id(self) -> str | None:
+        """The server's id of this link (a client learns it in ``hello_ack``)."""
+        return self._proto.link_id
+
+    @property
+    def extensions_offered(self) -> tuple[str, ...]:
+        """The extensions this end speaks."""
+        return self._proto.extensions_offered
+
+    @property
+    def extensions_agreed(self) -> frozenset[str]:
+        """The extensions both ends agreed on in the handshake."""
+        return self._proto.extensions_agreed
+
+    @property
+    def ping_interval(self) -> float:
+        """Seconds between our pings."""
+        return self._proto.ping_interval
+
+    @property
+    def ping_timeout(self) -> float:
+        """Seconds of the peer's silence after which the link is dead."""
+        return self._proto.ping_timeout
+
+    @property
+    def receive_window(self) -> int:
+        """Extension ``credit``: the most unacknowledged live deltas we accept."""
+        return self._proto.receive_window
+
+    @property
+    def max_batch(self) -> int:
+        """Extension ``batch``: the most deltas per ``deltas`` message we send."""
+        return self._proto.max_batch
+
+    @property
+    def send_window(self) -> int | None:
+        """Extension ``credit``: the peer's window, or ``None`` when not agreed."""
+        return self._proto.send_window
+
+    @property
+    def unacknowledged(self) -> tuple[Delta, ...]:
+        """Our deltas sent and not yet acknowledged or rejected, in send order."""
+        return self._proto.unacknowledged
+
+    @property
+    def held(self) -> tuple[Delta, ...]:
+        """Our live deltas held back, in order."""
+        return self._proto.held
+
+    @property
+    def pending_count(self) -> int:
+        """How many of our deltas are held or awaiting the peer's answer."""
+        return self._proto.pending_count
+
+    def is_pending(self, delta_id: str) -> bool:
+        """Whether our delta with this id is held or awaiting the peer's answer."""
+        return self._proto.is_pending(delta_id)
+
+    @property
+    def unanswered(self) -> frozenset[str]:
+        """Ids of live deltas received and not yet answered."""
+        return self._proto.unanswered
+
+    @property
+    def syncing(self) -> bool:
+        """A sync is requested or running on this link."""
+        return self._proto.syncing
+
+    @property
+    def peer_paused(self) -> bool:
+        """The peer asked us to pause."""
+        return self._proto.peer_paused
+
+    @property
+    def paused(self) -> bool:
+        """We asked the peer to pause."""
+        return self._proto.paused
+
+    @property
+    def stray_acks(self) -> int:
+        """Acks / nacks for ids we never sent or that were already settled."""
+        return self._proto.stray_acks
+
+    @property
+    def close_code(self) -> int | None:
+        """The close code once closing began."""
+        return self._proto.close_code
+
+    @property
+    def close_reason(self) -> str:
+        """The close reason once closing began."""
+        return self._proto.close_reason
+
+    def events(self) -> list[Event]:
+        """Take the queued events, oldest first."""
+        return self._proto.events()
+
+    def next_event(self) -> Event | None:
+        """Take the oldest queued event, or ``None``."""
+        return self._proto.next_event()
+
+    # ---------------------------------------------------------------- application calls
+
+    def send_delta(self, delta: Delta, *, validate: bool = True) -> None:
+        """See :meth:`FederationProtocol.send_delta`."""
+        self._proto.send_delta(delta, validate=validate)
+
+    def ack(self, delta_id: str) -> None:
+        """See :meth:`FederationProtocol.ack`."""
+        self._proto.ack(delta_id)
+
+    def nack(self, delta_id: str, reason: str) -> None:
+        """See :meth:`FederationProtocol.nack`."""
+        self._proto.nack(delta_id, reason)
+
+    def pause(self) -> None:
+        """See :meth:`FederationProtocol.pause`."""
+        self._proto.pause()
+
+    def resume(self) -> None:
+        """See :meth:`FederationProtocol.resume`."""
+        self._proto.resume()
+
+    def request_sync(
+        self,
+        filter: DeltaFilter | None = None,
+        from_timestamp: float | None = None,
+        *,
+        from_cursor: str | None = None,
+    ) -> None:
+        """See :meth:`FederationProtocol.request_sync`."""
+        self._proto.request_sync(filter, from_timestamp, from_cursor=from_cursor)
+
+    def start_sync(self, total_deltas: int, batch_size: int = DEFAULT_BATCH_SIZE) -> None:
+        """See :meth:`FederationProtocol.start_sync`."""
+        self._proto.start_sync(total_deltas, batch_size)
+
+    def send_sync_batch(
+        self,
+        deltas: Sequence[Delta | msgspec.Raw],
+        *,
+        last: bool,
+        cursor: str | None = None,
+    ) -> None:
+        """See :meth:`FederationProtocol.send_sync_batch`."""
+        self._proto.send_sync_batch(deltas, last=last, cursor=cursor)
+
+    def complete_sync(self, cursor: str | None = None) -> None:
+        """See :meth:`FederationProtocol.complete_sync`."""
+        self._proto.complete_sync(cursor)
+
+    def reject_sync(self, message: str, code: ErrorCode = ErrorCode.SYNC_ERROR) -> None:
+        """See :meth:`FederationProtocol.reject_sync`."""
+        self._proto.reject_sync(message, code)
+
+    def send_error(
+        self, code: ErrorCode | str, message: str, *, fatal: bool = False, now: float
+    ) -> None:
+        """Send an ``error``; a fatal one starts closing the link, and the close timeout runs
+        from ``now`` (the time of this call)."""
+        self._proto.send_error(code, message, fatal=fatal)
+        self._closing_began(now)
+
+    def close(self, code: int = CloseCode.NORMAL, reason: str = "", *, now: float) -> None:
+        """Start the closing handshake (see :meth:`FederationProtocol.close`); the close
+        timeout runs from ``now``, the time of this call. A no-op once closing."""
+        self._proto.close(code, reason)
+        self._closing_began(now)
+
     # ---------------------------------------------------------------- driving
 
     def start(self, now: float) -> None:
         """The transport is connected: a client sends its upgrade request; both arm the
         opening timeout. (The federation ``hello`` follows once the upgrade completes.)"""
-        if self._ws_started or self.state in (State.CLOSING, State.CLOSED):
+        if self._ws_started or self._proto.state in (State.CLOSING, State.CLOSED):
             raise LocalProtocolError("already started", code=ErrorCode.UNEXPECTED_MESSAGE)
         self._ws_started = True
-        self._now = now
         self._open_deadline = now + self.open_timeout
         if self.role is Role.CLIENT:
             extensions: list[Extension] = (
@@ -203,18 +466,27 @@ class FederationConnection(FederationProtocol):
         """
         if not data:
             raise ValueError("receive_data needs bytes; call receive_eof() at end of stream")
-        if self.state is State.CLOSED:
+        if self._proto.state is State.CLOSED:
             return
-        self._now = max(self._now, now)
-        self.heard_from_peer(now)
+        self._proto.heard_from_peer(now)
         try:
-            self._ws.receive_data(data)
-        except WSRemoteProtocolError as exc:
-            self._failed_upgrade(str(exc))
-            return
-        except UnicodeError:  # wsproto decodes some handshake headers as ASCII unchecked
-            self._failed_upgrade("Bad HTTP message: non-ASCII header value")
-            return
+            self._receive(data, now)
+        finally:
+            self._closing_began(now)
+
+    def _receive(self, data: bytes, now: float) -> None:
+        if self._http is not None and self._trailing is None:  # server, before the request
+            if not self._read_request(data):
+                return
+        else:
+            try:
+                self._ws.receive_data(data)
+            except WSRemoteProtocolError as exc:  # the client's view of a bad response
+                self._failed_upgrade(400, str(exc))
+                return
+            except UnicodeError:  # wsproto decodes some handshake headers as ASCII unchecked
+                self._failed_upgrade(400, "Bad HTTP message: non-ASCII header value")
+                return
         for event in self._ws.events():
             if isinstance(event, _DATA):
                 self._on_data(event)
@@ -224,9 +496,9 @@ class FederationConnection(FederationProtocol):
             elif isinstance(event, CloseConnection):
                 self._on_close(event)
             elif isinstance(event, Request):
-                self._on_request(event)
+                self._on_request(event, now)
             elif isinstance(event, AcceptConnection):
-                self._opened()
+                self._opened(now)
             elif isinstance(event, RejectConnection):
                 self._reject_status = event.status_code
                 if not event.has_body:
@@ -243,40 +515,28 @@ class FederationConnection(FederationProtocol):
             # follows in the same data, no message can be sent any more
             self._frame_messages()
 
-    def close(
-        self, code: int = CloseCode.NORMAL, reason: str = "", *, now: float | None = None
-    ) -> None:
-        """Start the closing handshake (see :meth:`FederationProtocol.close`). ``now``: the
-        time of the call, from which the close timeout runs; without it, the time of the last
-        input is used, which after a quiet spell makes the handshake time out at once."""
-        if now is not None:
-            self._now = max(self._now, now)
-        super().close(code, reason)
-
     def receive_eof(self, now: float) -> None:
         """The peer closed its side of the transport."""
         self.connection_lost(now, "connection closed by peer")
 
     def connection_lost(self, now: float, reason: str = "connection lost") -> None:
         """The transport ended under us: :class:`Closed` with code 1006 unless already closed."""
-        self._now = max(self._now, now)
         self._abort(reason)
 
     def get_timer(self) -> float | None:
         """The next deadline of either layer (monotonic seconds), or ``None``."""
-        if self.state is State.CLOSED:
+        if self._proto.state is State.CLOSED:
             return None
         deadlines = [
             t
-            for t in (super().get_timer(), self._open_deadline, self._close_deadline())
+            for t in (self._proto.get_timer(), self._open_deadline, self._close_deadline())
             if t is not None
         ]
         return min(deadlines) if deadlines else None
 
     def handle_timer(self, now: float) -> None:
         """Fire what is due: opening/closing handshake timeouts, pings, the heartbeat timeout."""
-        self._now = max(self._now, now)
-        if self.state is State.CLOSED:
+        if self._proto.state is State.CLOSED:
             return
         if self._open_deadline is not None and now >= self._open_deadline:
             self._abort("opening handshake timed out")
@@ -285,7 +545,7 @@ class FederationConnection(FederationProtocol):
         if deadline is not None and now >= deadline:
             self._abort("closing handshake timed out")
             return
-        super().handle_timer(now)
+        self._proto.handle_timer(now)
         if self.closed:
             self.should_close = True
 
@@ -301,14 +561,20 @@ class FederationConnection(FederationProtocol):
         """Bytes waiting for :meth:`data_to_send` (queued messages counted by length; live
         deltas committed to the next ``deltas`` message of extension ``batch`` are not encoded
         yet and not counted)."""
-        return len(self._out) + sum(len(m) for m in self._outbox)
+        return len(self._out) + self._proto.outbox_size
 
     # ---------------------------------------------------------------- internals
 
-    def _opened(self) -> None:
+    def _closing_began(self, now: float) -> None:
+        """Closing may have begun during the call made at ``now``: the close timeout runs
+        from there (not from an earlier input: a quiet spell must not time it out at once)."""
+        if self._closing_since is None and self._proto.state is State.CLOSING:
+            self._closing_since = now
+
+    def _opened(self, now: float) -> None:
         self._open_deadline = None
-        if self.state is not State.CLOSING:  # else close() came first: _pump sends the close
-            super().start(self._now)
+        if self._proto.state is not State.CLOSING:  # else close() came first: _pump closes
+            self._proto.start(now)
 
     def _pump(self) -> None:
         """Frame queued messages; send the close frame once the protocol is closing."""
@@ -318,9 +584,8 @@ class FederationConnection(FederationProtocol):
             if self.state is State.CLOSING:
                 code = self.close_code or CloseCode.NORMAL
                 self._out += self._ws.send(CloseConnection(code=code, reason=self.close_reason))
-                self._closing_since = self._now
         else:
-            self.messages_to_send()  # no channel can carry them any more
+            self._proto.messages_to_send()  # no channel can carry them any more
             if self.state is State.CLOSING and ws_state in (
                 ConnectionState.CONNECTING,
                 ConnectionState.REJECTING,
@@ -333,15 +598,18 @@ class FederationConnection(FederationProtocol):
         ):
             # RFC 6455 7.1.7: after a framing error, close without waiting for the peer's close
             self.should_close = True
-            self.connection_closed(self.close_code or CloseCode.PROTOCOL_ERROR, self.close_reason)
+            self._proto.connection_closed(
+                self.close_code or CloseCode.PROTOCOL_ERROR, self.close_reason
+            )
         if self.state is State.CLOSED:
             self.should_close = True
 
     def _frame_messages(self) -> None:
-        if not self.has_output:
+        proto = self._proto
+        if not proto.has_output:
             return  # nothing queued (the common case after an event)
         if self._ws.state is ConnectionState.OPEN:
-            messages = self.messages_to_send()
+            messages = proto.messages_to_send()
             if self.role is Role.SERVER and not self.compression:
                 # unmasked, unfragmented, uncompressed text frames (RFC 6455 section 5.2): what
                 # wsproto would write, without its per-frame objects (no extension can apply)
@@ -361,17 +629,17 @@ class FederationConnection(FederationProtocol):
                 self._out += self._ws.send(TextMessage(data=text))
 
     def _close_deadline(self) -> float | None:
-        if self.state is State.CLOSING and self._closing_since is not None:
+        if self._proto.state is State.CLOSING and self._closing_since is not None:
             return self._closing_since + self.close_timeout
         return None
 
     def _abort(self, reason: str) -> None:
         self.should_close = True
         self._open_deadline = None
-        self.connection_closed(CloseCode.ABNORMAL, reason)
+        self._proto.connection_closed(CloseCode.ABNORMAL, reason)
 
     def _on_data(self, event: TextMessage | BytesMessage) -> None:
-        if self.state is State.CLOSING:
+        if self._proto.state is State.CLOSING:
             return
         data = event.data
         limit = self.max_message_size
@@ -381,7 +649,7 @@ class FederationConnection(FederationProtocol):
                 # counted only when it could be over the limit (a character is <= 4 bytes)
                 if 4 * len(data) > limit and len(data.encode()) > limit:
                     self._too_big()
-                self.receive_message(data)
+                self._proto.receive_message(data)
                 return
             self._rx_size += len(data.encode())
         else:
@@ -398,12 +666,14 @@ class FederationConnection(FederationProtocol):
             self._rx.clear()
             self._rx_size, self._rx_binary = 0, False
             if binary:
-                self.receive_invalid(ErrorCode.MESSAGE_ERROR, "binary frames are not accepted")
+                self._proto.receive_invalid(
+                    ErrorCode.MESSAGE_ERROR, "binary frames are not accepted"
+                )
             else:
-                self.receive_message(text)
+                self._proto.receive_message(text)
 
     def _too_big(self) -> None:
-        self._begin_close(CloseCode.MESSAGE_TOO_BIG, "message too big")
+        self._proto.fail(CloseCode.MESSAGE_TOO_BIG, "message too big")
         raise RemoteProtocolError(
             f"message over {self.max_message_size} bytes",
             code=ErrorCode.MESSAGE_TOO_LARGE,
@@ -415,23 +685,23 @@ class FederationConnection(FederationProtocol):
         if ws_state is ConnectionState.REMOTE_CLOSING:  # the peer closes: answer, done
             self._out += self._ws.send(event.response())
             self.should_close = True
-            self.connection_closed(int(event.code), event.reason or "")
+            self._proto.connection_closed(int(event.code), event.reason or "")
         elif ws_state is ConnectionState.CLOSED:  # the answer to our close
             self.should_close = True
-            self.connection_closed(self.close_code or int(event.code), self.close_reason)
+            self._proto.connection_closed(self.close_code or int(event.code), self.close_reason)
         elif event.code == CloseCode.MESSAGE_TOO_BIG:  # our deflate bound tripped
             self._ws_failed = True
             self._too_big()
         else:  # wsproto found a framing error: fail the connection with its code
             self._ws_failed = True
-            self._begin_close(int(event.code), event.reason or "")
+            self._proto.fail(int(event.code), event.reason or "")
             raise RemoteProtocolError(
                 f"WebSocket protocol error: {event.reason}",
                 code=ErrorCode.MESSAGE_ERROR,
                 close_code=int(event.code),
             )
 
-    def _on_request(self, event: Request) -> None:
+    def _on_request(self, event: Request, now: float) -> None:
         self.request = event
         if event.target.split("?", 1)[0] != self.path:
             self._reject(404, f"Not Found: federation is served at {self.path}\n")
@@ -441,30 +711,85 @@ class FederationConnection(FederationProtocol):
             [_BoundedDeflate(self.max_message_size)] if self.compression else []
         )
         self._out += self._ws.send(AcceptConnection(extensions=extensions))
-        # wsproto's server handshake drops what arrived after the request in the same read
-        # (h11's trailing data); hand it on so frames sent right behind it are not lost
-        trailing = self._ws.handshake._h11_connection.trailing_data[0]
-        if trailing and self._ws.connection is not None:
-            self._ws.connection.receive_data(trailing)
-        self._opened()
+        # frames the client sent right behind its request, in the same read
+        trailing, self._trailing = self._trailing, b""
+        if trailing:
+            self._ws.receive_data(trailing)
+        self._opened(now)
+
+    def _read_request(self, data: bytes) -> bool:
+        """Server: read the upgrade request with h11 (ours, so that the bytes after it are
+        ours to hand on) and give it to wsproto's public ``initiate_upgrade_connection``.
+        True once wsproto has it; false while incomplete, or when refused (answered)."""
+        http = self._http
+        assert http is not None
+        http.receive_data(data)
+        try:
+            event = http.next_event()
+        except h11.RemoteProtocolError as exc:
+            self._failed_upgrade(400, f"Bad HTTP message: {exc}")
+            return False
+        if event is h11.NEED_DATA:
+            return False
+        if not isinstance(event, h11.Request):  # pragma: no cover - h11 gives a request first
+            self._failed_upgrade(400, "Bad HTTP message")
+            return False
+        self._trailing = http.trailing_data[0]
+        if not all(value.isascii() for _, value in event.headers):
+            self._failed_upgrade(400, "Bad HTTP message: non-ASCII header value")
+            return False
+        if not _asks_for_websocket(event.headers):
+            self._failed_upgrade(426, "not a WebSocket upgrade request")
+            return False
+        try:
+            self._ws.initiate_upgrade_connection(list(event.headers), event.target)
+        except WSRemoteProtocolError as exc:
+            self._failed_upgrade(400, str(exc))
+            return False
+        except UnicodeError:  # wsproto decodes some handshake headers as ASCII unchecked
+            self._failed_upgrade(400, "Bad HTTP message: non-ASCII header value")
+            return False
+        return True
 
     def _reject(self, status: int, body: str) -> None:
+        """Server: answer the upgrade request with an HTTP error (through our h11)."""
+        assert self._http is not None
         data = body.encode()
         headers = [
             (b"content-type", b"text/plain; charset=utf-8"),
             (b"content-length", str(len(data)).encode()),
             (b"connection", b"close"),
         ]
-        self._out += self._ws.send(
-            RejectConnection(status_code=status, headers=headers, has_body=True)
-        )
-        self._out += self._ws.send(RejectData(data=data, body_finished=True))
+        self._out += self._http.send(h11.Response(status_code=status, headers=headers)) or b""
+        self._out += self._http.send(h11.Data(data=data)) or b""
+        self._out += self._http.send(h11.EndOfMessage()) or b""
 
-    def _failed_upgrade(self, reason: str) -> None:
-        """The HTTP side of the upgrade failed (not a WebSocket request, bad headers...)."""
+    def _failed_upgrade(self, status: int, reason: str) -> None:
+        """The HTTP side of the upgrade failed: a server answers ``status`` (426: not a
+        WebSocket request at all; 400: a bad one), then both end with 1006."""
         if self.role is Role.SERVER:
-            if "Upgrade" in reason or "Connection" in reason:
+            if status == 426:
                 self._reject(426, "This is a RhizomeDB federation endpoint: use WebSocket.\n")
             else:
                 self._reject(400, f"Bad Request: {reason}\n")
         self._abort(f"upgrade failed: {reason}")
+
+
+def _asks_for_websocket(headers: Iterable[tuple[bytes, bytes]]) -> bool:
+    """The request asks to upgrade to WebSocket (``Connection: upgrade`` and ``Upgrade:
+    websocket``, RFC 6455 4.2.1); whether the rest of it is valid is wsproto's to say."""
+    connection: set[bytes] = set()
+    upgrade: set[bytes] = set()
+    for name, value in headers:
+        tokens = {t.strip().lower() for t in value.split(b",")}
+        if name.lower() == b"connection":
+            connection |= tokens
+        elif name.lower() == b"upgrade":
+            upgrade |= tokens
+    return b"upgrade" in connection and b"websocket" in upgrade
+
+
+if TYPE_CHECKING:  # both layers are what a FederationNode attaches to a link (mypy checks it)
+
+    def _endpoints(p: FederationProtocol, c: FederationConnection) -> list[LinkEndpoint]:
+        return [p, c]

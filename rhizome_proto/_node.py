@@ -60,7 +60,7 @@ from ._events import (
     SyncStarted,
 )
 from ._filter import DeltaFilter
-from ._protocol import DEFAULT_BATCH_SIZE, FederationProtocol, Role, State
+from ._protocol import DEFAULT_BATCH_SIZE, LinkEndpoint, Role, State
 from ._store import DeltaStore, ScanOrder
 from ._trust import PermissiveTrustPolicy, TrustPolicy
 
@@ -92,7 +92,7 @@ _decode_delta = msgspec.json.Decoder(Delta).decode
 _Position: TypeAlias = tuple[float, int] | int
 #: Received deltas waiting for a commit: the link and connection they came on, the deltas (one
 #: live delta, or a sync batch) and whether they are live (each acknowledged once stored).
-_Staged: TypeAlias = tuple["NodeLink", FederationProtocol, Sequence[Delta], bool]
+_Staged: TypeAlias = tuple["NodeLink", LinkEndpoint, Sequence[Delta], bool]
 #: Events whose handling does not depend on what is stored: they do not wait for a commit.
 _NO_BARRIER = (DeltaReceived, SyncBatchReceived, DeltaAcked, DeltaRejected)
 #: Store meta key of the store's identity, part of every sync cursor the node hands out.
@@ -147,7 +147,7 @@ class NodeLink:
     config: LinkConfig
     outgoing: bool
     remote_url: str | None = None
-    conn: FederationProtocol | None = None
+    conn: LinkEndpoint | None = None
     remote_system_id: str | None = None
     remote_pull_filter: DeltaFilter | None = None
     stats: LinkStats = field(default_factory=LinkStats)
@@ -305,7 +305,7 @@ class FederationNode:
         self._links[link_id] = link
         return link
 
-    def attach(self, link_id: str, conn: FederationProtocol) -> None:
+    def attach(self, link_id: str, conn: LinkEndpoint) -> None:
         """Give the link a (new) connection; the outbox goes out once it is open."""
         link = self._require(link_id)
         if link.conn is not None and not link.conn.closed:
@@ -493,7 +493,7 @@ class FederationNode:
     def _handle(
         self,
         link: NodeLink,
-        conn: FederationProtocol,
+        conn: LinkEndpoint,
         event: Event,
         out: list[FederationEvent],
     ) -> None:
@@ -579,9 +579,7 @@ class FederationNode:
         if not parked:
             del self._parked[link.remote_system_id or ""]
 
-    def _connected(
-        self, link: NodeLink, conn: FederationProtocol, event: HandshakeComplete
-    ) -> None:
+    def _connected(self, link: NodeLink, conn: LinkEndpoint, event: HandshakeComplete) -> None:
         link.remote_system_id = event.remote_system_id
         link.stats.connected_at = self._clock()
         if conn.role is Role.SERVER:
@@ -746,9 +744,7 @@ class FederationNode:
 
     # ---------------------------------------------------------------- serving a sync
 
-    def _start_serving_sync(
-        self, link: NodeLink, conn: FederationProtocol, event: SyncRequested
-    ) -> None:
+    def _start_serving_sync(self, link: NodeLink, conn: LinkEndpoint, event: SyncRequested) -> None:
         if not link.config.sends:
             conn.reject_sync(
                 f"link mode {link.config.mode} does not send", code=ErrorCode.SYNC_NOT_SUPPORTED
@@ -916,7 +912,7 @@ class FederationNode:
             )
         )
 
-    def _push_step(self, link: NodeLink, conn: FederationProtocol) -> bool:
+    def _push_step(self, link: NodeLink, conn: LinkEndpoint) -> bool:
         """Offer the peer the next stored deltas it may have missed (an outgoing link's catch-up
         after a restart; v1 has no client-to-server sync). Deltas the peer already holds are
         acknowledged and ignored by it."""

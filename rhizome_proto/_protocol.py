@@ -9,6 +9,12 @@ The three drivers: text from the peer (:meth:`receive_message`), calls from the 
 (:meth:`messages_to_send`) and events (:meth:`events`). Time is ``now``, monotonic seconds,
 passed in; message timestamps come from the injected ``clock`` (wall-clock milliseconds).
 
+Every rule of the protocol is one row of ``TRANSITIONS`` (at the end of this module):
+``(role, state, sync progress, input) -> Row`` (check, effect, next state, next sync progress).
+Every guard reads it: an application call it does not list raises :class:`LocalProtocolError`
+before anything changes; a peer's message it does not list is answered with
+``UNEXPECTED_MESSAGE``. docs/state-table.md is generated from it.
+
 Extensions ``batch`` and ``credit`` (docs/extensions.md) live here too. With ``batch`` our live
 deltas are numbered 1, 2, 3 ... as they are committed to the wire and coalesced into ``deltas``
 messages when output is taken; received ones are numbered in arrival order and answered with
@@ -20,8 +26,9 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from enum import Enum
-from typing import cast
+from typing import NoReturn, Protocol, cast
 
 import msgspec
 
@@ -72,9 +79,14 @@ __all__ = [
     "DEFAULT_BATCH_SIZE",
     "DEFAULT_MAX_BATCH",
     "DEFAULT_RECEIVE_WINDOW",
+    "INPUTS",
+    "TRANSITIONS",
     "FederationProtocol",
+    "LinkEndpoint",
     "Role",
+    "Row",
     "State",
+    "SyncProgress",
 ]
 
 DEFAULT_BATCH_SIZE = 100
@@ -108,36 +120,143 @@ class State(Enum):
     CLOSED = "closed"
 
 
-class _Sync(Enum):
+class SyncProgress(Enum):
+    """How far the initial sync on this link got (beside :class:`State`, in the table)."""
+
+    #: no sync requested or running
     NONE = "none"
-    REQUESTED = "requested"  # client: sync_request sent; server: SyncRequested emitted
-    RUNNING = "running"  # client: sync_start received; server: start_sync called
-    BATCHES_DONE = "batches_done"  # the last batch went (server) or came (client)
+    #: client: ``sync_request`` sent; server: :class:`SyncRequested` emitted
+    REQUESTED = "requested"
+    #: ``sync_start`` sent (server) or received (client), no batch yet
+    STARTED = "started"
+    #: batches sent or received, not the last one yet
+    BATCHES = "batches"
+    #: the last batch went (server) or came (client); ``sync_complete`` follows
+    DONE = "done"
 
 
-# Which message types each (role, state) accepts; anything else is UNEXPECTED_MESSAGE, fatal
-# before the handshake. The sync messages are further checked against the sync's progress.
-_ACCEPTED: dict[tuple[Role, State], frozenset[str]] = {
-    (Role.SERVER, State.AWAITING_HELLO): frozenset({"hello"}),
-    (Role.CLIENT, State.HELLO_SENT): frozenset({"hello_ack", "error", "ping", "pong"}),
-    (Role.SERVER, State.OPEN): frozenset(
-        {"delta", "delta_ack", "delta_nack", "sync_request"}
-        | {"pause", "resume", "ping", "pong", "error", "deltas", "deltas_ack"}
-    ),
-    (Role.CLIENT, State.OPEN): frozenset(
-        {"delta", "delta_ack", "delta_nack", "sync_start", "sync_batch", "sync_complete"}
-        | {"pause", "resume", "ping", "pong", "error", "deltas", "deltas_ack"}
-    ),
-}
-_HANDSHAKE_STATES = (State.IDLE, State.HELLO_SENT, State.AWAITING_HELLO)
-#: Messages of an extension: accepted (where ``_ACCEPTED`` says) only once it was agreed.
-_EXTENSION_OF: dict[str, str] = {"deltas": "batch", "deltas_ack": "batch"}
-#: The method handling each message type (``_on_<type>``).
-_HANDLERS: dict[type, str] = {cls: f"_on_{cls.__struct_config__.tag}" for cls in Message.__args__}
+# ------------------------------------------------------------------ the inputs of the table
+# The peer's messages are named by their ``type``; a ``sync_batch`` and an ``error`` are split
+# by what they say. The application's calls are named ``call()``; then time and the channel.
+SYNC_BATCH_LAST = "sync_batch(last)"
+ERROR_SYNC = "error(SYNC_*)"  # an ``error`` coded SYNC_ERROR or SYNC_NOT_SUPPORTED
+MESSAGE_INPUTS: tuple[str, ...] = (
+    *(str(cls.__struct_config__.tag) for cls in Message.__args__),
+    SYNC_BATCH_LAST,
+    ERROR_SYNC,
+)
+START = "start()"
+SEND_DELTA = "send_delta()"
+ACK = "ack()"
+NACK = "nack()"
+PAUSE = "pause()"
+RESUME = "resume()"
+REQUEST_SYNC = "request_sync()"
+START_SYNC = "start_sync()"
+SEND_SYNC_BATCH = "send_sync_batch(last=False)"
+SEND_LAST_SYNC_BATCH = "send_sync_batch(last=True)"
+COMPLETE_SYNC = "complete_sync()"
+REJECT_SYNC = "reject_sync()"
+SEND_ERROR = "send_error()"
+SEND_FATAL_ERROR = "send_error(fatal=True)"
+CLOSE = "close()"
+CALL_INPUTS = (
+    START,
+    SEND_DELTA,
+    ACK,
+    NACK,
+    PAUSE,
+    RESUME,
+    REQUEST_SYNC,
+    START_SYNC,
+    SEND_SYNC_BATCH,
+    SEND_LAST_SYNC_BATCH,
+    COMPLETE_SYNC,
+    REJECT_SYNC,
+    SEND_ERROR,
+    SEND_FATAL_ERROR,
+    CLOSE,
+)
+_SYNC_CALLS = frozenset(
+    {REQUEST_SYNC, START_SYNC, SEND_SYNC_BATCH, SEND_LAST_SYNC_BATCH, COMPLETE_SYNC, REJECT_SYNC}
+)
+PING_DUE = "timer: ping due"
+PEER_SILENT = "timer: ping timeout"
+FATAL = "fatal violation"  # we found the peer's input fatal: we close with an error
+CONNECTION_CLOSED = "connection_closed()"
+OTHER_INPUTS = (PING_DUE, PEER_SILENT, FATAL, CONNECTION_CLOSED)
+INPUTS = (*MESSAGE_INPUTS, *CALL_INPUTS, *OTHER_INPUTS)
+#: The peer's input refused before the handshake is fatal (an ``error`` with ``fatal`` and a
+#: close); once open it is answered (``error`` or ``delta_nack``) and reported.
+HANDSHAKE_STATES = (State.IDLE, State.HELLO_SENT, State.AWAITING_HELLO)
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    """One transition: what an input does in a (role, state, sync progress).
+
+    ``effect`` names the method that runs (``""``: the input is ignored); ``check`` the
+    method that vets a peer's message first (it answers the violation and returns false);
+    ``extension`` the extension that must have been agreed. The move to ``next_state`` /
+    ``next_sync`` happens after every check and before the effect."""
+
+    next_state: State
+    next_sync: SyncProgress
+    effect: str
+    check: str = ""
+    extension: str = ""
+    #: the state or the sync progress changes
+    moves: bool = False
+    #: the effect and the check as functions (resolved when the table is built)
+    handler: Callable[..., None] | None = field(default=None, compare=False)
+    vet: Callable[..., bool] | None = field(default=None, compare=False)
+
+
 # Events made per delta of a batch skip the frozen dataclass __init__ (same object, no checks
 # to skip: these events have one field and no __post_init__).
 _new = object.__new__
 _set = object.__setattr__
+
+
+class LinkEndpoint(Protocol):
+    """What :class:`~rhizome_proto.FederationNode` needs of a link's protocol object: the
+    message-level application calls and what they depend on. Both
+    :class:`FederationProtocol` and :class:`~rhizome_proto.FederationConnection` are one."""
+
+    @property
+    def role(self) -> Role: ...
+    @property
+    def state(self) -> State: ...
+    @property
+    def is_open(self) -> bool: ...
+    @property
+    def closed(self) -> bool: ...
+    @property
+    def peer_paused(self) -> bool: ...
+    @property
+    def pending_count(self) -> int: ...
+    @property
+    def extensions_agreed(self) -> frozenset[str]: ...
+    def is_pending(self, delta_id: str) -> bool: ...
+    def next_event(self) -> Event | None: ...
+    def send_delta(self, delta: Delta, *, validate: bool = True) -> None: ...
+    def ack(self, delta_id: str) -> None: ...
+    def nack(self, delta_id: str, reason: str) -> None: ...
+    def pause(self) -> None: ...
+    def resume(self) -> None: ...
+    def request_sync(
+        self,
+        filter: DeltaFilter | None = None,
+        from_timestamp: float | None = None,
+        *,
+        from_cursor: str | None = None,
+    ) -> None: ...
+    def start_sync(self, total_deltas: int, batch_size: int = DEFAULT_BATCH_SIZE) -> None: ...
+    def send_sync_batch(
+        self, deltas: Sequence[Delta | msgspec.Raw], *, last: bool, cursor: str | None = None
+    ) -> None: ...
+    def complete_sync(self, cursor: str | None = None) -> None: ...
+    def reject_sync(self, message: str, code: ErrorCode = ErrorCode.SYNC_ERROR) -> None: ...
 
 
 class FederationProtocol:
@@ -194,10 +313,15 @@ class FederationProtocol:
         self.extensions_offered = tuple(dict.fromkeys(extensions))
         #: the extensions both ends agreed on in the handshake
         self.extensions_agreed: frozenset[str] = frozenset()
+        #: the link's state; the sync's progress and the pause flags sit beside it
         self.state = State.IDLE if role is Role.CLIENT else State.AWAITING_HELLO
-        # what the peer may send in ``_accepted_in`` (``_dispatch`` keeps it current)
-        self._accepted_in: State | None = None
-        self._accepted: frozenset[str] = frozenset()
+        self._sync = SyncProgress.NONE
+        # the table's rows for the current (role, state, sync progress), keyed by input (and
+        # by message class), whether the peer's input is ignored here, whether timers run
+        self._rows: dict[object, Row] = {}
+        self._deaf = False
+        self._timed = False
+        self._enter(self.state, self._sync)
         #: the peer's system id, once the handshake is done
         self.remote_system_id: str | None = None
         #: the client's ``hello`` config (server side), once received
@@ -217,7 +341,6 @@ class FederationProtocol:
         self._held: deque[Message] = deque()
         self._held_ids: set[str] = set()
         self._unanswered: set[str] = set()
-        self._sync = _Sync.NONE
         self._sync_next_batch = 0
         self._sync_count = 0
         self._last_heard: float | None = None
@@ -283,7 +406,7 @@ class FederationProtocol:
     @property
     def syncing(self) -> bool:
         """A sync is requested or running on this link."""
-        return self._sync is not _Sync.NONE
+        return self._sync is not SyncProgress.NONE
 
     @property
     def closed(self) -> bool:
@@ -301,6 +424,12 @@ class FederationProtocol:
         return bool(self._outbox or self._batch) or (
             self._rx_done > self._rx_acked and self.state is not State.CLOSED
         )
+
+    @property
+    def outbox_size(self) -> int:
+        """Characters of the messages queued for :meth:`messages_to_send` (the live deltas
+        committed to the next ``deltas`` message are not encoded yet and not counted)."""
+        return sum(len(m) for m in self._outbox)
 
     def messages_to_send(self) -> list[str]:
         """Take the queued outgoing messages (JSON text, one per WebSocket text frame).
@@ -326,33 +455,51 @@ class FederationProtocol:
         """Take the oldest queued event, or ``None``."""
         return self._events.popleft() if self._events else None
 
+    # ---------------------------------------------------------------- the table
+
+    def _enter(self, state: State, sync: SyncProgress) -> None:
+        """The one place the state and the sync progress change (always per a row)."""
+        self.state = state
+        self._sync = sync
+        self._rows, self._deaf, self._timed = _BY_STATE[(self.role, state, sync)]
+
+    def _refuse(self, action: str) -> NoReturn:
+        """An application call the table does not allow here: nothing changed."""
+        sync = f" (sync {self._sync.value})" if self.state is State.OPEN else ""
+        code = (
+            ErrorCode.SYNC_ERROR
+            if action in _SYNC_CALLS and self.state is State.OPEN
+            else ErrorCode.UNEXPECTED_MESSAGE
+        )
+        raise LocalProtocolError(
+            f"cannot {action} for a {self.role.value} in state {self.state.value}{sync}",
+            code=code,
+        )
+
+    def _allow(self, action: str) -> Row:
+        row = self._rows.get(action)
+        if row is None:
+            self._refuse(action)
+        return row
+
+    def _go(self, row: Row) -> None:
+        if row.moves:
+            self._enter(row.next_state, row.next_sync)
+
     # ---------------------------------------------------------------- time
 
     def start(self, now: float) -> None:
         """The message channel is up: a client sends ``hello``; both arm the heartbeat."""
-        if self._last_heard is not None or self.state in (State.CLOSING, State.CLOSED):
+        row = self._allow(START)
+        if self._last_heard is not None:
             raise LocalProtocolError("already started", code=ErrorCode.UNEXPECTED_MESSAGE)
-        self._last_heard = now
-        self._next_ping = now + self.ping_interval
-        if self.role is Role.CLIENT:
-            self._send(
-                Hello(
-                    timestamp=self._clock(),
-                    system_id=self.system_id,
-                    config=self.config,
-                    extensions=self.extensions_offered or msgspec.UNSET,
-                    window=self.receive_window
-                    if "credit" in self.extensions_offered
-                    else msgspec.UNSET,
-                )
-            )
-            self.state = State.HELLO_SENT
+        self._go(row)
+        assert row.handler is not None
+        row.handler(self, now)
 
     def get_timer(self) -> float | None:
         """When :meth:`handle_timer` must next be called (monotonic seconds), or ``None``."""
-        if self._last_heard is None or self._next_ping is None or self.state is State.CLOSED:
-            return None
-        if self.state is State.CLOSING:
+        if self._last_heard is None or self._next_ping is None or not self._timed:
             return None
         return min(self._next_ping, self._last_heard + self.ping_timeout)
 
@@ -360,18 +507,18 @@ class FederationProtocol:
         """Send a due ping; declare the link dead after ``ping_timeout`` of silence."""
         if self._last_heard is None or self._next_ping is None:
             return
-        if self.state in (State.CLOSING, State.CLOSED):
-            return
         # the same sum as get_timer's deadline: ``now - last >= timeout`` can be false in
         # floating point at that very deadline, and the timer would never move on
         if now >= self._last_heard + self.ping_timeout:
-            self._events.append(PingTimeout(silent_for=now - self._last_heard))
-            self.connection_closed(CloseCode.ABNORMAL, "ping timeout")
+            due = PEER_SILENT
+        elif now >= self._next_ping:
+            due = PING_DUE
+        else:
             return
-        if now >= self._next_ping:
-            if self.state is State.OPEN:
-                self._send(Ping(timestamp=self._clock()))
-            self._next_ping = now + self.ping_interval
+        row = self._rows.get(due)
+        if row is not None and row.handler is not None:
+            self._go(row)
+            row.handler(self, now)
 
     def heard_from_peer(self, now: float) -> None:
         """Any frame arrived (a WebSocket ping counts): the peer is alive."""
@@ -389,7 +536,7 @@ class FederationProtocol:
         """
         if now is not None:
             self.heard_from_peer(now)
-        if self.state in (State.CLOSING, State.CLOSED):
+        if self._deaf:
             return
         try:
             message = decode(text)
@@ -401,26 +548,20 @@ class FederationProtocol:
     def receive_invalid(self, code: ErrorCode, detail: str) -> None:
         """The layer below received something that is not a text message (a binary frame):
         answer it like an undecodable message."""
-        if self.state in (State.CLOSING, State.CLOSED):
-            return
-        self._violation(code, detail)
+        if not self._deaf:
+            self._violation(code, detail)
+
+    def fail(self, code: int, reason: str) -> None:
+        """The layer below found the peer's input fatal (a message too big, a framing
+        error): closing begins with this close code. A no-op once closing."""
+        self._fatal(code, reason)
 
     def connection_closed(self, code: int = CloseCode.ABNORMAL, reason: str = "") -> None:
         """The link ended (close handshake done, or transport lost): emit :class:`Closed`."""
-        if self.state is State.CLOSED:
-            return
-        if self.close_code is None:
-            self.close_code, self.close_reason = code, reason
-        self.state = State.CLOSED
-        unsettled = (*self._unacked.values(), *self.held)
-        self._unacked.clear()
-        self._held.clear()
-        self._held_ids.clear()
-        self._waiting.clear()
-        self._batch.clear()
-        self._inflight.clear()
-        self._seq_of.clear()
-        self._events.append(Closed(code=code, reason=reason, unsettled=unsettled))
+        row = self._rows[CONNECTION_CLOSED]
+        if row.handler is not None:
+            self._go(row)
+            row.handler(self, code, reason)
 
     # ---------------------------------------------------------------- application calls
 
@@ -434,9 +575,9 @@ class FederationProtocol:
         the codec, the dearest part of this call): only for deltas valid by construction,
         such as those decoded from the wire; an invalid one would be rejected by the peer.
         """
-        state = self.state
-        if state is State.CLOSING or state is State.CLOSED:
-            self._require_not_closing("send a delta")
+        row = self._rows.get(SEND_DELTA)
+        if row is None:
+            self._refuse(SEND_DELTA)
         delta_id = delta.id
         if delta_id in self._unacked or delta_id in self._held_ids:
             raise LocalProtocolError(
@@ -450,22 +591,7 @@ class FederationProtocol:
                 raise LocalProtocolError(
                     f"invalid delta: {exc}", code=ErrorCode.INVALID_DELTA
                 ) from None
-        if state is not State.OPEN or self.peer_paused or self._held:
-            self._held.append(DeltaMessage(timestamp=self._clock(), delta=delta))
-            self._held_ids.add(delta_id)
-        elif self._waiting or (
-            self._send_window is not None and len(self._unacked) >= self._send_window
-        ):
-            self._waiting.append(delta)
-            self._held_ids.add(delta_id)
-        elif self._batching:  # _commit, inlined: this is the hot path
-            self._unacked[delta_id] = delta
-            self._tx_seq = number = self._tx_seq + 1
-            self._seq_of[delta_id] = number
-            self._inflight.append(delta_id)
-            self._batch.append(delta)
-        else:
-            self._commit(delta)
+        row.handler(self, delta)  # type: ignore[misc]  # every SEND_DELTA row has one
 
     def ack(self, delta_id: str) -> None:
         """Accept a received delta (after storing it). Does nothing once the link is closing.
@@ -473,40 +599,27 @@ class FederationProtocol:
         A delta that came in a ``deltas`` message (extension ``batch``) is not acknowledged
         on its own: the next :meth:`messages_to_send` sends one ``deltas_ack`` for every
         delta answered in order so far."""
-        if self.state is State.OPEN or self._answerable():
-            number = self._rx_pending.pop(delta_id, 0)
-            if not number:
-                self._unanswered.discard(delta_id)
-                self._send(DeltaAck(timestamp=self._clock(), delta_id=delta_id))
-            elif number == self._rx_done + 1 and not self._rx_ahead and not self._rx_dups:
-                self._rx_done = number  # answered in order: the common case
-            else:
-                self._answered(delta_id, number)
+        row = self._rows.get(ACK)
+        if row is None:
+            self._refuse(ACK)
+        if row.handler is not None:
+            row.handler(self, delta_id)
 
     def nack(self, delta_id: str, reason: str) -> None:
         """Reject a received delta (live or from a sync batch), saying why. Always sent at
-        once as ``delta_nack``, so it precedes any ``deltas_ack`` that covers the delta."""
-        if self._answerable():
-            self._send(DeltaNack(timestamp=self._clock(), delta_id=delta_id, reason=reason))
-            number = self._rx_pending.pop(delta_id, 0)
-            if number:
-                self._answered(delta_id, number)
-            else:
-                self._unanswered.discard(delta_id)
+        once as ``delta_nack``, so it precedes any ``deltas_ack`` that covers the delta.
+        Does nothing once the link is closing."""
+        row = self._allow(NACK)
+        if row.handler is not None:
+            row.handler(self, delta_id, reason)
 
     def pause(self) -> None:
         """Ask the peer to send no live deltas until :meth:`resume` (no-op if already paused)."""
-        self._require_open("pause")
-        if not self.paused:
-            self.paused = True
-            self._send(Pause(timestamp=self._clock()))
+        self._call(PAUSE)
 
     def resume(self) -> None:
         """Let the peer send again (no-op if not paused)."""
-        self._require_open("resume")
-        if self.paused:
-            self.paused = False
-            self._send(Resume(timestamp=self._clock()))
+        self._call(RESUME)
 
     def request_sync(
         self,
@@ -520,41 +633,18 @@ class FederationProtocol:
         ``from_cursor`` (extension ``cursor``): resume after the position the server gave in
         its last ``sync_batch`` / ``sync_complete``, whatever the clocks say.
         """
-        self._require_open("request a sync")
-        if self.role is not Role.CLIENT:
-            raise LocalProtocolError(
-                "only a client requests a sync", code=ErrorCode.UNEXPECTED_MESSAGE
-            )
-        if from_cursor is not None and "cursor" not in self.extensions_agreed:
-            raise LocalProtocolError(
-                "from_cursor needs the cursor extension, which the peer did not agree to",
-                code=ErrorCode.SYNC_ERROR,
-            )
-        if self._sync is not _Sync.NONE:
-            raise LocalProtocolError("a sync is already running", code=ErrorCode.SYNC_ERROR)
-        self._send(
-            SyncRequest(
-                timestamp=self._clock(),
-                filter=filter,
-                from_timestamp=from_timestamp,
-                from_cursor=from_cursor,
-            )
-        )
-        self._sync = _Sync.REQUESTED
+        row = self._allow(REQUEST_SYNC)
+        self._require_cursor_agreed(from_cursor)
+        self._call_row(row, filter, from_timestamp, from_cursor)
 
     def start_sync(self, total_deltas: int, batch_size: int = DEFAULT_BATCH_SIZE) -> None:
         """Server: answer the :class:`SyncRequested` with ``sync_start``."""
-        self._require_server_sync(_Sync.REQUESTED, "start a sync")
+        row = self._allow(START_SYNC)
         if total_deltas < 0 or batch_size < 1:
             raise LocalProtocolError(
                 "total_deltas must be >= 0 and batch_size >= 1", code=ErrorCode.SYNC_ERROR
             )
-        self._send(
-            SyncStart(timestamp=self._clock(), total_deltas=total_deltas, batch_size=batch_size)
-        )
-        self._sync = _Sync.RUNNING
-        self._sync_next_batch = 0
-        self._sync_count = 0
+        self._call_row(row, total_deltas, batch_size)
 
     def send_sync_batch(
         self,
@@ -567,8 +657,164 @@ class FederationProtocol:
         Held while the peer has paused us. ``cursor``: the position after it (extension).
         A delta may be given as ``msgspec.Raw`` of its canonical JSON (as a store keeps it):
         it is written into the message as it is, unchecked."""
-        self._require_server_sync(_Sync.RUNNING, "send a sync batch")
+        row = self._allow(SEND_LAST_SYNC_BATCH if last else SEND_SYNC_BATCH)
         self._require_cursor_agreed(cursor)
+        self._call_row(row, deltas, last, cursor)
+
+    def complete_sync(self, cursor: str | None = None) -> None:
+        """Server: send ``sync_complete`` (after the last batch, or when there were none);
+        ``cursor``: where the next sync resumes (extension)."""
+        row = self._allow(COMPLETE_SYNC)
+        self._require_cursor_agreed(cursor)
+        self._call_row(row, cursor)
+
+    def reject_sync(self, message: str, code: ErrorCode = ErrorCode.SYNC_ERROR) -> None:
+        """Server: refuse or abort the requested sync with an ``error``."""
+        self._call(REJECT_SYNC, message, code)
+
+    def send_error(self, code: ErrorCode | str, message: str, *, fatal: bool = False) -> None:
+        """Send an ``error``; a fatal one starts closing the link."""
+        self._call(SEND_FATAL_ERROR if fatal else SEND_ERROR, code, message, fatal)
+
+    def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
+        """Start closing: nothing more is sent. :class:`Closed` follows when the channel below
+        reports it with :meth:`connection_closed`. A no-op once closing."""
+        self._call(CLOSE, code, reason)
+
+    def _call(self, action: str, *args: object) -> None:
+        self._call_row(self._allow(action), *args)
+
+    def _call_row(self, row: Row, *args: object) -> None:
+        """Every check passed: move per the row, then run its effect."""
+        self._go(row)
+        if row.handler is not None:
+            row.handler(self, *args)
+
+    def _require_cursor_agreed(self, cursor: str | None) -> None:
+        if cursor is not None and "cursor" not in self.extensions_agreed:
+            raise LocalProtocolError(
+                "a cursor needs the cursor extension, which the peer did not agree to",
+                code=ErrorCode.SYNC_ERROR,
+            )
+
+    # ---------------------------------------------------------------- effects of the calls
+
+    def _start_client(self, now: float) -> None:
+        self._arm(now)
+        self._send(
+            Hello(
+                timestamp=self._clock(),
+                system_id=self.system_id,
+                config=self.config,
+                extensions=self.extensions_offered or msgspec.UNSET,
+                window=(
+                    self.receive_window if "credit" in self.extensions_offered else msgspec.UNSET
+                ),
+            )
+        )
+
+    def _arm(self, now: float) -> None:
+        self._last_heard = now
+        self._next_ping = now + self.ping_interval
+
+    def _ping(self, now: float) -> None:
+        self._send(Ping(timestamp=self._clock()))
+        self._next_ping = now + self.ping_interval
+
+    def _no_ping(self, now: float) -> None:  # before the handshake: the timer moves on
+        self._next_ping = now + self.ping_interval
+
+    def _peer_silent(self, now: float) -> None:
+        assert self._last_heard is not None
+        self._events.append(PingTimeout(silent_for=now - self._last_heard))
+        self._closed(CloseCode.ABNORMAL, "ping timeout")
+
+    def _closed(self, code: int, reason: str) -> None:
+        if self.close_code is None:
+            self.close_code, self.close_reason = code, reason
+        unsettled = (*self._unacked.values(), *self.held)
+        self._unacked.clear()
+        self._held.clear()
+        self._held_ids.clear()
+        self._waiting.clear()
+        self._batch.clear()
+        self._inflight.clear()
+        self._seq_of.clear()
+        self._events.append(Closed(code=code, reason=reason, unsettled=unsettled))
+
+    def _hold_live(self, delta: Delta) -> None:
+        self._held.append(DeltaMessage(timestamp=self._clock(), delta=delta))
+        self._held_ids.add(delta.id)
+
+    def _send_live(self, delta: Delta) -> None:
+        if self.peer_paused or self._held:
+            self._held.append(DeltaMessage(timestamp=self._clock(), delta=delta))
+            self._held_ids.add(delta.id)
+        elif self._waiting or (
+            self._send_window is not None and len(self._unacked) >= self._send_window
+        ):
+            self._waiting.append(delta)
+            self._held_ids.add(delta.id)
+        elif self._batching:  # _commit, inlined: this is the hot path
+            delta_id = delta.id
+            self._unacked[delta_id] = delta
+            self._tx_seq = number = self._tx_seq + 1
+            self._seq_of[delta_id] = number
+            self._inflight.append(delta_id)
+            self._batch.append(delta)
+        else:
+            self._commit(delta)
+
+    def _ack(self, delta_id: str) -> None:
+        number = self._rx_pending.pop(delta_id, 0)
+        if not number:
+            self._unanswered.discard(delta_id)
+            self._send(DeltaAck(timestamp=self._clock(), delta_id=delta_id))
+        elif number == self._rx_done + 1 and not self._rx_ahead and not self._rx_dups:
+            self._rx_done = number  # answered in order: the common case
+        else:
+            self._answered(delta_id, number)
+
+    def _nack(self, delta_id: str, reason: str) -> None:
+        self._send(DeltaNack(timestamp=self._clock(), delta_id=delta_id, reason=reason))
+        number = self._rx_pending.pop(delta_id, 0)
+        if number:
+            self._answered(delta_id, number)
+        else:
+            self._unanswered.discard(delta_id)
+
+    def _pause(self) -> None:
+        if not self.paused:
+            self.paused = True
+            self._send(Pause(timestamp=self._clock()))
+
+    def _resume(self) -> None:
+        if self.paused:
+            self.paused = False
+            self._send(Resume(timestamp=self._clock()))
+
+    def _request_sync(
+        self, filter: DeltaFilter | None, from_timestamp: float | None, from_cursor: str | None
+    ) -> None:
+        self._send(
+            SyncRequest(
+                timestamp=self._clock(),
+                filter=filter,
+                from_timestamp=from_timestamp,
+                from_cursor=from_cursor,
+            )
+        )
+
+    def _start_sync(self, total_deltas: int, batch_size: int) -> None:
+        self._send(
+            SyncStart(timestamp=self._clock(), total_deltas=total_deltas, batch_size=batch_size)
+        )
+        self._sync_next_batch = 0
+        self._sync_count = 0
+
+    def _send_sync_batch(
+        self, deltas: Sequence[Delta | msgspec.Raw], last: bool, cursor: str | None
+    ) -> None:
         batch = SyncBatch(
             timestamp=self._clock(),
             deltas=cast("tuple[Delta, ...]", tuple(deltas)),
@@ -578,53 +824,27 @@ class FederationProtocol:
         )
         self._sync_next_batch += 1
         self._sync_count += len(batch.deltas)
-        if last:
-            self._sync = _Sync.BATCHES_DONE
         self._send_or_hold(batch)
 
-    def complete_sync(self, cursor: str | None = None) -> None:
-        """Server: send ``sync_complete`` (after the last batch, or when there were none);
-        ``cursor``: where the next sync resumes (extension)."""
-        self._require_cursor_agreed(cursor)
-        if self._sync is _Sync.RUNNING and self._sync_next_batch == 0:
-            self._sync = _Sync.BATCHES_DONE
-        self._require_server_sync(_Sync.BATCHES_DONE, "complete a sync")
-        self._sync = _Sync.NONE
+    def _complete_sync(self, cursor: str | None) -> None:
         self._send_or_hold(
             SyncComplete(timestamp=self._clock(), deltas_processed=self._sync_count, cursor=cursor)
         )
 
-    def _require_cursor_agreed(self, cursor: str | None) -> None:
-        if cursor is not None and "cursor" not in self.extensions_agreed:
-            raise LocalProtocolError(
-                "a cursor needs the cursor extension, which the peer did not agree to",
-                code=ErrorCode.SYNC_ERROR,
-            )
-
-    def reject_sync(self, message: str, code: ErrorCode = ErrorCode.SYNC_ERROR) -> None:
-        """Server: refuse or abort the requested sync with an ``error``."""
-        if self.role is not Role.SERVER or self._sync is _Sync.NONE:
-            raise LocalProtocolError("no sync to reject", code=ErrorCode.SYNC_ERROR)
-        self._require_open("reject a sync")
-        self._sync = _Sync.NONE
+    def _reject_sync(self, message: str, code: ErrorCode) -> None:
         # batches held while the peer paused us belong to the sync being abandoned
         self._held = deque(m for m in self._held if not isinstance(m, SyncBatch | SyncComplete))
         self._send(ErrorMessage(timestamp=self._clock(), code=code, message=message))
 
-    def send_error(self, code: ErrorCode | str, message: str, *, fatal: bool = False) -> None:
-        """Send an ``error``; a fatal one starts closing the link."""
-        self._require_not_closing("send an error")
+    def _send_error(self, code: ErrorCode | str, message: str, fatal: bool) -> None:
         self._send(
             ErrorMessage(timestamp=self._clock(), code=code, message=message, fatal=fatal or None)
         )
         if fatal:
-            self._begin_close(CloseCode.POLICY_VIOLATION, f"{code}: {message}")
+            self._closing(CloseCode.POLICY_VIOLATION, f"{code}: {message}")
 
-    def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
-        """Start closing: nothing more is sent. :class:`Closed` follows when the channel below
-        reports it with :meth:`connection_closed`. A no-op once closing."""
-        if self.state not in (State.CLOSING, State.CLOSED):
-            self._begin_close(code, reason)
+    def _closing(self, code: int, reason: str) -> None:
+        self.close_code, self.close_reason = code, reason
 
     # ---------------------------------------------------------------- internals
 
@@ -662,7 +882,7 @@ class FederationProtocol:
 
     def _drain_waiting(self) -> None:
         """Extension ``credit``: send waiting deltas, in order, while the window has room."""
-        if self.peer_paused or self.state is not State.OPEN:
+        if self.peer_paused:
             return
         waiting = self._waiting
         window = self._send_window
@@ -740,46 +960,13 @@ class FederationProtocol:
             else:
                 self._send(message)
 
-    def _begin_close(self, code: int, reason: str) -> None:
-        self.state = State.CLOSING
-        self.close_code, self.close_reason = code, reason
-
-    def _answerable(self) -> bool:
-        if self.state in (State.CLOSING, State.CLOSED):
-            return False
-        if self.state is not State.OPEN:
-            raise LocalProtocolError(
-                "nothing to answer before the handshake", code=ErrorCode.UNEXPECTED_MESSAGE
-            )
-        return True
-
-    def _require_open(self, action: str) -> None:
-        if self.state is not State.OPEN:
-            raise LocalProtocolError(
-                f"cannot {action} in state {self.state.value}", code=ErrorCode.UNEXPECTED_MESSAGE
-            )
-
-    def _require_not_closing(self, action: str) -> None:
-        if self.state in (State.CLOSING, State.CLOSED):
-            raise LocalProtocolError(
-                f"cannot {action}: the link is {self.state.value}",
-                code=ErrorCode.UNEXPECTED_MESSAGE,
-            )
-
-    def _require_server_sync(self, expected: _Sync, action: str) -> None:
-        self._require_open(action)
-        if self.role is not Role.SERVER or self._sync is not expected:
-            raise LocalProtocolError(
-                f"cannot {action} now (sync is {self._sync.value})", code=ErrorCode.SYNC_ERROR
-            )
-
     def _violation(self, code: ErrorCode, message: str, *, delta_id: str | None = None) -> None:
         """Answer a bad message: fatally before the handshake, else with an error or a nack."""
-        if self.state in _HANDSHAKE_STATES:
+        if self.state in HANDSHAKE_STATES:
             self._send(
                 ErrorMessage(timestamp=self._clock(), code=code, message=message, fatal=True)
             )
-            self._begin_close(CloseCode.PROTOCOL_ERROR, f"{code}: {message}")
+            self._fatal(CloseCode.PROTOCOL_ERROR, f"{code}: {message}")
             raise RemoteProtocolError(message, code=code, close_code=CloseCode.PROTOCOL_ERROR)
         if delta_id is not None:
             self._send(DeltaNack(timestamp=self._clock(), delta_id=delta_id, reason=message))
@@ -787,41 +974,52 @@ class FederationProtocol:
             self._send(ErrorMessage(timestamp=self._clock(), code=code, message=message))
         self._events.append(ProtocolViolation(code=code, message=message))
 
+    def _fatal(self, code: int, reason: str) -> None:
+        """We found the peer's input fatal: closing begins (the table's ``FATAL`` input)."""
+        self._call(FATAL, code, reason)
+
     def _codec_error(self, exc: CodecError) -> None:
-        if exc.items is not None and self.state is State.OPEN:
+        rows = self._rows
+        if exc.items is not None and "deltas" in rows:  # a ``deltas`` with invalid elements
             if self._batching:
                 self._receive_items(exc.items)
             else:
                 self._not_agreed("deltas")
             return
-        if exc.code is ErrorCode.INVALID_DELTA and self.state is State.OPEN:
+        if exc.code is ErrorCode.INVALID_DELTA and "delta" in rows:
             self._violation(exc.code, str(exc), delta_id=exc.delta_id)
         else:
             self._violation(exc.code, str(exc))
 
     def _dispatch(self, message: Message) -> None:
-        mtype = type(message).__struct_config__.tag
-        state = self.state
-        if state is not self._accepted_in:  # looked up again only when the state changed
-            self._accepted_in = state
-            self._accepted = _ACCEPTED.get((self.role, state), frozenset())
-        if mtype not in self._accepted:
-            self._violation(
-                ErrorCode.UNEXPECTED_MESSAGE,
-                f"unexpected {mtype} for a {self.role.value} in state {self.state.value}",
-            )
+        rows = self._rows
+        row = rows.get(type(message))  # by class: one look-up for most messages
+        if row is None:
+            name = _input_of(message)
+            row = rows.get(name)
+            if row is None:
+                sync = f" (sync {self._sync.value})" if self.state is State.OPEN else ""
+                self._violation(
+                    ErrorCode.UNEXPECTED_MESSAGE,
+                    f"unexpected {name} for a {self.role.value} in state {self.state.value}" + sync,
+                )
+                return
+        if row.extension and row.extension not in self.extensions_agreed:
+            self._not_agreed(_input_of(message))
             return
-        extension = _EXTENSION_OF.get(str(mtype))
-        if extension is not None and extension not in self.extensions_agreed:
-            self._not_agreed(str(mtype))
+        if row.vet is not None and not row.vet(self, message):
             return
-        getattr(self, _HANDLERS[type(message)])(message)
+        if row.moves:
+            self._enter(row.next_state, row.next_sync)
+        if row.handler is not None:
+            row.handler(self, message)
 
     def _not_agreed(self, mtype: str) -> None:
+        extension = _TABLE_EXTENSION.get(mtype, "")
         self._violation(
             ErrorCode.UNEXPECTED_MESSAGE,
             f"unexpected {mtype} for a {self.role.value} in state {self.state.value}: "
-            f"extension {_EXTENSION_OF[mtype]} not agreed",
+            f"extension {extension} not agreed",
         )
 
     def _agree(self, extensions: Iterable[str], window: int | msgspec.UnsetType) -> None:
@@ -830,9 +1028,12 @@ class FederationProtocol:
         self._credit = "credit" in self.extensions_agreed
         self._send_window = window if self._credit and isinstance(window, int) else None
 
-    def _on_hello(self, message: Hello) -> None:
+    def _check_protocol(self, message: Hello | HelloAck) -> bool:
         if message.protocol != PROTOCOL_VERSION:
             self._protocol_mismatch(message.protocol)
+        return True
+
+    def _on_hello(self, message: Hello) -> None:
         assert self.link_id is not None
         self.remote_system_id = message.system_id
         self.remote_config = message.config
@@ -852,7 +1053,6 @@ class FederationProtocol:
                 window=self.receive_window if self._credit else msgspec.UNSET,
             )
         )
-        self.state = State.OPEN
         self._events.append(
             HandshakeComplete(
                 remote_system_id=message.system_id,
@@ -864,8 +1064,6 @@ class FederationProtocol:
         self._flush_held()
 
     def _on_hello_ack(self, message: HelloAck) -> None:
-        if message.protocol != PROTOCOL_VERSION:
-            self._protocol_mismatch(message.protocol)
         self.remote_system_id = message.system_id
         self.link_id = message.link_id
         if message.extensions is not msgspec.UNSET:  # only what we offered counts
@@ -873,7 +1071,6 @@ class FederationProtocol:
             if message.window is msgspec.UNSET:  # no credit without the server's window
                 agreed -= {"credit"}
             self._agree(agreed, message.window)
-        self.state = State.OPEN
         self._events.append(
             HandshakeComplete(
                 remote_system_id=message.system_id,
@@ -891,7 +1088,7 @@ class FederationProtocol:
                 timestamp=self._clock(), code=ErrorCode.PROTOCOL_MISMATCH, message=text, fatal=True
             )
         )
-        self._begin_close(CloseCode.PROTOCOL_ERROR, text)
+        self._fatal(CloseCode.PROTOCOL_ERROR, text)
         raise RemoteProtocolError(
             text, code=ErrorCode.PROTOCOL_MISMATCH, close_code=CloseCode.PROTOCOL_ERROR
         )
@@ -970,11 +1167,10 @@ class FederationProtocol:
         if self._waiting:
             self._drain_waiting()
 
+    def _on_sync_request_busy(self, message: SyncRequest) -> None:
+        self._violation(ErrorCode.SYNC_ERROR, "a sync is already running on this link")
+
     def _on_sync_request(self, message: SyncRequest) -> None:
-        if self._sync is not _Sync.NONE:
-            self._violation(ErrorCode.SYNC_ERROR, "a sync is already running on this link")
-            return
-        self._sync = _Sync.REQUESTED
         self._events.append(
             SyncRequested(
                 filter=message.filter,
@@ -984,28 +1180,25 @@ class FederationProtocol:
         )
 
     def _on_sync_start(self, message: SyncStart) -> None:
-        if self._sync is not _Sync.REQUESTED:
-            self._violation(ErrorCode.UNEXPECTED_MESSAGE, "sync_start without a sync_request")
-            return
-        self._sync = _Sync.RUNNING
         self._sync_next_batch = 0
         self._sync_count = 0
         self._events.append(
             SyncStarted(total_deltas=message.total_deltas, batch_size=message.batch_size)
         )
 
-    def _on_sync_batch(self, message: SyncBatch) -> None:
-        if self._sync is not _Sync.RUNNING or message.batch_number != self._sync_next_batch:
+    def _check_sync_batch(self, message: SyncBatch) -> bool:
+        if message.batch_number != self._sync_next_batch:
             self._violation(
                 ErrorCode.UNEXPECTED_MESSAGE,
                 f"unexpected sync_batch {message.batch_number} "
                 f"(expected {self._sync_next_batch}, sync {self._sync.value})",
             )
-            return
+            return False
+        return True
+
+    def _on_sync_batch(self, message: SyncBatch) -> None:
         self._sync_next_batch += 1
         self._sync_count += len(message.deltas)
-        if message.is_last_batch:
-            self._sync = _Sync.BATCHES_DONE
         self._events.append(
             SyncBatchReceived(
                 deltas=message.deltas,
@@ -1016,10 +1209,6 @@ class FederationProtocol:
         )
 
     def _on_sync_complete(self, message: SyncComplete) -> None:
-        if self._sync not in (_Sync.RUNNING, _Sync.BATCHES_DONE):
-            self._violation(ErrorCode.UNEXPECTED_MESSAGE, "sync_complete without a sync")
-            return
-        self._sync = _Sync.NONE
         self._events.append(
             SyncCompleted(
                 deltas_processed=message.deltas_processed,
@@ -1044,12 +1233,191 @@ class FederationProtocol:
         pass
 
     def _on_error(self, message: ErrorMessage) -> None:
-        if (
-            self.role is Role.CLIENT
-            and self._sync is not _Sync.NONE
-            and message.code in (ErrorCode.SYNC_ERROR, ErrorCode.SYNC_NOT_SUPPORTED)
-        ):
-            self._sync = _Sync.NONE  # the server refused or aborted our sync: it is over
         self._events.append(
             ErrorReceived(code=message.code, message=message.message, fatal=bool(message.fatal))
         )
+
+
+# ====================================================================== the transition table
+#
+# ``TRANSITIONS[(role, state, sync progress, input)]`` is every rule of the protocol: what the
+# input does there (``Row``). Anything absent is refused: an application call raises
+# ``LocalProtocolError`` and changes nothing; a peer's message is answered with
+# ``UNEXPECTED_MESSAGE`` (fatal before the handshake, an ``error`` + ``ProtocolViolation``
+# once open). docs/state-table.md is generated from it (docs/gen_state_table.py).
+
+TRANSITIONS: dict[tuple[Role, State, SyncProgress, str], Row] = {}
+_TABLE_EXTENSION: dict[str, str] = {"deltas": "batch", "deltas_ack": "batch"}
+
+
+def _input_of(message: Message) -> str:
+    """The table's input for a peer's message."""
+    if isinstance(message, SyncBatch) and message.is_last_batch:
+        return SYNC_BATCH_LAST
+    if isinstance(message, ErrorMessage) and message.code in (
+        ErrorCode.SYNC_ERROR,
+        ErrorCode.SYNC_NOT_SUPPORTED,
+    ):
+        return ERROR_SYNC
+    return str(type(message).__struct_config__.tag)
+
+
+def _rule(
+    roles: Iterable[Role],
+    states: Iterable[State],
+    syncs: Iterable[SyncProgress],
+    inputs: Iterable[str],
+    effect: str,
+    *,
+    to: State | None = None,
+    sync_to: SyncProgress | None = None,
+    check: str = "",
+) -> None:
+    """Add the rows: in each (role, state, sync) each input runs ``effect`` and moves to
+    ``to`` / ``sync_to`` (unchanged when ``None``)."""
+    syncs = tuple(syncs)
+    inputs = tuple(inputs)
+    for role in roles:
+        for state in states:
+            for sync in syncs:
+                for name in inputs:
+                    key = (role, state, sync, name)
+                    assert key not in TRANSITIONS, key
+                    next_state, next_sync = to or state, sync_to or sync
+                    TRANSITIONS[key] = Row(
+                        next_state,
+                        next_sync,
+                        effect,
+                        check=check,
+                        extension=_TABLE_EXTENSION.get(name, "") if effect else "",
+                        moves=(next_state, next_sync) != (state, sync),
+                        handler=getattr(FederationProtocol, effect) if effect else None,
+                        vet=getattr(FederationProtocol, check) if check else None,
+                    )
+
+
+def _build() -> None:
+    both, client, server = tuple(Role), (Role.CLIENT,), (Role.SERVER,)
+    Y = SyncProgress
+    anysync, nosync = tuple(Y), (Y.NONE,)
+    OPEN, CLOSING, CLOSED = State.OPEN, State.CLOSING, State.CLOSED
+    hs_client, hs_server = (State.IDLE, State.HELLO_SENT), (State.AWAITING_HELLO,)
+    started = {Role.CLIENT: (State.HELLO_SENT,), Role.SERVER: (State.AWAITING_HELLO,)}
+
+    # the handshake
+    _rule(client, [State.IDLE], nosync, [START], "_start_client", to=State.HELLO_SENT)
+    _rule(server, hs_server, nosync, [START], "_arm")
+    _rule(server, [OPEN], anysync, [START], "_arm")  # a server may hear hello before start
+    _rule(server, hs_server, nosync, ["hello"], "_on_hello", to=OPEN, check="_check_protocol")
+    _rule(
+        client, [State.HELLO_SENT], nosync, ["hello_ack"], "_on_hello_ack", to=OPEN,
+        check="_check_protocol",
+    )  # fmt: skip
+    _rule(client, [State.HELLO_SENT], nosync, ["ping"], "_on_ping")
+    _rule(client, [State.HELLO_SENT], nosync, ["pong"], "_on_pong")
+    _rule(client, [State.HELLO_SENT], nosync, ["error", ERROR_SYNC], "_on_error")
+    # before the handshake: live deltas are held until the link is open
+    for role, states in ((Role.CLIENT, hs_client), (Role.SERVER, hs_server)):
+        _rule([role], states, nosync, [SEND_DELTA], "_hold_live")
+        _rule([role], states, nosync, [SEND_ERROR], "_send_error")
+        _rule([role], states, nosync, [SEND_FATAL_ERROR], "_send_error", to=CLOSING)
+        _rule([role], states, nosync, [CLOSE], "_closing", to=CLOSING)
+        _rule([role], states, nosync, [FATAL], "_closing", to=CLOSING)
+        _rule([role], states, nosync, [CONNECTION_CLOSED], "_closed", to=CLOSED)
+        _rule([role], started[role], nosync, [PING_DUE], "_no_ping")
+        _rule([role], started[role], nosync, [PEER_SILENT], "_peer_silent", to=CLOSED)
+
+    # open, whatever the sync does: live deltas, pause, ping, errors, closing
+    for name, effect in (
+        ("delta", "_on_delta"),
+        ("delta_ack", "_on_delta_ack"),
+        ("delta_nack", "_on_delta_nack"),
+        ("deltas", "_on_deltas"),
+        ("deltas_ack", "_on_deltas_ack"),
+        ("pause", "_on_pause"),
+        ("resume", "_on_resume"),
+        ("ping", "_on_ping"),
+        ("pong", "_on_pong"),
+        ("error", "_on_error"),
+        (SEND_DELTA, "_send_live"),
+        (ACK, "_ack"),
+        (NACK, "_nack"),
+        (PAUSE, "_pause"),
+        (RESUME, "_resume"),
+        (SEND_ERROR, "_send_error"),
+        (PING_DUE, "_ping"),
+    ):
+        _rule(both, [OPEN], anysync, [name], effect)
+    _rule(both, [OPEN], anysync, [SEND_FATAL_ERROR], "_send_error", to=CLOSING)
+    _rule(both, [OPEN], anysync, [CLOSE, FATAL], "_closing", to=CLOSING)
+    _rule(both, [OPEN], anysync, [PEER_SILENT], "_peer_silent", to=CLOSED)
+    _rule(both, [OPEN], anysync, [CONNECTION_CLOSED], "_closed", to=CLOSED)
+
+    # the sync, client side: request, then start, batches numbered 0, 1, 2 ..., complete
+    _rule(client, [OPEN], nosync, [REQUEST_SYNC], "_request_sync", sync_to=Y.REQUESTED)
+    _rule(client, [OPEN], [Y.REQUESTED], ["sync_start"], "_on_sync_start", sync_to=Y.STARTED)
+    for name, after in (("sync_batch", Y.BATCHES), (SYNC_BATCH_LAST, Y.DONE)):
+        _rule(
+            client, [OPEN], [Y.STARTED, Y.BATCHES], [name], "_on_sync_batch", sync_to=after,
+            check="_check_sync_batch",
+        )  # fmt: skip
+    _rule(
+        client, [OPEN], [Y.STARTED, Y.BATCHES, Y.DONE], ["sync_complete"], "_on_sync_complete",
+        sync_to=Y.NONE,
+    )  # fmt: skip
+    # the server refused or aborted our sync: it is over
+    _rule(client, [OPEN], anysync, [ERROR_SYNC], "_on_error", sync_to=Y.NONE)
+
+    # the sync, server side: one at a time; batches after start; complete after the last one
+    # (or with none at all)
+    _rule(server, [OPEN], nosync, ["sync_request"], "_on_sync_request", sync_to=Y.REQUESTED)
+    _rule(server, [OPEN], tuple(Y)[1:], ["sync_request"], "_on_sync_request_busy")
+    _rule(server, [OPEN], anysync, [ERROR_SYNC], "_on_error")
+    _rule(server, [OPEN], [Y.REQUESTED], [START_SYNC], "_start_sync", sync_to=Y.STARTED)
+    _rule(
+        server, [OPEN], [Y.STARTED, Y.BATCHES], [SEND_SYNC_BATCH], "_send_sync_batch",
+        sync_to=Y.BATCHES,
+    )  # fmt: skip
+    _rule(
+        server, [OPEN], [Y.STARTED, Y.BATCHES], [SEND_LAST_SYNC_BATCH], "_send_sync_batch",
+        sync_to=Y.DONE,
+    )  # fmt: skip
+    _rule(server, [OPEN], [Y.STARTED, Y.DONE], [COMPLETE_SYNC], "_complete_sync", sync_to=Y.NONE)
+    _rule(server, [OPEN], tuple(Y)[1:], [REJECT_SYNC], "_reject_sync", sync_to=Y.NONE)
+
+    # closing and closed: the peer's input is ignored, answers and closing are no-ops
+    _rule(both, [CLOSING, CLOSED], anysync, MESSAGE_INPUTS, "")
+    _rule(both, [CLOSING, CLOSED], anysync, [ACK, NACK, CLOSE, FATAL, PING_DUE, PEER_SILENT], "")
+    _rule(both, [CLOSING], anysync, [CONNECTION_CLOSED], "_closed", to=CLOSED)
+    _rule(both, [CLOSED], anysync, [CONNECTION_CLOSED], "")
+
+
+_build()
+
+_CLASS_OF: dict[str, type] = {
+    str(cls.__struct_config__.tag): cls
+    for cls in Message.__args__
+    if cls not in (SyncBatch, ErrorMessage)  # split by content: looked up by input name
+}
+
+
+def _by_state() -> dict[tuple[Role, State, SyncProgress], tuple[dict[object, Row], bool, bool]]:
+    """Per (role, state, sync): the rows by input (and by message class, for one look-up per
+    message), whether the peer's input is ignored there, whether the heartbeat timers run."""
+    rows: dict[tuple[Role, State, SyncProgress], dict[object, Row]] = {
+        (role, state, sync): {} for role in Role for state in State for sync in SyncProgress
+    }
+    for (role, state, sync, name), row in TRANSITIONS.items():
+        here = rows[(role, state, sync)]
+        here[name] = row
+        if name in _CLASS_OF:
+            here[_CLASS_OF[name]] = row
+    out = {}
+    for key, here in rows.items():
+        deaf = all(name in here and here[name].handler is None for name in MESSAGE_INPUTS)
+        silent = here.get(PEER_SILENT)
+        out[key] = (here, deaf, silent is not None and silent.handler is not None)
+    return out
+
+
+_BY_STATE = _by_state()

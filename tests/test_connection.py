@@ -40,6 +40,7 @@ from rhizome_proto import (
     Event,
     FederationConfig,
     FederationConnection,
+    FederationProtocol,
     HandshakeComplete,
     LocalProtocolError,
     Paused,
@@ -660,7 +661,7 @@ def test_opening_handshake_timeout_client() -> None:
 
 def test_closing_handshake_timeout() -> None:
     server, raw = open_server(close_timeout=2.0)
-    server.close()
+    server.close(now=0.0)
     raw.receive(server.data_to_send())  # the raw peer gets the close but never answers
     assert raw.closes[0].code == 1000
     raw.take()
@@ -691,8 +692,8 @@ def test_handle_timer_always_moves_the_deadline_on() -> None:
 @pytest.mark.parametrize("closer", SIDES)
 def test_close_by_either_side(closer: Side, feeding: dict[str, Any]) -> None:
     pair = ConnectionPair.opened(**feeding)
-    pair.conn(closer).close()
-    pair.conn(closer).close(1001)  # a no-op once closing
+    pair.conn(closer).close(now=pair.now)
+    pair.conn(closer).close(1001, now=pair.now)  # a no-op once closing
     pair.transfer()
     for side in SIDES:
         assert pair.new_events(side) == [Closed(code=1000, reason="")]
@@ -704,7 +705,7 @@ def test_close_by_either_side(closer: Side, feeding: dict[str, Any]) -> None:
 
 def test_close_code_and_reason_reach_the_peer() -> None:
     pair = ConnectionPair.opened()
-    pair.server.close(1001, "shutting down")
+    pair.server.close(1001, "shutting down", now=pair.now)
     pair.transfer()
     assert pair.new_events("client") == [Closed(code=1001, reason="shutting down")]
     assert pair.new_events("server") == [Closed(code=1001, reason="shutting down")]
@@ -725,6 +726,45 @@ def test_the_close_timeout_runs_from_the_time_close_is_called() -> None:
     assert not pair.client.closed
 
 
+def test_close_after_a_quiet_spell_ends_cleanly() -> None:
+    """start, 11 s of quiet, close(now=11), the peer answers at once: a clean 1000 on both
+    sides, not "closing handshake timed out" with 1006."""
+    pair = ConnectionPair.opened(
+        client_options={"ping_interval": 100.0, "ping_timeout": 300.0},
+        server_options={"ping_interval": 100.0, "ping_timeout": 300.0},
+    )
+    pair.now += 11.0
+    pair.client.close(now=pair.now)
+    pair.advance(0.0)  # a timer due now would fire here
+    pair.transfer()
+    for side in SIDES:
+        assert pair.new_events(side) == [Closed(code=1000, reason="")]
+
+
+def test_a_fatal_error_times_its_close_from_the_call() -> None:
+    pair = ConnectionPair.opened(
+        client_options={"ping_interval": 100.0, "ping_timeout": 300.0, "close_timeout": 5.0},
+    )
+    pair.now += 11.0
+    pair.client.send_error(ErrorCode.UNAUTHORIZED, "go away", fatal=True, now=pair.now)
+    pair.client.data_to_send()  # the error and the close go out (lost here)
+    assert pair.client.get_timer() == pair.now + 5.0
+
+
+def test_the_connection_has_no_message_level_back_door() -> None:
+    """A connection owns its protocol: nothing public takes messages off it or feeds it text,
+    so a queued delta always reaches the wire (``messages_to_send`` used to be inherited and
+    silently took it)."""
+    pair = ConnectionPair.opened()
+    for name in ("messages_to_send", "receive_message", "receive_invalid", "connection_closed"):
+        with pytest.raises(AttributeError):
+            getattr(pair.client, name)
+    assert not isinstance(pair.client, FederationProtocol)
+    pair.client.send_delta(make_delta("q1"))
+    pair.transfer()
+    assert pair.new_events("server") == [DeltaReceived(delta=make_delta("q1"))]
+
+
 def test_closed_unsettled_carries_unacked_and_held() -> None:
     pair = ConnectionPair.opened()
     pair.client.send_delta(make_delta("a1"))
@@ -732,7 +772,7 @@ def test_closed_unsettled_carries_unacked_and_held() -> None:
     pair.server.pause()
     pair.transfer()
     pair.client.send_delta(make_delta("h1"))
-    pair.server.close()
+    pair.server.close(now=pair.now)
     pair.transfer()
     (closed,) = pair.new_events("client")[-1:]
     assert isinstance(closed, Closed)
@@ -752,7 +792,7 @@ def test_transport_lost_gives_closed_1006_with_unsettled() -> None:
 
 def test_nothing_after_closed() -> None:
     server, raw = open_server()
-    server.close()
+    server.close(now=0.0)
     raw.receive(server.data_to_send())
     finish_close(server, raw)
     assert [type(e) for e in server.events()] == [Closed]
@@ -762,7 +802,7 @@ def test_nothing_after_closed() -> None:
     server.receive_eof(6.0)
     server.connection_lost(7.0)
     server.handle_timer(1e9)
-    server.close()
+    server.close(now=0.0)
     assert server.events() == []
     assert server.data_to_send() == b""
     assert server.get_timer() is None
@@ -772,7 +812,7 @@ def test_close_before_the_upgrade_completes() -> None:
     client = make_client()
     client.start(0.0)
     client.data_to_send()
-    client.close()
+    client.close(now=0.0)
     assert client.data_to_send() == b""
     assert client.events() == [Closed(code=1006, reason="closed before the upgrade completed")]
     assert client.should_close
@@ -782,7 +822,7 @@ def test_close_before_the_upgrade_completes() -> None:
 @pytest.mark.parametrize("role", ["server", "client"])
 def test_a_websocket_ping_after_our_close_is_not_answered(role: str) -> None:
     conn, raw = open_server() if role == "server" else open_client()
-    conn.close()
+    conn.close(now=0.0)
     raw.receive(conn.data_to_send())
     assert [c.code for c in raw.closes] == [1000]
     reply = raw.take()  # the raw peer's close reply, held back for now
@@ -811,7 +851,7 @@ def test_frames_pipelined_behind_the_upgrade_request_are_processed() -> None:
 def test_server_closed_before_the_request_arrives() -> None:
     """close() first, then the upgrade request, with no data_to_send() in between."""
     pair = ConnectionPair()
-    pair.server.close(1001, "changed my mind")
+    pair.server.close(1001, "changed my mind", now=pair.now)
     pair.transfer()  # the request arrives at a closing server: it upgrades, then closes
     assert pair.errors == {"client": [], "server": []}
     for side in SIDES:
@@ -822,7 +862,7 @@ def test_client_closed_before_the_101_arrives() -> None:
     pair = ConnectionPair()
     pair.deliver("client")  # the request reaches the server
     response = pair.server.data_to_send()
-    pair.client.close(1001, "changed my mind")
+    pair.client.close(1001, "changed my mind", now=pair.now)
     assert feed(pair.client, response, 0.0) is None  # the 101 arrives at a closing client
     pair.transfer()  # the client sends its close at once, without a hello
     assert pair.errors == {"client": [], "server": []}
@@ -905,7 +945,7 @@ def test_compression_on_both_sides() -> None:
     assert pair.new_events("server") == [DeltaReceived(delta=big)]
     assert len(pair.received["server"]) - before < 500  # it went compressed
     pair.server.ack("z")
-    pair.server.close()
+    pair.server.close(now=pair.now)
     pair.transfer()
     assert [type(e) for e in pair.new_events("client")] == [DeltaAcked, Closed]
 
@@ -935,6 +975,32 @@ def test_compressed_message_over_the_limit_is_refused() -> None:
     error = pump(server, raw, raw.send_text(too_big))
     assert isinstance(error, RemoteProtocolError) and error.close_code == 1009
     assert raw.closes[-1].code == 1009
+
+
+@pytest.mark.parametrize("no_takeover", [False, True])
+def test_compressed_messages_in_a_row_and_in_fragments(no_takeover: bool) -> None:
+    """Our inbound permessage-deflate: messages in a row (with and without context takeover,
+    as negotiated), one message in compressed fragments, an uncompressed one between."""
+    server = make_server(max_message_size=10_000, compression=True)
+    server.start(0.0)
+    raw = RawClient()
+    deflate = PerMessageDeflate(
+        client_no_context_takeover=no_takeover, server_no_context_takeover=no_takeover
+    )
+    raw.connect(server, extensions=[deflate])
+    feed(server, raw.hello(), 0.0)
+    raw.take()
+    server.events()
+    raw.receive(server.data_to_send())
+    pings = [dumps({"type": "ping", "timestamp": n, "pad": "p" * 500}) for n in (1, 2, 3)]
+    data = b"".join(raw.send_text(text) for text in pings[:2])
+    half = len(pings[2]) // 2
+    data += raw.send(TextMessage(data=pings[2][:half], message_finished=False))
+    data += raw.send(TextMessage(data=pings[2][half:], message_finished=True))
+    assert feed(server, data, 0.1) is None
+    assert server.events() == []
+    raw.receive(server.data_to_send())
+    assert raw.types() == ["hello_ack", "pong", "pong", "pong"]  # compressed too
 
 
 @pytest.mark.slow
@@ -1085,7 +1151,7 @@ def test_local_misuse_raises_and_changes_nothing(
     pair = ConnectionPair() if when == "upgrading" else ConnectionPair.opened()
     conn = pair.conn(side)
     if when in ("closing", "closed"):
-        conn.close()
+        conn.close(now=0.0)
         conn.data_to_send()
     if when == "closed":
         pair.transfer()

@@ -1,8 +1,8 @@
-"""The connection fuzzing invariants (fuzz/invariants.py) under Hypothesis, so CI covers them
-even where atheris does not build: arbitrary bytes, the seeds, seeds mutated byte by byte, and
-frames made by a raw wsproto peer then mutated.
+"""The connection fuzzing invariants (fuzz/invariants.py, driven by fuzz/harness.py) under
+Hypothesis, so CI covers them even where atheris does not build: arbitrary bytes, the seeds,
+seeds mutated byte by byte, and frames made by a raw wsproto peer then mutated.
 
-Setup byte (the first of each input; see ``fuzz.invariants._Options``): 0x01 upgrade already
+Setup byte (the first of each input; see ``fuzz.harness._Options``): 0x01 upgrade already
 done (server) / ``hello_ack`` already received (client), 0x02 ``hello`` already received
 (server), 0x04 compression, 0x08 a 256-byte size limit, 0x10 the client requested a sync,
 0x20 we paused the peer, 0x40 a delta of ours is pending (three with 0x80), 0x80 we speak the
@@ -20,16 +20,18 @@ from hypothesis import given
 from hypothesis import strategies as st
 from wsproto.events import BytesMessage, CloseConnection, Ping, TextMessage
 
-from fuzz.invariants import (
+from fuzz.harness import (
+    check_client_connection,
+    check_server_connection,
+    run_client_connection,
+    run_server_connection,
+)
+from fuzz.seeds import (
     DICTIONARY,
     UPGRADE_REQUEST,
     batch_messages,
-    check_client_connection,
-    check_server_connection,
     client_seed_inputs,
     masked_frame,
-    run_client_connection,
-    run_server_connection,
     server_seed_inputs,
 )
 from rhizome_proto import Closed, DeltaReceived, HandshakeComplete, ProtocolViolation

@@ -191,7 +191,7 @@ class PairMachine(RuleBasedStateMachine):
     @rule(side=sides, code=st.sampled_from([1000, 1001, 4000]), dice=st.integers(0, 7))
     def close(self, side: Side, code: int, dice: int) -> None:
         if dice == 0:  # rarely, so that most runs get far before the end
-            self.pair.conn(side).close(code)
+            self.pair.conn(side).close(code, now=self.pair.now)
 
     @precondition(lambda self: not any(self.pair.transport_closed.values()))
     @rule(side=sides, dice=st.integers(0, 7))
@@ -235,7 +235,7 @@ class PairMachine(RuleBasedStateMachine):
     def teardown(self) -> None:
         # finish: both close, the network drains, the closing handshake completes or times out
         for side in SIDES:
-            self.pair.conn(side).close()
+            self.pair.conn(side).close(now=self.pair.now)
         self.pair.transfer()
         self.pair.advance(PING_TIMEOUT * 2)
         self.pair.transfer()

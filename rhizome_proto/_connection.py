@@ -43,6 +43,13 @@ from wsproto.extensions import Extension, PerMessageDeflate
 from wsproto.frame_protocol import CloseReason, FrameDecoder, FrameProtocol, Opcode, RsvBits
 from wsproto.utilities import RemoteProtocolError as WSRemoteProtocolError
 
+from ._auth import (
+    BEARER_SUBPROTOCOL_PREFIX,
+    SUBPROTOCOL,
+    Credentials,
+    Principal,
+    token_from_request,
+)
 from ._delta import Delta
 from ._errors import CloseCode, ErrorCode, LocalProtocolError, RemoteProtocolError
 from ._events import Event
@@ -154,6 +161,10 @@ class FederationConnection:
         compression: offer (client) or accept (server) permessage-deflate, bounded as above.
         open_timeout: seconds allowed for the HTTP upgrade to complete.
         close_timeout: seconds to wait for the peer's close frame before giving up.
+        credentials: a server's accepted bearer tokens (``rhizome_proto._auth``): an upgrade
+            without a valid one is answered 401, and the ``hello`` may claim only the system
+            ids the token allows (else a fatal ``UNAUTHORIZED``). ``None``: anyone (v1).
+        token: a client's bearer token, sent as ``Authorization: Bearer <token>``.
 
     Feed transport bytes to :meth:`receive_data`, write :meth:`data_to_send`, close the
     transport when :attr:`should_close` is true, and call :meth:`handle_timer` at
@@ -180,6 +191,8 @@ class FederationConnection:
         extensions: Iterable[str] = (),
         receive_window: int = DEFAULT_RECEIVE_WINDOW,
         max_batch: int = DEFAULT_MAX_BATCH,
+        credentials: Credentials | None = None,
+        token: str | None = None,
     ) -> None:
         self._proto = FederationProtocol(
             role,
@@ -198,7 +211,14 @@ class FederationConnection:
         self.role = role
         self.host = host
         self.path = path
+        if token is not None:
+            if not token or any(c.isspace() or not c.isprintable() for c in token):
+                raise ValueError("a token must be non-empty printable text without spaces")
+            extra_headers = (*extra_headers, ("Authorization", f"Bearer {token}"))
         self.extra_headers = tuple(extra_headers)
+        self.credentials = credentials
+        #: server with credentials: who the client authenticated as, once it did
+        self.principal: Principal | None = None
         self.max_message_size = max_message_size
         self.compression = compression
         self.open_timeout = open_timeout
@@ -214,6 +234,7 @@ class FederationConnection:
         # the request in the same read is kept in _trailing until the upgrade is accepted
         self._http = h11.Connection(h11.SERVER) if role is Role.SERVER else None
         self._trailing: bytes | None = None
+        self._request_headers: list[tuple[bytes, bytes]] = []
         self._out = bytearray()
         self._rx: list[str] = []
         self._rx_size = 0
@@ -707,10 +728,29 @@ class FederationConnection:
             self._reject(404, f"Not Found: federation is served at {self.path}\n")
             self._abort(f"upgrade request for unknown path {event.target[:200]!r}")
             return
+        subprotocol = None
+        if self.credentials is not None:
+            token, offered_as_subprotocol = token_from_request(self._request_headers, event.target)
+            principal = self.credentials.authenticate(token)
+            if principal is None:
+                self._reject(
+                    401,
+                    "Unauthorized: a valid bearer token is required\n",
+                    [(b"www-authenticate", b'Bearer realm="rhizome-federation"')],
+                )
+                self._abort("upgrade refused: missing or invalid bearer token (HTTP 401)")
+                return
+            self.principal = principal
+            self._proto.allowed_system_ids = principal.system_ids
+            if offered_as_subprotocol:  # a browser must see one of its offers selected
+                subprotocol = next(
+                    (p for p in event.subprotocols if p == SUBPROTOCOL),
+                    next(p for p in event.subprotocols if p.startswith(BEARER_SUBPROTOCOL_PREFIX)),
+                )
         extensions: list[Extension] = (
             [_BoundedDeflate(self.max_message_size)] if self.compression else []
         )
-        self._out += self._ws.send(AcceptConnection(extensions=extensions))
+        self._out += self._ws.send(AcceptConnection(subprotocol=subprotocol, extensions=extensions))
         # frames the client sent right behind its request, in the same read
         trailing, self._trailing = self._trailing, b""
         if trailing:
@@ -735,6 +775,7 @@ class FederationConnection:
             self._failed_upgrade(400, "Bad HTTP message")
             return False
         self._trailing = http.trailing_data[0]
+        self._request_headers = list(event.headers)
         if not all(value.isascii() for _, value in event.headers):
             self._failed_upgrade(400, "Bad HTTP message: non-ASCII header value")
             return False
@@ -751,7 +792,7 @@ class FederationConnection:
             return False
         return True
 
-    def _reject(self, status: int, body: str) -> None:
+    def _reject(self, status: int, body: str, extra: Sequence[tuple[bytes, bytes]] = ()) -> None:
         """Server: answer the upgrade request with an HTTP error (through our h11)."""
         assert self._http is not None
         data = body.encode()
@@ -759,6 +800,7 @@ class FederationConnection:
             (b"content-type", b"text/plain; charset=utf-8"),
             (b"content-length", str(len(data)).encode()),
             (b"connection", b"close"),
+            *extra,
         ]
         self._out += self._http.send(h11.Response(status_code=status, headers=headers)) or b""
         self._out += self._http.send(h11.Data(data=data)) or b""

@@ -45,8 +45,10 @@ class ErrorCode(StrEnum):
     MESSAGE_TOO_LARGE = "MESSAGE_TOO_LARGE"
     #: the peer sent nothing at all within the heartbeat timeout (reported locally, never sent).
     PING_TIMEOUT = "PING_TIMEOUT"
-    #: the peer is not allowed to federate with us.
+    #: the peer is not allowed to federate with us (or not under the system id it claims).
     UNAUTHORIZED = "UNAUTHORIZED"
+    #: fatal: the peer's system id is ours (an instance connected to itself).
+    SELF_LINK = "SELF_LINK"
     #: the peer sends faster than we accept.
     RATE_LIMITED = "RATE_LIMITED"
     #: extension ``credit``: the peer has more unacknowledged live deltas in flight than the

@@ -313,6 +313,9 @@ class FederationProtocol:
         self.extensions_offered = tuple(dict.fromkeys(extensions))
         #: the extensions both ends agreed on in the handshake
         self.extensions_agreed: frozenset[str] = frozenset()
+        #: a server: the system ids the peer may claim in ``hello`` (``None``: any); set from
+        #: the peer's credential before its ``hello`` (``FederationConnection`` does so)
+        self.allowed_system_ids: frozenset[str] | None = None
         #: the link's state; the sync's progress and the pause flags sit beside it
         self.state = State.IDLE if role is Role.CLIENT else State.AWAITING_HELLO
         self._sync = SyncProgress.NONE
@@ -1028,9 +1031,25 @@ class FederationProtocol:
         self._credit = "credit" in self.extensions_agreed
         self._send_window = window if self._credit and isinstance(window, int) else None
 
-    def _check_protocol(self, message: Hello | HelloAck) -> bool:
+    def _check_hello(self, message: Hello | HelloAck) -> bool:
+        """The peer's ``hello`` / ``hello_ack``: our protocol, not ourselves, and (a server
+        with authentication) a system id its credential allows. Any failure is fatal."""
         if message.protocol != PROTOCOL_VERSION:
-            self._protocol_mismatch(message.protocol)
+            self._refuse_peer(
+                ErrorCode.PROTOCOL_MISMATCH, f"Unsupported protocol: {message.protocol}"
+            )
+        if message.system_id == self.system_id:
+            self._refuse_peer(
+                ErrorCode.SELF_LINK,
+                f"the peer's system id {message.system_id!r} is ours: "
+                "an instance cannot federate with itself",
+            )
+        allowed = self.allowed_system_ids
+        if allowed is not None and message.system_id not in allowed:
+            self._refuse_peer(
+                ErrorCode.UNAUTHORIZED,
+                f"system id {message.system_id!r} is not one this credential may claim",
+            )
         return True
 
     def _on_hello(self, message: Hello) -> None:
@@ -1081,17 +1100,16 @@ class FederationProtocol:
         )
         self._flush_held()
 
-    def _protocol_mismatch(self, protocol: str) -> None:
-        text = f"Unsupported protocol: {protocol}"
-        self._send(
-            ErrorMessage(
-                timestamp=self._clock(), code=ErrorCode.PROTOCOL_MISMATCH, message=text, fatal=True
-            )
+    def _refuse_peer(self, code: ErrorCode, text: str) -> NoReturn:
+        """Refuse the peer's handshake: a fatal ``error``, closing, and the exception."""
+        close_code = (
+            CloseCode.POLICY_VIOLATION
+            if code in (ErrorCode.UNAUTHORIZED, ErrorCode.SELF_LINK)
+            else CloseCode.PROTOCOL_ERROR
         )
-        self._fatal(CloseCode.PROTOCOL_ERROR, text)
-        raise RemoteProtocolError(
-            text, code=ErrorCode.PROTOCOL_MISMATCH, close_code=CloseCode.PROTOCOL_ERROR
-        )
+        self._send(ErrorMessage(timestamp=self._clock(), code=code, message=text, fatal=True))
+        self._fatal(close_code, text)
+        raise RemoteProtocolError(text, code=code, close_code=close_code)
 
     def _on_delta(self, message: DeltaMessage) -> None:
         self._check_window(1)
@@ -1308,10 +1326,10 @@ def _build() -> None:
     _rule(client, [State.IDLE], nosync, [START], "_start_client", to=State.HELLO_SENT)
     _rule(server, hs_server, nosync, [START], "_arm")
     _rule(server, [OPEN], anysync, [START], "_arm")  # a server may hear hello before start
-    _rule(server, hs_server, nosync, ["hello"], "_on_hello", to=OPEN, check="_check_protocol")
+    _rule(server, hs_server, nosync, ["hello"], "_on_hello", to=OPEN, check="_check_hello")
     _rule(
         client, [State.HELLO_SENT], nosync, ["hello_ack"], "_on_hello_ack", to=OPEN,
-        check="_check_protocol",
+        check="_check_hello",
     )  # fmt: skip
     _rule(client, [State.HELLO_SENT], nosync, ["ping"], "_on_ping")
     _rule(client, [State.HELLO_SENT], nosync, ["pong"], "_on_pong")

@@ -522,6 +522,7 @@ class RawClient(_RawPeer):
         host: str = "localhost",
         extensions: Sequence[Extension] = (),
         extra_headers: Iterable[tuple[bytes, bytes]] = (),
+        subprotocols: Sequence[str] = (),
     ) -> bytes:
         return self.send(
             Request(
@@ -529,6 +530,7 @@ class RawClient(_RawPeer):
                 target=target,
                 extensions=list(extensions),
                 extra_headers=list(extra_headers),
+                subprotocols=list(subprotocols),
             )
         )
 

@@ -5,7 +5,15 @@ from __future__ import annotations
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from wsproto.events import AcceptConnection
 
+from rhizome_proto import (
+    Closed,
+    ErrorCode,
+    ErrorReceived,
+    FederationConnection,
+    HandshakeComplete,
+)
 from rhizome_proto._auth import (
     SUBPROTOCOL,
     Credentials,
@@ -13,6 +21,7 @@ from rhizome_proto._auth import (
     parse_token_file,
     token_from_request,
 )
+from tests.harness import ConnectionPair, RawClient, make_client, make_server
 
 CREDS = Credentials({"tok-a": ["spoke1", "spoke2"], "tok-admin": ["*"]})
 
@@ -90,3 +99,82 @@ def test_any_token_authenticates_only_itself(token: str) -> None:
     creds = Credentials({token: ["s"]})
     assert creds.authenticate(token) is not None
     assert creds.authenticate(token + "x") is None
+
+
+# --- over wsproto: the server's upgrade and hello checks ---------------------------------
+
+
+def _server(**options: object) -> FederationConnection:
+    server = make_server(credentials=CREDS, **options)
+    server.start(0.0)
+    return server
+
+
+def test_a_client_with_a_token_federates_as_a_system_its_token_allows() -> None:
+    pair = ConnectionPair(
+        client_options={"token": "tok-a", "system_id": "spoke1"},
+        server_options={"credentials": CREDS},
+    )
+    pair.transfer()
+    assert pair.client.is_open and pair.server.is_open
+    assert pair.server.principal == CREDS.authenticate("tok-a")
+    assert pair.server.remote_system_id == "spoke1"
+
+
+def test_no_token_or_a_wrong_one_gets_401() -> None:
+    for options in ({}, {"token": "tok-wrong"}):
+        pair = ConnectionPair(
+            client_options=options | {"system_id": "spoke1"},
+            server_options={"credentials": CREDS},
+        )
+        pair.transfer()
+        answer = bytes(pair.received["client"])
+        assert answer.startswith(b"HTTP/1.1 401 ")
+        assert b'www-authenticate: Bearer realm="rhizome-federation"' in answer
+        (closed,) = pair.client_events
+        assert isinstance(closed, Closed) and closed.code == 1006 and "401" in closed.reason
+        (closed,) = pair.server_events
+        assert isinstance(closed, Closed) and "bearer token" in closed.reason
+        assert pair.server.principal is None and not pair.server.is_open
+
+
+def test_a_token_cannot_claim_another_system_id() -> None:
+    """The attack of finding 4: a client says hello with another instance's system id."""
+    pair = ConnectionPair(
+        client_options={"token": "tok-a", "system_id": "hub-2"},
+        server_options={"credentials": CREDS},
+    )
+    pair.transfer()
+    (error,) = pair.errors["server"]
+    assert error.code is ErrorCode.UNAUTHORIZED
+    refusals = [e for e in pair.client_events if isinstance(e, ErrorReceived)]
+    assert [r.code for r in refusals] == [ErrorCode.UNAUTHORIZED] and refusals[0].fatal
+    assert pair.server.closed and pair.server.close_code == 1008
+    assert not any(isinstance(e, HandshakeComplete) for e in pair.server_events)
+
+
+def test_browser_forms_of_the_token_subprotocol_and_query() -> None:
+    server = _server()
+    raw = RawClient()
+    events = raw.connect(server, subprotocols=["rhizome-federation", "rhizome.bearer.tok-a"])
+    (accept,) = [e for e in events if isinstance(e, AcceptConnection)]
+    assert accept.subprotocol == "rhizome-federation"  # selected; the token is not echoed
+    assert server.principal is not None and server.principal.allows("spoke2")
+
+    server = _server()  # offered only the token: that is what can be selected
+    events = RawClient().connect(server, subprotocols=["rhizome.bearer.tok-a"])
+    (accept,) = [e for e in events if isinstance(e, AcceptConnection)]
+    assert accept.subprotocol == "rhizome.bearer.tok-a"
+
+    server = _server()
+    raw = RawClient()
+    raw.connect(server, target="/federation?access_token=tok-admin")
+    assert server.principal is not None and server.principal.system_ids is None
+    server.receive_data(raw.hello("anyone"), 0.1)
+    assert server.is_open and server.remote_system_id == "anyone"
+
+
+def test_a_bad_token_argument_is_refused() -> None:
+    for bad in ("", "a b", "tok\n"):
+        with pytest.raises(ValueError, match="token"):
+            make_client(token=bad)

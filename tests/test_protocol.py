@@ -164,6 +164,52 @@ def test_client_refuses_a_hello_ack_with_another_protocol() -> None:
     assert pair.new_events("client") == []
 
 
+def test_an_instance_refuses_to_federate_with_itself() -> None:
+    """Server side: a hello with our own system id; client side: a hello_ack with ours."""
+    pair = ProtocolPair(client_options={"system_id": "same"}, server_options={"system_id": "same"})
+    pair.take_sent("client")
+    pair.inject("server", pair.sent["client"][-1])
+    (error,) = pair.errors["server"]
+    assert error.code is ErrorCode.SELF_LINK and error.close_code == 1008
+    (sent,) = pair.take_sent("server")
+    assert strip_ts(sent) == {
+        "type": "error",
+        "code": "SELF_LINK",
+        "message": "the peer's system id 'same' is ours: an instance cannot federate with itself",
+        "fatal": True,
+    }
+    assert pair.server.state is State.CLOSING and pair.server.remote_system_id is None
+
+    pair = ProtocolPair()
+    pair.take_sent("client")
+    ack = sample_messages()["hello_ack"] | {"systemId": "client-sys"}
+    pair.inject("client", dumps(ack))
+    (error,) = pair.errors["client"]
+    assert error.code is ErrorCode.SELF_LINK
+    assert pair.client.state is State.CLOSING and not pair.new_events("client")
+
+
+def test_a_server_holds_the_peer_to_the_system_ids_its_credential_allows() -> None:
+    pair = ProtocolPair(start=False)
+    pair.server.allowed_system_ids = frozenset({"spoke-1"})
+    pair.client.start(0)
+    pair.server.start(0)
+    pair.transfer()
+    (error,) = pair.errors["server"]
+    assert error.code is ErrorCode.UNAUTHORIZED and error.close_code == 1008
+    assert "system id 'client-sys' is not one this credential may claim" in str(error)
+    assert pair.server.closed and pair.server.close_code == 1008  # the pair closed the channel
+    (refusal,) = [e for e in pair.new_events("client") if isinstance(e, ErrorReceived)]
+    assert refusal.code == ErrorCode.UNAUTHORIZED and refusal.fatal
+
+    pair = ProtocolPair(start=False)
+    pair.server.allowed_system_ids = frozenset({"spoke-1", "client-sys"})
+    pair.client.start(0)
+    pair.server.start(0)
+    pair.transfer()
+    assert not pair.errors["server"] and pair.server.is_open and pair.client.is_open
+
+
 @pytest.mark.parametrize("mtype", sorted(set(sample_messages()) - {"hello"}))
 def test_server_refuses_anything_but_hello_before_the_handshake(mtype: str) -> None:
     pair = ProtocolPair()

@@ -49,6 +49,8 @@ from ._events import (
     DeltaRejected,
     ErrorReceived,
     Event,
+    EventType,
+    FederationEvent,
     HandshakeComplete,
     Paused,
     PingTimeout,
@@ -70,6 +72,7 @@ __all__ = [
     "PUSH_CURSOR_KEY",
     "PUSH_WINDOW",
     "SYNC_CURSOR_KEY",
+    "EventType",
     "FederationEvent",
     "FederationNode",
     "LinkStats",
@@ -121,22 +124,6 @@ class LinkStats:
     overflows: int = 0
     connected_at: float | None = None
     last_sync_at: float | None = None
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class FederationEvent:
-    """An application-level event, named as the seed names them: ``link:connecting``,
-    ``link:connected``, ``link:disconnected``, ``link:error``, ``link:paused``,
-    ``link:resumed``, ``delta:sent``, ``delta:received``, ``delta:rejected``, ``sync:started``,
-    ``sync:progress``, ``sync:completed``."""
-
-    type: str
-    link_id: str
-    delta: Delta | None = None
-    delta_id: str | None = None
-    reason: str | None = None
-    count: int | None = None
-    total: int | None = None
 
 
 @dataclass(slots=True, eq=False)
@@ -510,49 +497,72 @@ class FederationNode:
             if event.cursor is not None and link._cursor_key is not None:
                 # saved in the same transaction as the batch: free, and never ahead of it
                 self._staged_meta[link._cursor_key] = event.cursor
-            out.append(FederationEvent(type="sync:progress", link_id=lid, count=len(event.deltas)))
+            out.append(
+                FederationEvent(type=EventType.SYNC_PROGRESS, link_id=lid, count=len(event.deltas))
+            )
         elif isinstance(event, DeltaAcked):
             link.stats.deltas_sent += 1
             if self.report_sent:
-                out.append(FederationEvent(type="delta:sent", link_id=lid, delta_id=event.delta_id))
+                out.append(
+                    FederationEvent(type=EventType.DELTA_SENT, link_id=lid, delta_id=event.delta_id)
+                )
         elif isinstance(event, DeltaRejected):
             link.stats.deltas_rejected_by_peer += 1
             out.append(
                 FederationEvent(
-                    type="delta:rejected", link_id=lid, delta_id=event.delta_id, reason=event.reason
+                    type=EventType.DELTA_REJECTED,
+                    link_id=lid,
+                    delta_id=event.delta_id,
+                    reason=event.reason,
                 )
             )
         elif isinstance(event, HandshakeComplete):
             self._connected(link, conn, event)
-            out.append(FederationEvent(type="link:connected", link_id=lid))
+            out.append(FederationEvent(type=EventType.LINK_CONNECTED, link_id=lid))
         elif isinstance(event, SyncRequested):
             self._start_serving_sync(link, conn, event)
         elif isinstance(event, SyncStarted):
-            out.append(FederationEvent(type="sync:started", link_id=lid, total=event.total_deltas))
+            out.append(
+                FederationEvent(type=EventType.SYNC_STARTED, link_id=lid, total=event.total_deltas)
+            )
         elif isinstance(event, SyncCompleted):
             self._keep_cursor(link, event.cursor)
             link.stats.last_sync_at = self._clock()
             out.append(
-                FederationEvent(type="sync:completed", link_id=lid, count=event.deltas_received)
+                FederationEvent(
+                    type=EventType.SYNC_COMPLETED, link_id=lid, count=event.deltas_received
+                )
             )
         elif isinstance(event, Paused):
-            out.append(FederationEvent(type="link:paused", link_id=lid))
+            out.append(FederationEvent(type=EventType.LINK_PAUSED, link_id=lid))
         elif isinstance(event, Resumed):
-            out.append(FederationEvent(type="link:resumed", link_id=lid))
+            out.append(FederationEvent(type=EventType.LINK_RESUMED, link_id=lid))
         elif isinstance(event, ErrorReceived | ProtocolViolation):
             out.append(
                 FederationEvent(
-                    type="link:error", link_id=lid, reason=f"{event.code}: {event.message}"
+                    type=EventType.LINK_ERROR,
+                    link_id=lid,
+                    reason=f"{event.code}: {event.message}",
+                    code=event.code,
                 )
             )
         elif isinstance(event, PingTimeout):
-            out.append(FederationEvent(type="link:error", link_id=lid, reason="ping timeout"))
+            out.append(
+                FederationEvent(
+                    type=EventType.LINK_ERROR,
+                    link_id=lid,
+                    reason="ping timeout",
+                    code=ErrorCode.PING_TIMEOUT,
+                )
+            )
         elif isinstance(event, Closed):
             link.outbox.extendleft(reversed(event.unsettled))
             link._sync_active = False
             if not link.outgoing and link.remote_system_id is not None:
                 self._park(link)
-            out.append(FederationEvent(type="link:disconnected", link_id=lid, reason=event.reason))
+            out.append(
+                FederationEvent(type=EventType.LINK_DISCONNECTED, link_id=lid, reason=event.reason)
+            )
 
     def _park(self, link: NodeLink) -> None:
         """An incoming link closed: what it could not deliver goes to another open incoming link
@@ -668,7 +678,7 @@ class FederationNode:
                 conn.nack(delta.id, reason)
                 out.append(
                     FederationEvent(
-                        type="delta:rejected", link_id=link.id, delta=delta, reason=reason
+                        type=EventType.DELTA_REJECTED, link_id=link.id, delta=delta, reason=reason
                     )
                 )
             if keep:
@@ -695,7 +705,9 @@ class FederationNode:
                     stats.deltas_received += 1
                     if report:
                         out.append(
-                            FederationEvent(type="delta:received", link_id=link.id, delta=delta)
+                            FederationEvent(
+                                type=EventType.DELTA_RECEIVED, link_id=link.id, delta=delta
+                            )
                         )
                     if relay:
                         self._broadcast(delta, source=link, seq=seq)
@@ -908,9 +920,10 @@ class FederationNode:
             delta_id = "?"
         self._out.append(
             FederationEvent(
-                type="link:error",
+                type=EventType.LINK_ERROR,
                 link_id=link.id,
                 delta_id=delta_id,
+                code=ErrorCode.MESSAGE_TOO_LARGE,
                 reason=f"delta {delta_id!r} is {len(text)} bytes, too large for a message "
                 f"of at most {self.max_message_size} bytes: not sent",
             )

@@ -16,6 +16,7 @@ from rhizome_proto import (
     Delta,
     DeltaFilter,
     DeltaStore,
+    ErrorCode,
     FederationNode,
     FederationProtocol,
     InvalidDeltaError,
@@ -235,6 +236,7 @@ def test_a_delta_too_large_for_any_message_is_reported_once_and_skipped() -> Non
     errors = net.node_events("server", "link:error")
     assert [e.delta_id for e in errors] == ["huge"]
     assert "too large" in (errors[0].reason or "")
+    assert errors[0].code is ErrorCode.MESSAGE_TOO_LARGE
     (link,) = hub.links
     assert link.stats.deltas_too_large == 1
     (complete,) = net.sent("server", "client", "sync_complete")

@@ -84,6 +84,13 @@ from ._protocol import (
     State,
 )
 from ._store import DeltaStore, ScanOrder
+from ._supervisor import (
+    PERMANENT_CODES,
+    PERMANENT_STATUSES,
+    ConnectFailure,
+    ReconnectState,
+    ReconnectSupervisor,
+)
 from ._trust import (
     AuthorTrustPolicy,
     CombinedTrustPolicy,
@@ -108,6 +115,8 @@ __all__ = [
     "MAX_TIMESTAMP",
     "MESSAGE_TYPES",
     "NEGATES_ROLE",
+    "PERMANENT_CODES",
+    "PERMANENT_STATUSES",
     "PROTOCOL_VERSION",
     "PUSH_CURSOR_KEY",
     "SYNC_CURSOR_KEY",
@@ -116,6 +125,7 @@ __all__ = [
     "Closed",
     "CodecError",
     "CombinedTrustPolicy",
+    "ConnectFailure",
     "CustomTrustPolicy",
     "Delta",
     "DeltaAck",
@@ -161,6 +171,8 @@ __all__ = [
     "ProtocolViolation",
     "ReconnectConfig",
     "ReconnectPolicy",
+    "ReconnectState",
+    "ReconnectSupervisor",
     "Reference",
     "RemoteProtocolError",
     "Resume",

@@ -303,6 +303,11 @@ class FederationConnection(FederationProtocol):
         yet and not counted)."""
         return len(self._out) + sum(len(m) for m in self._outbox)
 
+    @property
+    def reject_status(self) -> int | None:
+        """Client: the HTTP status the server refused the upgrade with, else ``None``."""
+        return self._reject_status
+
     # ---------------------------------------------------------------- internals
 
     def _opened(self) -> None:

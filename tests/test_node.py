@@ -921,6 +921,7 @@ def test_sync_produces_no_batches_while_the_peer_paused_us() -> None:
     assert net.counts["sync_batch"] == 0
     [link] = server.links
     assert link.syncing and not link.sync_ready
+    assert (link.sync_total, link.sync_sent) == (6, 0)
     assert server.sync_step(link.id) is True  # nothing sent, still to do
     live = net.author("server")
     net.deliver()
@@ -930,6 +931,7 @@ def test_sync_produces_no_batches_while_the_peer_paused_us() -> None:
     # 7 deltas in batches of 2: the live one, stored after the sync began, is newer than all
     assert net.counts["sync_batch"] == 4
     assert net.ids("client") == {f"d{i}" for i in range(6)} | {live.id}
+    assert not link.syncing and (link.sync_total, link.sync_sent) == (6, 7)
 
 
 # ---------------------------------------------------------------------- storage before acks

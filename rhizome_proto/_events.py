@@ -231,11 +231,12 @@ class EventType(StrEnum):
 class FederationEvent:
     """An application-level event of one link, of kind ``type`` (see :class:`EventType`).
 
-    ``reason`` is text for people; a program decides by ``type`` and ``code``: the
-    :class:`ErrorCode` of an event that reports an error (``link:error`` for an ``error``
-    message of the peer, a violation of the peer, a ping timeout or a delta too large to send),
-    or the peer's code as a ``str`` when it is not one of ours; ``None`` when the error has no
-    code (a transport failure).
+    ``reason`` is text for people; a program decides by ``type``, ``code`` and ``fatal``:
+    ``code`` is the :class:`ErrorCode` of an event that reports an error (``link:error`` for an
+    ``error`` message of the peer, a violation of the peer, a ping timeout or a delta too large
+    to send), or the peer's code as a ``str`` when it is not one of ours; ``None`` when the
+    error has no code (a transport failure). ``fatal``: the connection ends over this error
+    (the peer's fatal ``error`` message, a ping timeout).
     """
 
     type: EventType
@@ -246,3 +247,4 @@ class FederationEvent:
     count: int | None = None
     total: int | None = None
     code: ErrorCode | str | None = None
+    fatal: bool = False

@@ -554,6 +554,7 @@ class FederationNode:
                     link_id=lid,
                     reason=f"{event.code}: {event.message}",
                     code=event.code,
+                    fatal=isinstance(event, ErrorReceived) and event.fatal,
                 )
             )
         elif isinstance(event, PingTimeout):
@@ -563,6 +564,7 @@ class FederationNode:
                     link_id=lid,
                     reason="ping timeout",
                     code=ErrorCode.PING_TIMEOUT,
+                    fatal=True,
                 )
             )
         elif isinstance(event, Closed):

@@ -1233,17 +1233,19 @@ def test_event_types_are_an_enum_equal_to_the_seed_names() -> None:
         ("TEAPOT", "TEAPOT"),  # a code we do not know stays the peer's text
     ],
 )
-def test_a_peer_error_is_reported_with_its_code(code: str, expected: str) -> None:
+@pytest.mark.parametrize("fatal", [False, True])
+def test_a_peer_error_is_reported_with_its_code(code: str, expected: str, fatal: bool) -> None:
     net = Network(extensions=V1_LIVE)
     net.add_node("client")
     net.add_raw("peer")
     ch = net.connect("client", "peer", LinkConfig(initial_sync="none"))
     net.deliver()
-    net.conn(ch, "server").send_error(code, "no")
+    net.conn(ch, "server").send_error(code, "no", fatal=fatal)
     net.deliver()
     [error] = net.node_events("client", EventType.LINK_ERROR)
     assert error.code == expected and type(error.code) is type(expected)
     assert error.reason == f"{expected}: no"
+    assert error.fatal is fatal
 
 
 def test_error_received_knows_our_codes() -> None:
@@ -1266,4 +1268,6 @@ def test_a_ping_timeout_is_reported_with_its_code() -> None:
         timer = conn.get_timer()
     net.deliver()
     errors = net.node_events("client", EventType.LINK_ERROR)
-    assert [(e.code, e.reason) for e in errors] == [(ErrorCode.PING_TIMEOUT, "ping timeout")]
+    assert [(e.code, e.reason, e.fatal) for e in errors] == [
+        (ErrorCode.PING_TIMEOUT, "ping timeout", True)
+    ]

@@ -16,12 +16,13 @@ from rhizome_proto import (
     Closed,
     ConnectFailure,
     ErrorCode,
+    ErrorReceived,
     LocalProtocolError,
     ReconnectPolicy,
     ReconnectState,
     ReconnectSupervisor,
 )
-from tests.harness import ConnectionPair, feed, make_client
+from tests.harness import WALL_START, ConnectionPair, RawServer, feed, make_client
 
 
 def ceiling_jitter() -> float:
@@ -194,6 +195,26 @@ def test_a_full_server_is_tried_again() -> None:
     sup = ReconnectSupervisor()
     fail(sup, 0.0, status=client.reject_status)
     assert sup.state is ReconnectState.WAITING
+
+
+def test_a_handshake_refused_with_protocol_mismatch_is_not_retried() -> None:
+    client = make_client()
+    client.start(0.0)
+    raw = RawServer()
+    raw.accept(client)
+    refusal = {
+        "type": "error",
+        "timestamp": WALL_START,
+        "code": "PROTOCOL_MISMATCH",
+        "message": "Unsupported protocol: rhizomedb-federation-v1",
+        "fatal": True,
+    }
+    assert feed(client, raw.send_json(refusal), 0.1) is None
+    [error] = client.events()
+    assert isinstance(error, ErrorReceived) and error.code is ErrorCode.PROTOCOL_MISMATCH
+    sup = ReconnectSupervisor()
+    fail(sup, 0.0, code=error.code, reason=error.message)
+    assert sup.gave_up and sup.permanent
 
 
 def test_an_accepted_upgrade_has_no_reject_status() -> None:

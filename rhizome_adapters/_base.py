@@ -32,6 +32,7 @@ from rhizome_proto import (
     DEFAULT_PATH,
     Delta,
     DeltaFilter,
+    EventType,
     FederationConnection,
     FederationEvent,
     FederationNode,
@@ -521,7 +522,7 @@ class DBBase(abc.ABC, Generic[LinkT]):
 
     def _transport_error(self, link: LinkBase, reason: str) -> None:
         link.failure = link.failure or reason
-        self._emit(FederationEvent(type="link:error", link_id=link.id, reason=reason))
+        self._emit(FederationEvent(type=EventType.LINK_ERROR, link_id=link.id, reason=reason))
 
     def _retry_delay(self, link: LinkBase, attempt: int) -> float | None:
         """Seconds before retry ``attempt`` of an outgoing link, or ``None``: the policy gave up
@@ -531,7 +532,9 @@ class DBBase(abc.ABC, Generic[LinkT]):
             reason = f"gave up on {link.remote_url} after {attempt} attempt(s)"
             first = f"; first failure: {link.failure}" if link.failure else ""
             link._state, link.failure = "failed", reason + first
-            self._emit(FederationEvent(type="link:error", link_id=link.id, reason=link.failure))
+            self._emit(
+                FederationEvent(type=EventType.LINK_ERROR, link_id=link.id, reason=link.failure)
+            )
         return delay
 
     def _settled_link(self, link: LinkT, url: str) -> LinkT:

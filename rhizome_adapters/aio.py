@@ -36,6 +36,7 @@ from typing import Any
 from rhizome_proto import (
     DEFAULT_PATH,
     Delta,
+    EventType,
     FederationConnection,
     FederationEvent,
     LinkConfig,
@@ -397,7 +398,7 @@ class FederatedRhizomeDB(DBBase[FederationLink]):
         attempt = 0  # failed attempts since the last handshake
         try:
             while not link._stopping:
-                self._emit(FederationEvent(type="link:connecting", link_id=link.id))
+                self._emit(FederationEvent(type=EventType.LINK_CONNECTING, link_id=link.id))
                 try:
                     # with ssl, asyncio checks the certificate against ``host``; a failed TLS
                     # handshake raises ssl.SSLError, an OSError

@@ -42,6 +42,7 @@ from typing import Any
 from rhizome_proto import (
     DEFAULT_PATH,
     Delta,
+    EventType,
     FederationConnection,
     FederationEvent,
     LinkConfig,
@@ -425,7 +426,7 @@ class FederatedRhizomeDB(DBBase[FederationLink]):
         attempt = 0  # failed attempts since the last handshake
         try:
             while not link._stopping:
-                self._emit(FederationEvent(type="link:connecting", link_id=link.id))
+                self._emit(FederationEvent(type=EventType.LINK_CONNECTING, link_id=link.id))
                 try:
                     sock = socket.create_connection((host, port), timeout=_CONNECT_TIMEOUT)
                 except OSError as exc:

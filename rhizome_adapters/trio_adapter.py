@@ -35,6 +35,7 @@ import trio
 from rhizome_proto import (
     DEFAULT_PATH,
     Delta,
+    EventType,
     FederationConnection,
     FederationEvent,
     LinkConfig,
@@ -429,7 +430,7 @@ class FederatedRhizomeDB(DBBase[FederationLink]):
         try:
             with link._scope:
                 while not link._stopping:
-                    self._emit(FederationEvent(type="link:connecting", link_id=link.id))
+                    self._emit(FederationEvent(type=EventType.LINK_CONNECTING, link_id=link.id))
                     try:
                         stream = await _open(host, port, ssl)
                     except (*_BROKEN, trio.TooSlowError) as exc:

@@ -13,10 +13,15 @@ __all__ = ["LinkConfig", "ReconnectPolicy"]
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ReconnectPolicy:
-    """Exponential backoff with jitter for outgoing links (times in seconds).
+    """Exponential backoff with full jitter for outgoing links (times in seconds), applied by
+    :class:`~rhizome_proto.ReconnectSupervisor`.
 
-    ``max_attempts`` 0 retries forever. Unlike the reference, a failed *first* connect is
-    retried too.
+    The wait before retry ``n`` (the ``n``-th failure in a row) is drawn uniformly from
+    ``[0, min(max_delay, initial_delay * backoff_multiplier ** (n - 1))]``. ``max_attempts``:
+    the most retries in a row (0: retry forever); a failed *first* connect is retried too,
+    unlike the reference. ``enabled=False`` never retries. A connection counts as a success
+    (and clears the count of failures) only once it stayed up ``stable_after`` seconds: one
+    that connects then drops at once is one more failure.
     """
 
     enabled: bool = True
@@ -24,6 +29,7 @@ class ReconnectPolicy:
     initial_delay: float = 1.0
     max_delay: float = 30.0
     backoff_multiplier: float = 2.0
+    stable_after: float = 10.0
 
     def __post_init__(self) -> None:
         if self.max_attempts < 0:
@@ -32,18 +38,25 @@ class ReconnectPolicy:
             raise ValueError("need 0 <= initial_delay <= max_delay")
         if self.backoff_multiplier < 1:
             raise ValueError("backoff_multiplier must be >= 1")
+        if self.stable_after < 0:
+            raise ValueError("stable_after must be >= 0")
 
     def delay(self, attempt: int, jitter: float) -> float | None:
         """Seconds to wait before retry number ``attempt`` (1-based), or ``None`` to give up.
 
-        ``jitter`` is a number in [0, 1) from the caller's random source (the core has none):
-        the delay is drawn from [base/2, base], base growing by ``backoff_multiplier`` per
-        attempt up to ``max_delay``.
+        ``jitter`` is a number in [0, 1] from the caller's random source (the core has none);
+        the delay is ``jitter`` times the ceiling ``min(max_delay, initial_delay *
+        backoff_multiplier ** (attempt - 1))`` (full jitter), so it is within [0, max_delay].
         """
         if not self.enabled or (self.max_attempts and attempt > self.max_attempts):
             return None
-        base = min(self.initial_delay * self.backoff_multiplier ** (attempt - 1), self.max_delay)
-        return base * (0.5 + 0.5 * jitter)
+        ceiling = self.initial_delay
+        if attempt > 1 and ceiling > 0:
+            try:
+                ceiling *= self.backoff_multiplier ** (attempt - 1)
+            except OverflowError:  # far past max_delay
+                ceiling = self.max_delay
+        return min(ceiling, self.max_delay) * min(max(jitter, 0.0), 1.0)
 
     def to_wire(self) -> ReconnectConfig:
         """As the reference announces it in ``hello`` (milliseconds)."""

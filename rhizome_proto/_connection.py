@@ -584,6 +584,11 @@ class FederationConnection:
         yet and not counted)."""
         return len(self._out) + self._proto.outbox_size
 
+    @property
+    def reject_status(self) -> int | None:
+        """Client: the HTTP status the server refused the upgrade with, else ``None``."""
+        return self._reject_status
+
     # ---------------------------------------------------------------- internals
 
     def _closing_began(self, now: float) -> None:

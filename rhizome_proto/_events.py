@@ -1,15 +1,20 @@
-"""Events a federation connection reports to the application.
+"""Events: those a federation connection reports, and those a node hands the application.
 
-Frozen, slotted, keyword-only values. The application reads them with ``events()`` after each
-input and answers with method calls (``ack``, ``nack``, ``start_sync`` ...). Nothing follows
-:class:`Closed`.
+Connection events (:class:`Event` and its subclasses): frozen, slotted, keyword-only values.
+The application reads them with ``events()`` after each input and answers with method calls
+(``ack``, ``nack``, ``start_sync`` ...). Nothing follows :class:`Closed`.
+
+Node events (:class:`FederationEvent`, of kind :class:`EventType`): what
+:class:`~rhizome_proto.FederationNode` makes of them, per link, for the application's handlers.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import StrEnum
 
 from ._delta import Delta
+from ._errors import ErrorCode
 from ._filter import DeltaFilter
 from ._messages import FederationConfig
 
@@ -20,6 +25,8 @@ __all__ = [
     "DeltaRejected",
     "ErrorReceived",
     "Event",
+    "EventType",
+    "FederationEvent",
     "HandshakeComplete",
     "Paused",
     "PingTimeout",
@@ -138,13 +145,28 @@ class PingTimeout(Event):
     silent_for: float
 
 
+def error_code(code: str) -> ErrorCode | str:
+    """``code`` as an :class:`ErrorCode` when it is one; a code unknown to us stays a ``str``."""
+    try:
+        return ErrorCode(code)
+    except ValueError:
+        return code
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ErrorReceived(Event):
-    """The peer sent an ``error`` message; when ``fatal`` it is about to close."""
+    """The peer sent an ``error`` message; when ``fatal`` it is about to close.
 
-    code: str
+    ``code`` is an :class:`ErrorCode` when it is one of ours (a ``str`` given at construction
+    is converted), else the peer's text."""
+
+    code: ErrorCode | str
     message: str
     fatal: bool
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.code, ErrorCode):
+            object.__setattr__(self, "code", error_code(self.code))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -153,7 +175,7 @@ class ProtocolViolation(Event):
     or a ``delta_nack``) and the link stays open. Fatal violations raise
     :class:`RemoteProtocolError` instead."""
 
-    code: str
+    code: ErrorCode
     message: str
 
 
@@ -169,3 +191,60 @@ class Closed(Event):
     code: int
     reason: str
     unsettled: tuple[Delta, ...] = ()
+
+
+# ---------------------------------------------------------------- node events
+
+
+class EventType(StrEnum):
+    """The kind of a :class:`FederationEvent`. Members are strings equal to the names the seed
+    uses (``EventType.LINK_CONNECTED == "link:connected"``), so handlers that compare with
+    those strings keep working; compare with the members to let mypy check the comparison."""
+
+    #: an outgoing link starts a connection attempt (made by the adapter)
+    LINK_CONNECTING = "link:connecting"
+    #: the handshake completed
+    LINK_CONNECTED = "link:connected"
+    #: the connection closed (``reason``: the close reason)
+    LINK_DISCONNECTED = "link:disconnected"
+    #: something went wrong on the link (``code``: the error code when there is one)
+    LINK_ERROR = "link:error"
+    #: the peer asked us to pause
+    LINK_PAUSED = "link:paused"
+    #: the peer resumed
+    LINK_RESUMED = "link:resumed"
+    #: the peer acknowledged one of our deltas (``delta_id``)
+    DELTA_SENT = "delta:sent"
+    #: a delta from the peer was stored (``delta``)
+    DELTA_RECEIVED = "delta:received"
+    #: a delta was rejected, by us (``delta``) or by the peer (``delta_id``); ``reason``
+    DELTA_REJECTED = "delta:rejected"
+    #: client side: the initial sync started (``total``)
+    SYNC_STARTED = "sync:started"
+    #: client side: one batch of the initial sync arrived (``count`` deltas)
+    SYNC_PROGRESS = "sync:progress"
+    #: client side: the initial sync is over (``count`` deltas received)
+    SYNC_COMPLETED = "sync:completed"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FederationEvent:
+    """An application-level event of one link, of kind ``type`` (see :class:`EventType`).
+
+    ``reason`` is text for people; a program decides by ``type``, ``code`` and ``fatal``:
+    ``code`` is the :class:`ErrorCode` of an event that reports an error (``link:error`` for an
+    ``error`` message of the peer, a violation of the peer, a ping timeout or a delta too large
+    to send), or the peer's code as a ``str`` when it is not one of ours; ``None`` when the
+    error has no code (a transport failure). ``fatal``: the connection ends over this error
+    (the peer's fatal ``error`` message, a ping timeout).
+    """
+
+    type: EventType
+    link_id: str
+    delta: Delta | None = None
+    delta_id: str | None = None
+    reason: str | None = None
+    count: int | None = None
+    total: int | None = None
+    code: ErrorCode | str | None = None
+    fatal: bool = False

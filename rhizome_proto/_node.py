@@ -49,6 +49,8 @@ from ._events import (
     DeltaRejected,
     ErrorReceived,
     Event,
+    EventType,
+    FederationEvent,
     HandshakeComplete,
     Paused,
     PingTimeout,
@@ -61,7 +63,8 @@ from ._events import (
 )
 from ._filter import DeltaFilter
 from ._protocol import DEFAULT_BATCH_SIZE, LinkEndpoint, Role, State
-from ._store import DeltaStore, ScanOrder
+from ._serving import PushCatchUp, PushState, ServeState, SyncServer
+from ._store import DeltaStore
 from ._trust import PermissiveTrustPolicy, TrustPolicy
 
 __all__ = [
@@ -70,6 +73,7 @@ __all__ = [
     "PUSH_CURSOR_KEY",
     "PUSH_WINDOW",
     "SYNC_CURSOR_KEY",
+    "EventType",
     "FederationEvent",
     "FederationNode",
     "LinkStats",
@@ -86,10 +90,10 @@ SYNC_CURSOR_KEY = "sync_cursor:{}:{}"
 DEFAULT_MAX_BATCH_BYTES = 1024 * 1024
 #: Room kept in a message for everything but its deltas (type, timestamps, numbers, cursor).
 _ENVELOPE = 4096
-_encode = msgspec.json.Encoder().encode
 _decode_delta = msgspec.json.Decoder(Delta).decode
-#: A position in a sync: ``seq`` in storage order, ``(timestamp, seq)`` in timestamp order.
-_Position: TypeAlias = tuple[float, int] | int
+#: the states tested on the hot path, looked up once (an enum member lookup is slow on 3.11)
+_CATCHING_UP = PushState.CATCHING_UP
+_STREAMING = ServeState.STREAMING
 #: Received deltas waiting for a commit: the link and connection they came on, the deltas (one
 #: live delta, or a sync batch) and whether they are live (each acknowledged once stored).
 _Staged: TypeAlias = tuple["NodeLink", LinkEndpoint, Sequence[Delta], bool]
@@ -123,22 +127,6 @@ class LinkStats:
     last_sync_at: float | None = None
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class FederationEvent:
-    """An application-level event, named as the seed names them: ``link:connecting``,
-    ``link:connected``, ``link:disconnected``, ``link:error``, ``link:paused``,
-    ``link:resumed``, ``delta:sent``, ``delta:received``, ``delta:rejected``, ``sync:started``,
-    ``sync:progress``, ``sync:completed``."""
-
-    type: str
-    link_id: str
-    delta: Delta | None = None
-    delta_id: str | None = None
-    reason: str | None = None
-    count: int | None = None
-    total: int | None = None
-
-
 @dataclass(slots=True, eq=False)
 class NodeLink:
     """The node's record of one link; it outlives connections of an outgoing link."""
@@ -155,21 +143,12 @@ class NodeLink:
     outbox: deque[Delta] = field(default_factory=deque)
     #: we asked the peer to pause (asked again on every new connection until resumed)
     paused: bool = False
-    # the running initial sync (server side): filters, position, batch size
-    _sync_filters: tuple[DeltaFilter, ...] = ()
-    _sync_from: float = 0
-    _sync_after: _Position | None = None
-    _sync_order: ScanOrder = "timestamp"
-    _sync_cursor: bool = False  # extension cursor: batches carry the position after them
-    #: store meta key under which the client keeps its sync cursor for this remote and filter
-    _cursor_key: str | None = None
-    _sync_total: int = 0
-    _sync_sent: int = 0
-    _sync_active: bool = False
-    # the push catch-up of an outgoing link: store positions still to offer, up to _push_upto
-    _push_after: int | None = None
-    _push_upto: int = 0
-    _cursor_saved_at: float = 0
+    #: the initial sync this link serves (server side), or served last
+    _serving: SyncServer | None = field(default=None, repr=False)
+    #: the link's catch-up from the store
+    _push: PushCatchUp = field(default_factory=PushCatchUp, repr=False)
+    #: client side: the store meta key of its sync cursor for this remote and pull filter
+    _cursor_key: str | None = field(default=None, repr=False)
 
     @property
     def connected(self) -> bool:
@@ -178,12 +157,29 @@ class NodeLink:
     @property
     def syncing(self) -> bool:
         """A server-side initial sync is being streamed on this link."""
-        return self._sync_active
+        serving = self._serving
+        return serving is not None and serving.state is _STREAMING
+
+    @property
+    def sync_total(self) -> int:
+        """Deltas of the initial sync this link serves (or served last); 0 if none."""
+        return self._serving.total if self._serving is not None else 0
+
+    @property
+    def sync_sent(self) -> int:
+        """Deltas of that sync sent so far."""
+        return self._serving.sent if self._serving is not None else 0
 
     @property
     def catching_up(self) -> bool:
-        """An outgoing link is offering the peer what it stored since the last settled point."""
-        return self._push_after is not None
+        """The link is offering the peer stored deltas it may have missed (an outgoing link
+        after a restart, or a link whose queue overflowed)."""
+        return self._push.state is _CATCHING_UP
+
+    @property
+    def catch_up_remaining(self) -> int:
+        """Store positions the catch-up has still to look at (0 when not catching up)."""
+        return self._push.remaining
 
     @property
     def sync_ready(self) -> bool:
@@ -193,9 +189,9 @@ class NodeLink:
         conn = self.conn
         if conn is None or not conn.is_open or conn.peer_paused:
             return False
-        if self._sync_active:
+        if self.syncing:
             return True
-        return self._push_after is not None and conn.pending_count < PUSH_WINDOW
+        return self._push.state is _CATCHING_UP and conn.pending_count < PUSH_WINDOW
 
 
 class FederationNode:
@@ -313,7 +309,8 @@ class FederationNode:
                 f"link {link_id!r} already has a live connection", code=ErrorCode.UNEXPECTED_MESSAGE
             )
         link.conn = conn
-        link._sync_active = False
+        if link._serving is not None:
+            link._serving.abort()
 
     def remove_link(self, link_id: str) -> NodeLink | None:
         """Forget a link (after its connection closed); returns its record."""
@@ -478,17 +475,17 @@ class FederationNode:
             or not conn.is_open
             or conn.pending_count
             or link.outbox
-            or link._push_after is not None
+            or link._push.state is _CATCHING_UP
         ):
             return
         now = self._clock()
-        if now - link._cursor_saved_at < _CURSOR_SAVE_INTERVAL:
+        if now - link._push.saved_at < _CURSOR_SAVE_INTERVAL:
             return
         key = PUSH_CURSOR_KEY.format(link.remote_system_id)
         last = str(self.store.last_sequence())
         if self.store.get_meta(key) != last:
             self.store.set_meta(key, last)
-        link._cursor_saved_at = now
+        link._push.saved_at = now
 
     def _handle(
         self,
@@ -510,49 +507,75 @@ class FederationNode:
             if event.cursor is not None and link._cursor_key is not None:
                 # saved in the same transaction as the batch: free, and never ahead of it
                 self._staged_meta[link._cursor_key] = event.cursor
-            out.append(FederationEvent(type="sync:progress", link_id=lid, count=len(event.deltas)))
+            out.append(
+                FederationEvent(type=EventType.SYNC_PROGRESS, link_id=lid, count=len(event.deltas))
+            )
         elif isinstance(event, DeltaAcked):
             link.stats.deltas_sent += 1
             if self.report_sent:
-                out.append(FederationEvent(type="delta:sent", link_id=lid, delta_id=event.delta_id))
+                out.append(
+                    FederationEvent(type=EventType.DELTA_SENT, link_id=lid, delta_id=event.delta_id)
+                )
         elif isinstance(event, DeltaRejected):
             link.stats.deltas_rejected_by_peer += 1
             out.append(
                 FederationEvent(
-                    type="delta:rejected", link_id=lid, delta_id=event.delta_id, reason=event.reason
+                    type=EventType.DELTA_REJECTED,
+                    link_id=lid,
+                    delta_id=event.delta_id,
+                    reason=event.reason,
                 )
             )
         elif isinstance(event, HandshakeComplete):
             self._connected(link, conn, event)
-            out.append(FederationEvent(type="link:connected", link_id=lid))
+            out.append(FederationEvent(type=EventType.LINK_CONNECTED, link_id=lid))
         elif isinstance(event, SyncRequested):
             self._start_serving_sync(link, conn, event)
         elif isinstance(event, SyncStarted):
-            out.append(FederationEvent(type="sync:started", link_id=lid, total=event.total_deltas))
+            out.append(
+                FederationEvent(type=EventType.SYNC_STARTED, link_id=lid, total=event.total_deltas)
+            )
         elif isinstance(event, SyncCompleted):
             self._keep_cursor(link, event.cursor)
             link.stats.last_sync_at = self._clock()
             out.append(
-                FederationEvent(type="sync:completed", link_id=lid, count=event.deltas_received)
+                FederationEvent(
+                    type=EventType.SYNC_COMPLETED, link_id=lid, count=event.deltas_received
+                )
             )
         elif isinstance(event, Paused):
-            out.append(FederationEvent(type="link:paused", link_id=lid))
+            out.append(FederationEvent(type=EventType.LINK_PAUSED, link_id=lid))
         elif isinstance(event, Resumed):
-            out.append(FederationEvent(type="link:resumed", link_id=lid))
+            out.append(FederationEvent(type=EventType.LINK_RESUMED, link_id=lid))
         elif isinstance(event, ErrorReceived | ProtocolViolation):
             out.append(
                 FederationEvent(
-                    type="link:error", link_id=lid, reason=f"{event.code}: {event.message}"
+                    type=EventType.LINK_ERROR,
+                    link_id=lid,
+                    reason=f"{event.code}: {event.message}",
+                    code=event.code,
+                    fatal=isinstance(event, ErrorReceived) and event.fatal,
                 )
             )
         elif isinstance(event, PingTimeout):
-            out.append(FederationEvent(type="link:error", link_id=lid, reason="ping timeout"))
+            out.append(
+                FederationEvent(
+                    type=EventType.LINK_ERROR,
+                    link_id=lid,
+                    reason="ping timeout",
+                    code=ErrorCode.PING_TIMEOUT,
+                    fatal=True,
+                )
+            )
         elif isinstance(event, Closed):
             link.outbox.extendleft(reversed(event.unsettled))
-            link._sync_active = False
+            if link._serving is not None:
+                link._serving.abort()
             if not link.outgoing and link.remote_system_id is not None:
                 self._park(link)
-            out.append(FederationEvent(type="link:disconnected", link_id=lid, reason=event.reason))
+            out.append(
+                FederationEvent(type=EventType.LINK_DISCONNECTED, link_id=lid, reason=event.reason)
+            )
 
     def _park(self, link: NodeLink) -> None:
         """An incoming link closed: what it could not deliver goes to another open incoming link
@@ -607,8 +630,7 @@ class FederationNode:
             conn.pause()
         if link.outgoing and link.config.sends:
             saved = self.store.get_meta(PUSH_CURSOR_KEY.format(event.remote_system_id))
-            start, upto = int(saved or 0), self.store.last_sequence()
-            link._push_after, link._push_upto = (start, upto) if start < upto else (None, 0)
+            link._push.start(int(saved or 0), self.store.last_sequence())
         while link.outbox:
             delta = link.outbox.popleft()
             if not conn.is_pending(delta.id):
@@ -666,7 +688,7 @@ class FederationNode:
                 conn.nack(delta.id, reason)
                 out.append(
                     FederationEvent(
-                        type="delta:rejected", link_id=link.id, delta=delta, reason=reason
+                        type=EventType.DELTA_REJECTED, link_id=link.id, delta=delta, reason=reason
                     )
                 )
             if keep:
@@ -693,7 +715,9 @@ class FederationNode:
                     stats.deltas_received += 1
                     if report:
                         out.append(
-                            FederationEvent(type="delta:received", link_id=link.id, delta=delta)
+                            FederationEvent(
+                                type=EventType.DELTA_RECEIVED, link_id=link.id, delta=delta
+                            )
                         )
                     if relay:
                         self._broadcast(delta, source=link, seq=seq)
@@ -724,11 +748,12 @@ class FederationNode:
             link.outbox.append(delta)
             return
         if seq is not None:
-            if link._push_after is not None:  # catching up: the store has it, in order
-                link._push_upto = max(link._push_upto, seq)
+            push = link._push
+            if push.state is _CATCHING_UP:  # the store has it, in order
+                push.extend(seq)
                 return
             if conn.pending_count >= self.max_queued:
-                link._push_after, link._push_upto = seq - 1, seq
+                push.overflow(seq)
                 link.stats.overflows += 1
                 return
         if not conn.is_pending(delta.id):
@@ -770,72 +795,18 @@ class FederationNode:
             # a cursor of another store (this one was replaced or is in memory and restarted)
             # says nothing here: sync from the beginning
             after = int(seq) if store_id == self._store_id() else None
-        # the first filter is pushed down to the store; the others are checked here
-        link._sync_filters = filters
-        link._sync_from = event.from_timestamp or 0
-        link._sync_order = "sequence" if cursor else "timestamp"
-        link._sync_cursor = cursor
-        link._sync_after = after
-        link._sync_sent = 0
-        link._sync_total = self._count(link)
-        link._sync_active = True
-        conn.start_sync(link._sync_total, self.batch_size)
-
-    def _count(self, link: NodeLink) -> int:
-        """How many deltas the link's sync will send (pages through the store when the store
-        cannot count it alone: several filters, or a resumed position)."""
-        filters = link._sync_filters
-        if len(filters) <= 1 and link._sync_after is None:
-            return self.store.count(filters[0] if filters else None, from_timestamp=link._sync_from)
-        total, after = 0, link._sync_after
-        while True:
-            page = self._page(link, after, 1000)
-            if page is None:
-                return total
-            after, items = page
-            total += len(items)
-
-    def _page(
-        self, link: NodeLink, after: _Position | None, limit: int
-    ) -> tuple[_Position, list[tuple[_Position, bytes]]] | None:
-        """One page of the deltas the link's sync sends, in its order, as ``(position, json)``,
-        and the position after the page (``(timestamp, seq)`` in timestamp order, ``seq`` in
-        storage order). One filter is left to the store, which hands back its stored text; more
-        are checked here on decoded deltas."""
-        filters = link._sync_filters
-        order = link._sync_order
-        if len(filters) <= 1:
-            raw = self.store.scan_raw(
-                after=after,
-                filter=filters[0] if filters else None,
-                from_timestamp=link._sync_from,
-                limit=limit,
-                order=order,
-            )
-            if not raw:
-                return None
-            if order == "sequence":
-                items: list[tuple[_Position, bytes]] = [(seq, text) for seq, _, text in raw]
-            else:
-                items = [((timestamp, seq), text) for seq, timestamp, text in raw]
-            return items[-1][0], items
-        rows = self.store.scan(
+        link._serving = serving = SyncServer(
+            self.store,
+            filters=filters,
+            from_timestamp=event.from_timestamp or 0,
+            cursor=cursor,
             after=after,
-            filter=filters[0],
-            from_timestamp=link._sync_from,
-            limit=limit,
-            order=order,
+            store_id=self._store_id() if cursor else "",
+            batch_size=self.batch_size,
+            max_batch_bytes=self.max_batch_bytes,
+            max_delta_bytes=self._max_delta_bytes,
         )
-        if not rows:
-            return None
-        is_negated = self.store.is_negated
-        items = [
-            (seq if order == "sequence" else (d.timestamp, seq), _encode(d))
-            for seq, d in rows
-            if all(f.matches(d, is_negated) for f in filters[1:])
-        ]
-        last_seq, last = rows[-1]
-        return (last_seq if order == "sequence" else (last.timestamp, last_seq)), items
+        conn.start_sync(serving.total, self.batch_size)
 
     def sync_step(self, link_id: str) -> bool:
         """Send the next batch of the link's initial sync; ``True`` while more remain.
@@ -846,54 +817,29 @@ class FederationNode:
         one); the deltas go out as the store keeps their text. A delta too large for any
         message the peer accepts is skipped, counted (``LinkStats.deltas_too_large``) and
         reported (``link:error``, handed out by the next :meth:`commit`), never retried.
+        Without an initial sync to serve, the link's catch-up from the store goes on instead.
         """
         link = self._require(link_id)
         conn = link.conn
-        if not link._sync_active and link._push_after is not None and conn is not None:
-            return self._push_step(link, conn)
-        if not link._sync_active or conn is None or not conn.is_open:
-            link._sync_active = False
+        serving = link._serving
+        if serving is None or serving.state is not _STREAMING:
+            if link._push.state is _CATCHING_UP and conn is not None:
+                return self._push_step(link, conn)
+            return False
+        if conn is None or not conn.is_open:
+            serving.abort()
             return False
         if conn.peer_paused:
             return True
-        batch: list[msgspec.Raw] = []
-        size = 0
-        finished = full = False
-        while not full and len(batch) < self.batch_size:
-            page = self._page(link, link._sync_after, self.batch_size - len(batch))
-            if page is None:
-                finished = True
-                break
-            end, items = page
-            for position, text in items:
-                length = len(text) + 1
-                if length > self._max_delta_bytes:
-                    link._sync_after = position
-                    self._too_large(link, text)
-                    continue
-                if batch and size + length > self.max_batch_bytes:
-                    full = True
-                    break
-                batch.append(msgspec.Raw(text))
-                size += length
-                link._sync_after = position
-            else:
-                link._sync_after = end
-        if not finished:  # look ahead, so the last batch carries the flag
-            finished = self._page(link, link._sync_after, 1) is None
-        cursor = None
-        if link._sync_cursor:
-            after = link._sync_after
-            seq = after if isinstance(after, int) else self.store.last_sequence()
-            cursor = f"{self._store_id()}:{seq}"
-        if batch or (finished and link._sync_sent > 0):
-            conn.send_sync_batch(batch, last=finished, cursor=cursor)
-        link._sync_sent += len(batch)
-        if finished:
-            conn.complete_sync(cursor=cursor)
-            link._sync_active = False
+        batch = serving.next_batch()
+        for text in batch.too_large:
+            self._too_large(link, text)
+        if batch.send:
+            conn.send_sync_batch(batch.deltas, last=batch.last, cursor=batch.cursor)
+        if batch.last:
+            conn.complete_sync(cursor=batch.cursor)
             link.stats.last_sync_at = self._clock()
-        return not finished
+        return not batch.last
 
     def _too_large(self, link: NodeLink, text: bytes) -> None:
         """A stored delta is too large for any message the peer accepts: report it, once."""
@@ -904,9 +850,10 @@ class FederationNode:
             delta_id = "?"
         self._out.append(
             FederationEvent(
-                type="link:error",
+                type=EventType.LINK_ERROR,
                 link_id=link.id,
                 delta_id=delta_id,
+                code=ErrorCode.MESSAGE_TOO_LARGE,
                 reason=f"delta {delta_id!r} is {len(text)} bytes, too large for a message "
                 f"of at most {self.max_message_size} bytes: not sent",
             )
@@ -914,24 +861,18 @@ class FederationNode:
 
     def _push_step(self, link: NodeLink, conn: LinkEndpoint) -> bool:
         """Offer the peer the next stored deltas it may have missed (an outgoing link's catch-up
-        after a restart; v1 has no client-to-server sync). Deltas the peer already holds are
-        acknowledged and ignored by it."""
-        if not conn.is_open or link._push_after is None:
+        after a restart, or a link that overflowed; v1 has no client-to-server sync), within
+        the in-flight window. Deltas the peer already holds are acknowledged and ignored by it."""
+        push = link._push
+        if not conn.is_open or push.state is not _CATCHING_UP:
             return False
         if conn.peer_paused or conn.pending_count >= PUSH_WINDOW:
             return True
         room = min(self.batch_size, PUSH_WINDOW - conn.pending_count)
-        rows = self.store.scan(after=link._push_after, limit=room, order="sequence")
-        for seq, delta in rows:
-            if seq > link._push_upto:
-                break
-            link._push_after = seq
+        for delta in push.take(self.store, room):
             if self._wants(link, delta) and not conn.is_pending(delta.id):
                 conn.send_delta(delta, validate=False)
-        if not rows or link._push_after >= link._push_upto or rows[-1][0] > link._push_upto:
-            link._push_after = None
-            return False
-        return True
+        return push.state is _CATCHING_UP
 
     def _require(self, link_id: str) -> NodeLink:
         link = self._links.get(link_id)

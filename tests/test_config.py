@@ -15,21 +15,23 @@ from rhizome_proto import (
 )
 
 
-def test_backoff_grows_by_the_multiplier_up_to_max_delay_with_jitter_in_the_upper_half() -> None:
+def test_backoff_grows_by_the_multiplier_up_to_max_delay_with_full_jitter() -> None:
     policy = ReconnectPolicy(initial_delay=1.0, max_delay=10.0, backoff_multiplier=2.0)
     assert [policy.delay(n, 0.999999) for n in (1, 2, 3, 4, 5)] == pytest.approx(
         [1.0, 2.0, 4.0, 8.0, 10.0], rel=1e-5
     )
-    assert [policy.delay(n, 0.0) for n in (1, 2, 5)] == [0.5, 1.0, 5.0]
+    assert [policy.delay(n, 0.5) for n in (1, 2, 5)] == [0.5, 1.0, 5.0]
+    assert [policy.delay(n, 0.0) for n in (1, 2, 5)] == [0.0, 0.0, 0.0]
 
 
 @given(attempt=st.integers(1, 60), jitter=st.floats(0, 1, exclude_max=True))
-def test_delay_stays_within_half_and_full_base(attempt: int, jitter: float) -> None:
+def test_delay_is_the_jitter_times_the_ceiling(attempt: int, jitter: float) -> None:
     policy = ReconnectPolicy(initial_delay=0.1, max_delay=30.0, backoff_multiplier=3.0)
     delay = policy.delay(attempt, jitter)
     assert delay is not None
-    base = min(0.1 * 3.0 ** (attempt - 1), 30.0)
-    assert base / 2 <= delay <= base
+    ceiling = min(0.1 * 3.0 ** (attempt - 1), 30.0)
+    assert 0 <= delay <= ceiling
+    assert delay == pytest.approx(ceiling * jitter)
 
 
 def test_give_up_after_max_attempts_or_when_disabled() -> None:
@@ -46,6 +48,7 @@ def test_give_up_after_max_attempts_or_when_disabled() -> None:
         ({"initial_delay": -1.0}, "initial_delay"),
         ({"initial_delay": 5.0, "max_delay": 1.0}, "initial_delay"),
         ({"backoff_multiplier": 0.5}, "backoff_multiplier"),
+        ({"stable_after": -1.0}, "stable_after"),
     ],
 )
 def test_bad_reconnect_policies_are_refused(kwargs: dict[str, float], message: str) -> None:

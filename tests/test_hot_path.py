@@ -16,6 +16,7 @@ from rhizome_proto import (
     Delta,
     DeltaFilter,
     DeltaStore,
+    ErrorCode,
     FederationNode,
     FederationProtocol,
     InvalidDeltaError,
@@ -235,6 +236,7 @@ def test_a_delta_too_large_for_any_message_is_reported_once_and_skipped() -> Non
     errors = net.node_events("server", "link:error")
     assert [e.delta_id for e in errors] == ["huge"]
     assert "too large" in (errors[0].reason or "")
+    assert errors[0].code is ErrorCode.MESSAGE_TOO_LARGE
     (link,) = hub.links
     assert link.stats.deltas_too_large == 1
     (complete,) = net.sent("server", "client", "sync_complete")
@@ -325,14 +327,14 @@ def test_a_link_past_its_queue_bound_catches_up_from_the_store_in_order(
     assert link is not None and link.conn is not None
     assert link.conn.pending_count == 10  # held while paused, no more
     assert link.stats.overflows == 1
-    assert link.catching_up
+    assert link.catching_up and link.catch_up_remaining == 40  # d010 to d049, from the store
     net.node("client").resume(ch.link_id)
     net.deliver()
     assert net.ids("client") == {d.id for d in made}
     order = [t.message["delta"]["id"] for t in net.sent("server", "client", "delta")]
     order += [d["id"] for t in net.sent("server", "client", "deltas") for d in t.message["deltas"]]
     assert order == [d.id for d in made]
-    assert not link.catching_up
+    assert not link.catching_up and link.catch_up_remaining == 0
     # live again once caught up
     late = net.author("server", delta_id="late")
     net.deliver()

@@ -23,6 +23,7 @@ from rhizome_proto import (
     DeltaStore,
     ErrorCode,
     ErrorReceived,
+    EventType,
     FederationNode,
     InvalidDeltaError,
     LinkConfig,
@@ -920,6 +921,7 @@ def test_sync_produces_no_batches_while_the_peer_paused_us() -> None:
     assert net.counts["sync_batch"] == 0
     [link] = server.links
     assert link.syncing and not link.sync_ready
+    assert (link.sync_total, link.sync_sent) == (6, 0)
     assert server.sync_step(link.id) is True  # nothing sent, still to do
     live = net.author("server")
     net.deliver()
@@ -929,6 +931,7 @@ def test_sync_produces_no_batches_while_the_peer_paused_us() -> None:
     # 7 deltas in batches of 2: the live one, stored after the sync began, is newer than all
     assert net.counts["sync_batch"] == 4
     assert net.ids("client") == {f"d{i}" for i in range(6)} | {live.id}
+    assert not link.syncing and (link.sync_total, link.sync_sent) == (6, 7)
 
 
 # ---------------------------------------------------------------------- storage before acks
@@ -1191,3 +1194,80 @@ def test_stats_count_sent_and_received() -> None:
     assert client_link.remote_system_id == "server" and server_link.remote_system_id == "client"
     assert client_link.stats.connected_at is not None
     assert client_link.stats.last_sync_at is not None
+
+
+# ---------------------------------------------------------------------- typed events
+
+
+def test_event_types_are_an_enum_equal_to_the_seed_names() -> None:
+    assert EventType.LINK_CONNECTED == "link:connected"
+    assert "sync:progress" in {EventType.SYNC_PROGRESS}
+    assert EventType("delta:rejected") is EventType.DELTA_REJECTED
+    assert {t.value for t in EventType} == {
+        "link:connecting",
+        "link:connected",
+        "link:disconnected",
+        "link:error",
+        "link:paused",
+        "link:resumed",
+        "delta:sent",
+        "delta:received",
+        "delta:rejected",
+        "sync:started",
+        "sync:progress",
+        "sync:completed",
+    }
+    net = pair()
+    net.author("client")
+    net.deliver()
+    kinds = [e.type for _, e in net.events]
+    assert kinds and all(type(kind) is EventType for kind in kinds)
+    assert EventType.LINK_CONNECTED in kinds and EventType.DELTA_RECEIVED in kinds
+
+
+@pytest.mark.parametrize(
+    ("code", "expected"),
+    [
+        (ErrorCode.SYNC_NOT_SUPPORTED, ErrorCode.SYNC_NOT_SUPPORTED),
+        ("RATE_LIMITED", ErrorCode.RATE_LIMITED),
+        ("TEAPOT", "TEAPOT"),  # a code we do not know stays the peer's text
+    ],
+)
+@pytest.mark.parametrize("fatal", [False, True])
+def test_a_peer_error_is_reported_with_its_code(code: str, expected: str, fatal: bool) -> None:
+    net = Network(extensions=V1_LIVE)
+    net.add_node("client")
+    net.add_raw("peer")
+    ch = net.connect("client", "peer", LinkConfig(initial_sync="none"))
+    net.deliver()
+    net.conn(ch, "server").send_error(code, "no", fatal=fatal)
+    net.deliver()
+    [error] = net.node_events("client", EventType.LINK_ERROR)
+    assert error.code == expected and type(error.code) is type(expected)
+    assert error.reason == f"{expected}: no"
+    assert error.fatal is fatal
+
+
+def test_error_received_knows_our_codes() -> None:
+    assert ErrorReceived(code="UNAUTHORIZED", message="m", fatal=True).code is (
+        ErrorCode.UNAUTHORIZED
+    )
+    assert ErrorReceived(code="X_OTHER", message="m", fatal=True).code == "X_OTHER"
+
+
+def test_a_ping_timeout_is_reported_with_its_code() -> None:
+    net = pair()
+    [ch] = net.between("client", "server")
+    conn = net.conn(ch, "client")
+    deadline = conn.get_timer()
+    assert deadline is not None
+    conn.handle_timer(deadline + 1_000)  # nothing heard since: pings, then the timeout
+    timer = conn.get_timer()
+    while timer is not None and not conn.closed:
+        conn.handle_timer(timer + 1_000)
+        timer = conn.get_timer()
+    net.deliver()
+    errors = net.node_events("client", EventType.LINK_ERROR)
+    assert [(e.code, e.reason, e.fatal) for e in errors] == [
+        (ErrorCode.PING_TIMEOUT, "ping timeout", True)
+    ]

@@ -43,7 +43,8 @@ What counts:
 * A **permanent** failure is never retried: the upgrade refused with an HTTP status of
   :data:`PERMANENT_STATUSES` (401, 403, 404, 410: asking again changes nothing), the peer's
   fatal ``error`` with a code of :data:`PERMANENT_CODES` (``PROTOCOL_MISMATCH``,
-  ``UNAUTHORIZED``), or a remote system id equal to ours (a link to ourselves). Everything else
+  ``UNAUTHORIZED``, ``SELF_LINK``), or a remote system id equal to ours (a link to
+  ourselves). Everything else
   (refused or lost transport, timeouts, TLS failures, 5xx such as the 503 of a full server, a
   peer that broke the protocol) is retried.
 """
@@ -70,7 +71,7 @@ __all__ = [
 PERMANENT_STATUSES: frozenset[int] = frozenset({401, 403, 404, 410})
 #: Codes of a peer's ``error`` that retrying cannot change.
 PERMANENT_CODES: frozenset[ErrorCode | str] = frozenset(
-    {ErrorCode.PROTOCOL_MISMATCH, ErrorCode.UNAUTHORIZED}
+    {ErrorCode.PROTOCOL_MISMATCH, ErrorCode.UNAUTHORIZED, ErrorCode.SELF_LINK}
 )
 
 

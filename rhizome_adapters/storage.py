@@ -51,10 +51,6 @@ class Store(DeltaStore, Protocol):
         or ``None`` when it was already there (the stored one is kept). Durable on return."""
         ...
 
-    def get(self, delta_id: str) -> Delta | None:
-        """The stored delta with this id, or ``None``."""
-        ...
-
     def __len__(self) -> int:
         """How many deltas are stored."""
         ...

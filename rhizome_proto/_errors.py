@@ -49,6 +49,9 @@ class ErrorCode(StrEnum):
     UNAUTHORIZED = "UNAUTHORIZED"
     #: fatal: the peer's system id is ours (an instance connected to itself).
     SELF_LINK = "SELF_LINK"
+    #: a delta whose id is stored with other content (reported locally: the peer gets a
+    #: ``delta_nack`` saying so).
+    CONFLICT = "CONFLICT"
     #: the peer sends faster than we accept.
     RATE_LIMITED = "RATE_LIMITED"
     #: extension ``credit``: the peer has more unacknowledged live deltas in flight than the

@@ -123,6 +123,8 @@ class LinkStats:
     deltas_too_large: int = 0
     #: times the link's queue was full and it fell back to catching up from the store
     overflows: int = 0
+    #: deltas refused because a different delta with their id is stored (nacked, reported)
+    deltas_conflicting: int = 0
     connected_at: float | None = None
     last_sync_at: float | None = None
 
@@ -677,7 +679,7 @@ class FederationNode:
             keep: list[Delta] = []
             for delta in deltas:
                 if delta.id in stored:
-                    if live:
+                    if not self._conflict(link, conn, delta) and live:
                         conn.ack(delta.id)
                     continue
                 reason = self._verdict(link, delta)
@@ -721,8 +723,36 @@ class FederationNode:
                         )
                     if relay:
                         self._broadcast(delta, source=link, seq=seq)
+                elif self._conflict(link, conn, delta):
+                    continue
                 if live:
                     conn.ack(delta.id)
+
+    def _conflict(self, link: NodeLink, conn: LinkEndpoint, delta: Delta) -> bool:
+        """``delta``'s id is stored: if the stored delta says something else (another
+        timestamp, author, system or pointers; a signature alone is no difference), refuse
+        the newcomer with a nack, count it and report it. The stored one is kept."""
+        stored = self.store.get(delta.id)
+        if stored is None or (
+            stored.timestamp == delta.timestamp
+            and stored.author == delta.author
+            and stored.system == delta.system
+            and stored.pointers == delta.pointers
+        ):
+            return False
+        reason = f"conflict: a different delta with id {delta.id!r} is already stored (kept)"
+        link.stats.deltas_conflicting += 1
+        conn.nack(delta.id, reason)
+        self._out.append(
+            FederationEvent(
+                type=EventType.DELTA_REJECTED,
+                link_id=link.id,
+                delta=delta,
+                reason=reason,
+                code=ErrorCode.CONFLICT,
+            )
+        )
+        return True
 
     # ---------------------------------------------------------------- sending
 

@@ -24,7 +24,7 @@ class DeltaStore(Protocol):
     """What ``FederationNode`` calls on a store, and nothing more. All methods are synchronous
     and thread-confined to the caller (adapters call them from one thread or one event loop).
 
-    The adapters' stores offer more (``put``, ``get``, ``subscribe``, ``close`` ...): see
+    The adapters' stores offer more (``put``, ``subscribe``, ``close`` ...): see
     ``rhizome_adapters.storage.Store``."""
 
     def put_many(
@@ -41,6 +41,10 @@ class DeltaStore(Protocol):
         or checked by :func:`validate_delta`), so the store need not check them again.
         ``meta``: values to :meth:`set_meta` in the same transaction (a cursor saved with
         the deltas it covers)."""
+        ...
+
+    def get(self, delta_id: str) -> Delta | None:
+        """The stored delta with this id, or ``None`` (the node compares a duplicate with it)."""
         ...
 
     def stored_ids(self, delta_ids: Iterable[str]) -> set[str]:

@@ -114,7 +114,7 @@ class OnlyDeltaStore:
 
 def test_the_node_needs_nothing_beyond_delta_store(tmp_path: Path) -> None:
     assert {
-        "put_many", "stored_ids", "count", "scan", "scan_raw", "is_negated",
+        "put_many", "get", "stored_ids", "count", "scan", "scan_raw", "is_negated",
         "last_sequence", "get_meta", "set_meta", "close",
     } == OnlyDeltaStore.ALLOWED  # fmt: skip
     hub = OnlyDeltaStore(SQLiteStore(tmp_path / "hub.db"))

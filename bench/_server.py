@@ -96,7 +96,10 @@ async def push_async(
 
 
 def run_asyncio(args: argparse.Namespace) -> None:
-    from rhizome_adapters import FederatedRhizomeDB
+    if args.runtime == "asyncio-native":
+        from bench._native.aio import FederatedRhizomeDB
+    else:
+        from rhizome_adapters import FederatedRhizomeDB  # type: ignore[assignment]
 
     async def main() -> None:
         if args.role == "serve":
@@ -115,7 +118,10 @@ def run_asyncio(args: argparse.Namespace) -> None:
 def run_trio(args: argparse.Namespace) -> None:
     import trio
 
-    from rhizome_adapters.trio_adapter import FederatedRhizomeDB
+    if args.runtime == "trio-native":
+        from bench._native.trio_adapter import FederatedRhizomeDB
+    else:
+        from rhizome_adapters.trio_adapter import FederatedRhizomeDB  # type: ignore[assignment]
 
     async def main() -> None:
         if args.role == "serve":
@@ -167,9 +173,18 @@ def main() -> None:
     p.add_argument("--n", type=int, required=True)
     p.add_argument("--timeout", type=float, default=60.0)
     for p in sub.choices.values():
-        p.add_argument("--runtime", choices=["asyncio", "trio", "threaded"], required=True)
+        p.add_argument("--runtime", choices=RUNNERS, required=True)
     args = parser.parse_args()
-    {"asyncio": run_asyncio, "trio": run_trio, "threaded": run_threaded}[args.runtime](args)
+    RUNNERS[args.runtime](args)
+
+
+RUNNERS = {
+    "asyncio": run_asyncio,
+    "asyncio-native": run_asyncio,
+    "trio": run_trio,
+    "trio-native": run_trio,
+    "threaded": run_threaded,
+}
 
 
 if __name__ == "__main__":

@@ -1,0 +1,558 @@
+"""The async adapter: :class:`FederatedRhizomeDB` runs a :class:`~rhizome_proto.FederationNode`
+over real sockets with anyio, so the same code runs on asyncio and on trio
+(``anyio.run(main, backend="trio")``). :mod:`rhizome_adapters.aio` and
+:mod:`rhizome_adapters.trio_adapter` are the names users import.
+
+``async with FederatedRhizomeDB(...) as db:`` opens the task group every connection, the
+listening server, the committer and the coroutine event handlers run in; leaving the block closes
+the links (close handshake), stops the server and waits for all of it. Each live connection has
+three tasks in a task group of its own:
+
+* the reader feeds the core what ``receive`` returns and runs the pump (the node stages the
+  link's input, the timer is re-armed, a commit is asked for);
+* the writer is the only task that writes: ``data_to_send()`` then ``send`` (backpressure: on
+  both backends ``send`` returns once the kernel has the bytes), the initial sync several
+  batches per write while the node has one ready; once the core is done it closes the stream
+  (within a grace period, flushed or not) and ends the connection;
+* the timer sleeps until the core's one deadline and calls ``handle_timer``; the pump wakes it
+  only when the deadline moves earlier (a later one is found when it wakes).
+
+Group commit: the pump only asks for a commit; one committer task, woken by an event, commits
+after every reader that had input in that turn of the loop has staged it, so what arrives on
+all links in one turn is stored in one transaction and only then acknowledged.
+
+Reading never waits for writing, so a peer's ``pause``, pings and acks are read while a large
+sync is written. A connection beyond ``max_connections`` gets a minimal ``HTTP/1.1 503``. TLS
+(``wss://``) is ``anyio.streams.tls``: ``ssl=`` takes an :class:`ssl.SSLContext`, a server
+context holding the certificate or a client context to verify the server with.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+import math
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
+from dataclasses import dataclass, field
+from ssl import SSLContext, SSLError
+from types import TracebackType
+from typing import Any
+
+import anyio
+import anyio.abc
+from anyio.abc import SocketAttribute
+from anyio.streams.stapled import MultiListener
+from anyio.streams.tls import TLSStream
+
+from rhizome_proto import (
+    DEFAULT_PATH,
+    Delta,
+    FederationConnection,
+    LinkConfig,
+    NodeLink,
+    RemoteProtocolError,
+)
+
+from ._base import (
+    CLOSE_GRACE,
+    DISCONNECT_WAIT,
+    READ_SIZE,
+    REFUSAL,
+    DBBase,
+    EventHandler,
+    LinkBase,
+    LinkRun,
+    LinkStatus,
+    head_read,
+    listen_error,
+)
+
+__all__ = ["EventHandler", "FederatedRhizomeDB", "FederationLink", "LinkStatus"]
+
+log = logging.getLogger(__name__)
+
+#: Seconds a TLS handshake may take.
+TLS_HANDSHAKE_TIMEOUT = 60.0
+#: How early a deadline may fire (asyncio's ``call_at`` goes by the clock's resolution).
+_CLOCK_SLACK = 0.002
+_BROKEN = (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError)
+_HANDSHAKE_FAILED = (*_BROKEN, anyio.EndOfStream, SSLError, TimeoutError)
+
+
+def _cause(exc: BaseException) -> BaseException:
+    """anyio wraps transport errors (``BrokenResourceError``, ``OSError("All connection attempts
+    failed")``); the original says why."""
+    return exc.__cause__ if isinstance(exc.__cause__, OSError) else exc
+
+
+@dataclass(eq=False)
+class _Run(LinkRun):
+    settled: anyio.Event
+    #: the link's task: connecting, its sessions, waiting to reconnect
+    scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
+    #: set when the link's task has ended
+    done: anyio.Event = field(default_factory=anyio.Event)
+
+
+class _Session:
+    """One live connection of a link: the core's connection and its stream."""
+
+    def __init__(self, run: _Run, conn: FederationConnection, stream: anyio.abc.ByteStream) -> None:
+        self.run, self.conn, self.stream = run, conn, stream
+        self.woken = anyio.Event()
+        self.rearmed = anyio.Event()
+        self.armed = math.inf
+        self.write_scope = anyio.CancelScope()  # gets the grace deadline once the core is done
+        self.scope: anyio.CancelScope | None = None  # the session's tasks
+
+    def wake(self) -> None:
+        self.woken.set()
+
+    def rearm(self) -> None:
+        when = self.conn.get_timer()
+        if when is not None and when < self.armed:
+            self.rearmed.set()
+
+    def closing(self) -> None:
+        if math.isinf(self.write_scope.deadline):
+            self.write_scope.deadline = anyio.current_time() + CLOSE_GRACE
+        self.woken.set()
+
+
+class FederationLink(LinkBase):
+    __doc__ = LinkBase.__doc__
+
+    async def pause(self) -> None:
+        """Ask the peer to send no live deltas until :meth:`resume` (also after reconnects)."""
+        self._run.pause(True)
+        await anyio.lowlevel.checkpoint()
+
+    async def resume(self) -> None:
+        """Let the peer send again."""
+        self._run.pause(False)
+        await anyio.lowlevel.checkpoint()
+
+    async def disconnect(self) -> None:
+        """Close the link with the close handshake (an outgoing link stops reconnecting)."""
+        await self._run.disconnect()
+
+    async def send_delta(self, delta: Delta) -> None:
+        """Send one delta on this link only (kept in the link's outbox while it is down)."""
+        self._run.send(delta)
+        await anyio.lowlevel.checkpoint()
+
+
+class FederatedRhizomeDB(DBBase[FederationLink, _Run]):
+    """A RhizomeDB instance that federates over WebSocket, on asyncio or trio (anyio).
+
+    Use it as ``async with FederatedRhizomeDB(...) as db:`` (the block owns the instance's
+    task group). ``storage`` picks a new ``"memory"`` or ``"sqlite"`` store (``path`` for the
+    file) unless ``store`` is given; a store passed in is not closed by :meth:`close`.
+    """
+
+    def _init_runtime(self) -> None:
+        self._tasks: anyio.abc.TaskGroup | None = None
+        self._entered = False
+        self._handler_scopes: set[anyio.CancelScope] = set()
+        self._server_scope: anyio.CancelScope | None = None
+        self._commit_wanted: anyio.Event | None = None
+        self._committer: anyio.CancelScope | None = None
+        self._store_closed = False
+
+    def _log(self) -> logging.Logger:
+        return log
+
+    def _new_run(self, node_link: NodeLink) -> _Run:
+        run = _Run(node_link, anyio.Event())
+        run.disconnect = lambda: self._disconnect(run)
+        return run
+
+    def _new_link(self, run: _Run) -> FederationLink:
+        return FederationLink(run)
+
+    def _now(self) -> float:
+        return anyio.current_time()
+
+    # ---------------------------------------------------------------- tasks
+
+    def _spawn(self, func: Callable[..., Coroutine[Any, Any, Any]], *args: Any) -> None:
+        """Start ``func(*args)`` in the instance's task group."""
+        assert self._tasks is not None
+        self._tasks.start_soon(func, *args)
+
+    def _can_spawn(self) -> bool:
+        """Whether :meth:`_spawn` can start tasks (inside ``async with``)."""
+        return self._tasks is not None
+
+    def _running(self) -> None:
+        self._check_open()
+        if not self._can_spawn():
+            raise RuntimeError("use the instance as `async with FederatedRhizomeDB(...) as db:`")
+
+    async def __aenter__(self) -> FederatedRhizomeDB:
+        if self._entered or self._closed:
+            raise RuntimeError("this FederatedRhizomeDB was already entered")
+        self._entered = True
+        self._tasks = await anyio.create_task_group().__aenter__()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        try:
+            await self.close()
+        finally:
+            try:  # the block's own exception propagates by itself
+                if self._tasks is not None:
+                    await self._tasks.__aexit__(None, None, None)
+            finally:
+                self._tasks = None
+                self._close_store()
+
+    async def persist_delta(self, delta: Delta) -> bool:
+        """Store a delta and send it to every link that should get it; ``False`` if known."""
+        return (await self.persist_deltas((delta,)))[0]
+
+    async def persist_deltas(self, deltas: Iterable[Delta]) -> list[bool]:
+        """Store several deltas in one transaction (one fsync with SQLite) and send each to
+        every link that should get it; ``False`` for each one already stored."""
+        stored = self._persist(deltas)
+        await anyio.lowlevel.checkpoint()
+        return stored
+
+    # ---------------------------------------------------------------- events and commits
+
+    def _schedule(self, pending: Awaitable[Any]) -> None:
+        if not self._can_spawn():  # not entered, or already left
+            if inspect.iscoroutine(pending):
+                pending.close()
+            return
+        self._spawn(self._run_handler, pending)
+
+    async def _run_handler(self, pending: Awaitable[Any]) -> None:
+        with anyio.CancelScope() as scope:
+            self._handler_scopes.add(scope)
+            try:
+                await pending
+            except Exception as exc:
+                self._handlers.failed(exc)
+            finally:
+                self._handler_scopes.discard(scope)
+
+    def _commit_soon(self) -> None:
+        """Group commit: wake the committer, which runs once every task woken in this turn of
+        the loop (every reader with input) has run."""
+        if self._commit_wanted is None:
+            self._commit_wanted, self._committer = anyio.Event(), anyio.CancelScope()
+            self._spawn(self._commit_loop, self._committer)
+        self._commit_wanted.set()
+
+    async def _commit_loop(self, scope: anyio.CancelScope) -> None:
+        with scope:
+            while self._commit_wanted is not None:
+                await self._commit_wanted.wait()
+                self._commit_wanted = anyio.Event()
+                self._commit()
+
+    # ---------------------------------------------------------------- a live connection
+
+    async def _serve_session(self, session: _Session) -> None:
+        """Attach the connection to its link and serve it until it is closed."""
+        try:
+            async with anyio.create_task_group() as tasks:
+                session.scope = tasks.cancel_scope
+                self._attach(session)
+                tasks.start_soon(self._write_loop, session)
+                tasks.start_soon(self._timer_loop, session)
+                await self._read_loop(session)
+        finally:
+            self._detach(session)
+            await anyio.aclose_forcefully(session.stream)
+
+    async def _read_loop(self, session: _Session) -> None:
+        conn, stats = session.conn, session.run.node_link.stats
+        try:
+            while not conn.closed:
+                try:
+                    data = await session.stream.receive(READ_SIZE)
+                except anyio.EndOfStream:
+                    conn.receive_eof(anyio.current_time())
+                except _BROKEN as exc:
+                    self._fail(session, _cause(exc))
+                    return
+                else:
+                    stats.bytes_received += len(data)
+                    with contextlib.suppress(RemoteProtocolError):  # answered; close queued
+                        conn.receive_data(data, anyio.current_time())
+                self._pump(session)
+        except Exception as exc:
+            log.exception("link %s failed", session.run.id)
+            self._fail(session, exc)
+
+    async def _write_loop(self, session: _Session) -> None:
+        """The one place that writes; ends the connection once the core is done."""
+        conn, stats = session.conn, session.run.node_link.stats
+        try:
+            with session.write_scope:
+                while True:
+                    await session.woken.wait()
+                    session.woken = anyio.Event()
+                    while True:
+                        data = conn.data_to_send()
+                        session.rearm()  # sending may set a deadline (the closing handshake's)
+                        if data:
+                            await session.stream.send(data)
+                            stats.bytes_sent += len(data)
+                            continue  # more may have been queued meanwhile
+                        if not self._sync_ready(session):
+                            break
+                        if self._stream_sync(session):
+                            self._commit_soon()  # a delta too large to send: say so
+                        await anyio.lowlevel.checkpoint()  # let the reader in between writes
+                    if conn.should_close:
+                        break
+        except _BROKEN as exc:
+            self._fail(session, _cause(exc))
+        except Exception as exc:
+            log.exception("link %s failed while writing", session.run.id)
+            self._fail(session, exc)
+        finally:
+            if session.scope is not None:
+                session.scope.cancel()  # the reader and the timer
+            await anyio.aclose_forcefully(session.stream)
+
+    async def _timer_loop(self, session: _Session) -> None:
+        """Sleep until the core's deadline (or until it moves earlier), then ``handle_timer``
+        if it is due."""
+        conn = session.conn
+        try:
+            while True:
+                when = conn.get_timer()
+                session.armed = math.inf if when is None else when
+                session.rearmed = anyio.Event()
+                with anyio.CancelScope(deadline=session.armed):
+                    await session.rearmed.wait()
+                when, now = conn.get_timer(), anyio.current_time()
+                # a deadline may fire up to the clock's resolution early: then it is due
+                if when is not None and now + _CLOCK_SLACK >= when:
+                    conn.handle_timer(max(now, when))
+                    self._pump(session)
+        except Exception as exc:
+            log.exception("link %s failed", session.run.id)
+            self._fail(session, exc)
+
+    # ---------------------------------------------------------------- server
+
+    async def enable_server(
+        self,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 8080,
+        path: str = DEFAULT_PATH,
+        max_connections: int = 100,
+        auto_broadcast: bool | None = None,
+        ssl: SSLContext | None = None,
+    ) -> str:
+        """Listen for federation links; returns ``ws://host:port/path`` (the actual port), or
+        ``wss://host:port/path`` when ``ssl`` (a server context holding the certificate) is given.
+
+        ``auto_broadcast`` (as in the seed's server config) overrides the instance's setting:
+        relay what one link brings to the others.
+        """
+        self._running()
+        self._start_server(auto_broadcast)
+        try:
+            listener = await anyio.create_tcp_listener(local_host=host, local_port=port)
+        except OSError as exc:
+            raise listen_error(exc, host, port) from exc
+        actual_port = listener.extra(SocketAttribute.local_port)
+        self._server_scope = anyio.CancelScope()
+        self._spawn(self._serve, listener, ssl, self._server_scope)
+        return self._serving(host, actual_port, path, max_connections, ssl is not None)
+
+    async def _serve(
+        self,
+        listener: MultiListener[anyio.abc.SocketStream],
+        ssl: SSLContext | None,
+        scope: anyio.CancelScope,
+    ) -> None:
+        with scope:
+            async with listener, anyio.create_task_group() as tasks:
+                for each in listener.listeners:
+                    assert isinstance(each, anyio.abc.SocketListener)
+                    tasks.start_soon(self._accept_loop, each, ssl)
+
+    async def _accept_loop(
+        self, listener: anyio.abc.SocketListener, ssl: SSLContext | None
+    ) -> None:
+        while True:
+            try:
+                stream = await listener.accept()
+            except OSError:
+                log.exception("accepting a connection failed")
+                await anyio.sleep(0.5)  # out of file descriptors, perhaps
+                continue
+            self._spawn(self._accept, stream, ssl)
+
+    async def _accept(self, stream: anyio.abc.SocketStream, ssl: SSLContext | None) -> None:
+        io: anyio.abc.ByteStream = stream
+        try:
+            peer = stream.extra(SocketAttribute.remote_address, None)
+            if ssl is not None:
+                with anyio.fail_after(TLS_HANDSHAKE_TIMEOUT):
+                    io = await TLSStream.wrap(
+                        stream, server_side=True, ssl_context=ssl, standard_compatible=False
+                    )
+            made = self._incoming_link(peer)
+            if made is None:
+                await _refuse(io)
+                return
+            run, conn = made
+            try:
+                with run.scope:
+                    await self._serve_session(_Session(run, conn, io))
+            finally:
+                self._forget(run)
+                run.done.set()
+        except _HANDSHAKE_FAILED:  # a failed TLS handshake, or gone before anything was said
+            pass
+        except Exception:
+            log.exception("incoming connection failed")
+        finally:
+            await anyio.aclose_forcefully(io)
+
+    # ---------------------------------------------------------------- outgoing links
+
+    async def connect_to_remote(
+        self,
+        url: str,
+        config: LinkConfig | None = None,
+        *,
+        headers: Sequence[tuple[str, str]] = (),
+        wait: bool = True,
+        ssl: SSLContext | None = None,
+    ) -> FederationLink:
+        """Open an outgoing link to ``ws://host[:port]/path`` or ``wss://host[:port]/path``,
+        reconnecting per ``config.reconnect`` (a failed first connect is retried too).
+
+        A ``wss://`` URL connects with TLS, verifying the server's certificate for the URL's host
+        with ``ssl`` (default: :func:`ssl.create_default_context`, the system's trust store).
+        A TLS failure (such as an untrusted certificate) is a connect failure like any other.
+
+        With ``wait`` this returns once the handshake completed and raises
+        :class:`ConnectionError` if the policy gives up first; without, it returns at once.
+        """
+        self._running()
+        run, host, port, path, context = self._outgoing_link(url, config, ssl)
+        self._spawn(self._run_outgoing, run, host, port, path, headers, context)
+        if not wait:
+            return self._view(run)
+        try:
+            await run.settled.wait()
+        except anyio.get_cancelled_exc_class():
+            with anyio.CancelScope(shield=True):
+                await self._disconnect(run)
+            raise
+        return self._settled_link(run, url)
+
+    async def _run_outgoing(
+        self,
+        run: _Run,
+        host: str,
+        port: int,
+        path: str,
+        headers: Sequence[tuple[str, str]],
+        ssl: SSLContext | None,
+    ) -> None:
+        """Connect, run the session, wait per the reconnect policy, repeat until stopped."""
+        try:
+            with run.scope:
+                for wait in self._attempts(run):
+                    if wait is not None:
+                        await anyio.sleep(wait)
+                        continue
+                    try:
+                        stream = await _open(host, port, ssl)
+                    except (*_BROKEN, TimeoutError) as exc:
+                        self._connect_failed(run, _cause(exc))
+                    else:
+                        conn = self._client_connection(run, host, port, path, headers)
+                        await self._serve_session(_Session(run, conn, stream))
+        except Exception as exc:
+            self._crashed(run, exc)
+        finally:
+            run.settled.set()
+            run.done.set()
+
+    async def disconnect_from_remote(self, link_id: str) -> None:
+        """Close a link (outgoing or incoming) with the close handshake and forget it."""
+        await self._disconnect(self._run_of(link_id))
+
+    async def _disconnect(self, run: _Run) -> None:
+        live = self._begin_disconnect(run)
+        if not run.done.is_set():
+            if not live:
+                run.scope.cancel()  # connecting, or waiting to reconnect
+            with anyio.move_on_after(DISCONNECT_WAIT):
+                await run.done.wait()
+            if not run.done.is_set():
+                run.scope.cancel()
+                await run.done.wait()
+        self._forget(run)
+
+    # ---------------------------------------------------------------- closing
+
+    async def close(self) -> None:
+        """Close every link (close handshake), stop the server, close the store we opened."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._server_scope is not None:
+            self._server_scope.cancel()
+        async with anyio.create_task_group() as tasks:
+            for run in list(self._runs.values()):
+                tasks.start_soon(self._disconnect, run)
+        if self._committer is not None:
+            self._committer.cancel()
+            self._commit()  # what the last turns staged
+        for scope in list(self._handler_scopes):
+            scope.cancel()
+        await self._stop_tasks()
+        self._close_store()
+
+    async def _stop_tasks(self) -> None:
+        """What is still running once the links ended (asyncio without ``async with``)."""
+
+    def _close_store(self) -> None:
+        if self._owns_store and not self._store_closed:
+            self._store_closed = True
+            self._store.close()
+
+
+async def _open(host: str, port: int, ssl: SSLContext | None) -> anyio.abc.ByteStream:
+    """A TCP stream to ``host:port``; with ``ssl``, TLS checked against ``host`` before use."""
+    stream = await anyio.connect_tcp(host, port)
+    if ssl is None:
+        return stream
+    try:
+        with anyio.fail_after(TLS_HANDSHAKE_TIMEOUT):
+            return await TLSStream.wrap(
+                stream, hostname=host, ssl_context=ssl, standard_compatible=False
+            )
+    except BaseException:
+        await anyio.aclose_forcefully(stream)
+        raise
+
+
+async def _refuse(stream: anyio.abc.ByteStream) -> None:
+    """Answer a connection over the limit with HTTP 503 (after its request head, so the client
+    reads the answer rather than a reset); the caller closes it."""
+    with anyio.move_on_after(2.0), contextlib.suppress(*_BROKEN, anyio.EndOfStream):
+        head = b""
+        while not head_read(head):
+            head += await stream.receive(READ_SIZE)
+        await stream.send(REFUSAL)

@@ -14,7 +14,7 @@ waking writers, the core's timer, running coroutine handlers, and the ``async`` 
 surface of the API. It talks to the base through the methods below (its own, by inheritance)
 and to a live connection through :class:`Session`; it reads no private attribute of another
 object. The abstract methods are what it must supply; the threaded adapter also overrides
-:meth:`DBBase._guard` (its lock around the node), ``_commit`` and ``_emit`` (events in order).
+:meth:`DBBase._guard` (its lock around the node).
 """
 
 from __future__ import annotations
@@ -26,8 +26,10 @@ import functools
 import inspect
 import logging
 import random
+import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from ssl import SSLContext, create_default_context
@@ -48,6 +50,7 @@ from rhizome_proto import (
     LinkStats,
     NodeLink,
     Pointer,
+    RemoteProtocolError,
     Role,
     TrustPolicy,
 )
@@ -335,6 +338,9 @@ class DBBase(abc.ABC, Generic[LinkT, RunT]):
         self._sessions: set[Session] = set()
         self._logger = self._log()
         self._handlers = EventHandlers(self._logger)
+        self._events: deque[FederationEvent] = deque()
+        self._events_lock = threading.Lock()
+        self._emitting = False
         self._server_url: str | None = None
         self._server_path = DEFAULT_PATH
         self._max_connections = 100
@@ -470,9 +476,23 @@ class DBBase(abc.ABC, Generic[LinkT, RunT]):
         self._node.report_received = self._handlers.wants("delta:received")
         self._node.report_sent = self._handlers.wants("delta:sent")
 
-    def _emit(self, event: FederationEvent) -> None:
-        for pending in self._handlers.call(event):
-            self._schedule(pending)
+    def _emit(self, *events: FederationEvent) -> None:
+        """Hand ``events`` to the handlers after those queued before them: one at a time, in
+        order; an event made while a handler runs (on this thread or another) waits its turn,
+        handled by whichever thread is handing them out."""
+        self._events.extend(events)
+        while True:
+            with self._events_lock:
+                if self._emitting or not self._events:
+                    return
+                self._emitting = True
+                event = self._events.popleft()
+            try:
+                for pending in self._handlers.call(event):
+                    self._schedule(pending)
+            finally:
+                with self._events_lock:
+                    self._emitting = False
 
     def _note(self, event: FederationEvent) -> None:
         """A link's status as the node's events tell it."""
@@ -484,11 +504,6 @@ class DBBase(abc.ABC, Generic[LinkT, RunT]):
         elif run is not None and event.type == "link:disconnected":
             ending = run.stopping or not run.node_link.outgoing
             run.state = "disconnected" if ending else "reconnecting"
-
-    def _dispatch(self, events: Iterable[FederationEvent]) -> None:
-        for event in events:
-            self._note(event)
-            self._emit(event)
 
     # ---------------------------------------------------------------- the pump
 
@@ -544,20 +559,54 @@ class DBBase(abc.ABC, Generic[LinkT, RunT]):
         dispatch the events. If storing fails, nothing staged was acknowledged: every
         connection is dropped and the peers send it again."""
         try:
-            with self._guard():
+            with self._guard():  # the events are noted and queued in the node's order
                 events = self._node.commit()
+                for event in events:
+                    self._note(event)
+                self._events.extend(events)
         except Exception as exc:
             self._logger.exception("storing received deltas failed; closing every connection")
             for session in list(self._sessions):
                 self._fail(session, exc)
             return
         self._wake_writers()
-        self._dispatch(events)
+        self._emit()
 
     def _wake_writers(self) -> None:
         """Something may have been queued on any connection: let every writer look."""
         for session in list(self._sessions):
             session.wake()
+
+    def _received(self, session: Session, data: bytes | None, now: float) -> None:
+        """What a read returned (``b""``: end of stream; ``None``: nothing, the time has come)
+        goes to the core, the timer runs if it is due, then the pump."""
+        conn = session.conn
+        with self._guard():
+            if data:
+                session.run.node_link.stats.bytes_received += len(data)
+                with contextlib.suppress(RemoteProtocolError):  # answered; close queued
+                    conn.receive_data(data, now)
+            elif data is not None and not conn.closed:
+                conn.receive_eof(now)
+            deadline = conn.get_timer()  # due even while data keeps arriving
+            if deadline is not None and now >= deadline:
+                conn.handle_timer(now)
+        self._pump(session)
+
+    def _output(self, session: Session) -> bytes:
+        """The next bytes the writer must write (counted as sent), streaming the link's initial
+        sync when nothing else waits; ``b""``: nothing now."""
+        while True:
+            with self._guard():
+                data = session.conn.data_to_send()
+                session.rearm()  # sending may set a deadline (the closing handshake's)
+                syncing = not data and self._sync_ready(session)
+                if data:
+                    session.run.node_link.stats.bytes_sent += len(data)
+            if not syncing:
+                return data
+            if self._stream_sync(session):
+                self._commit_soon()  # a delta too large to send: say so
 
     def _sync_ready(self, session: Session) -> bool:
         """``session`` is its link's live connection and the node has a batch to stream on it."""

@@ -1,30 +1,24 @@
 """The async adapter: :class:`FederatedRhizomeDB` runs a :class:`~rhizome_proto.FederationNode`
 over real sockets with anyio, so the same code runs on asyncio and on trio
-(``anyio.run(main, backend="trio")``). :mod:`rhizome_adapters.aio` and
+(``anyio.run(main, backend="trio")``); :mod:`rhizome_adapters.aio` and
 :mod:`rhizome_adapters.trio_adapter` are the names users import.
 
-``async with FederatedRhizomeDB(...) as db:`` opens the task group every connection, the
-listening server, the committer and the coroutine event handlers run in; leaving the block closes
-the links (close handshake), stops the server and waits for all of it. Each live connection has
-three tasks in a task group of its own:
+``async with FederatedRhizomeDB(...) as db:`` opens the task group that the connections, the
+server, the committer and coroutine handlers run in; leaving it closes the links (close
+handshake), stops the server and waits for all of it. Each live connection has three tasks:
 
 * the reader feeds the core what ``receive`` returns and runs the pump (the node stages the
-  link's input, the timer is re-armed, a commit is asked for);
-* the writer is the only task that writes: ``data_to_send()`` then ``send`` (backpressure: on
-  both backends ``send`` returns once the kernel has the bytes), the initial sync several
-  batches per write while the node has one ready; once the core is done it closes the stream
-  (within a grace period, flushed or not) and ends the connection;
-* the timer sleeps until the core's one deadline and calls ``handle_timer``; the pump wakes it
-  only when the deadline moves earlier (a later one is found when it wakes).
+  input, the timer is re-armed, a commit is asked for);
+* the writer is the only task that writes (``send`` returns once the kernel has the bytes:
+  backpressure), streams the initial sync several batches per write, and once the core is done
+  closes the stream (within a grace period, flushed or not);
+* the timer sleeps until the core's deadline; the pump wakes it only when the deadline moves
+  earlier (a later one is found when it wakes).
 
-Group commit: the pump only asks for a commit; one committer task, woken by an event, commits
-after every reader that had input in that turn of the loop has staged it, so what arrives on
-all links in one turn is stored in one transaction and only then acknowledged.
-
-Reading never waits for writing, so a peer's ``pause``, pings and acks are read while a large
-sync is written. A connection beyond ``max_connections`` gets a minimal ``HTTP/1.1 503``. TLS
-(``wss://``) is ``anyio.streams.tls``: ``ssl=`` takes an :class:`ssl.SSLContext`, a server
-context holding the certificate or a client context to verify the server with.
+Group commit: one committer task, woken by an event, commits after every reader woken in the
+same turn of the loop has staged its input: one transaction per turn, acknowledged after it.
+Reading never waits for writing, so pings and acks are read while a large sync is written.
+TLS (``wss://``) is ``anyio.streams.tls``; ``ssl=`` takes an :class:`ssl.SSLContext`.
 """
 
 from __future__ import annotations
@@ -45,14 +39,7 @@ from anyio.abc import SocketAttribute
 from anyio.streams.stapled import MultiListener
 from anyio.streams.tls import TLSStream
 
-from rhizome_proto import (
-    DEFAULT_PATH,
-    Delta,
-    FederationConnection,
-    LinkConfig,
-    NodeLink,
-    RemoteProtocolError,
-)
+from rhizome_proto import DEFAULT_PATH, Delta, FederationConnection, LinkConfig, NodeLink
 
 from ._base import (
     CLOSE_GRACE,
@@ -72,6 +59,8 @@ __all__ = ["EventHandler", "FederatedRhizomeDB", "FederationLink", "LinkStatus"]
 
 log = logging.getLogger(__name__)
 
+#: Bytes per ``receive``: all an asyncio transport reads at once, as each costs a turn.
+_RECEIVE_SIZE = 4 * READ_SIZE
 #: Seconds a TLS handshake may take.
 TLS_HANDSHAKE_TIMEOUT = 60.0
 #: How early a deadline may fire (asyncio's ``call_at`` goes by the clock's resolution).
@@ -81,8 +70,7 @@ _HANDSHAKE_FAILED = (*_BROKEN, anyio.EndOfStream, SSLError, TimeoutError)
 
 
 def _cause(exc: BaseException) -> BaseException:
-    """anyio wraps transport errors (``BrokenResourceError``, ``OSError("All connection attempts
-    failed")``); the original says why."""
+    """anyio wraps transport errors; the original says why."""
     return exc.__cause__ if isinstance(exc.__cause__, OSError) else exc
 
 
@@ -91,18 +79,15 @@ class _Run(LinkRun):
     settled: anyio.Event
     #: the link's task: connecting, its sessions, waiting to reconnect
     scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
-    #: set when the link's task has ended
-    done: anyio.Event = field(default_factory=anyio.Event)
+    done: anyio.Event = field(default_factory=anyio.Event)  # the link's task has ended
 
 
 class _Session:
     """One live connection of a link: the core's connection and its stream."""
 
-    def __init__(self, run: _Run, conn: FederationConnection, stream: anyio.abc.ByteStream) -> None:
+    def __init__(self, run: _Run, conn: FederationConnection, stream: anyio.abc.ByteStream):
         self.run, self.conn, self.stream = run, conn, stream
-        self.woken = anyio.Event()
-        self.rearmed = anyio.Event()
-        self.armed = math.inf
+        self.woken, self.rearmed, self.armed = anyio.Event(), anyio.Event(), math.inf
         self.write_scope = anyio.CancelScope()  # gets the grace deadline once the core is done
         self.scope: anyio.CancelScope | None = None  # the session's tasks
 
@@ -146,14 +131,13 @@ class FederationLink(LinkBase):
 class FederatedRhizomeDB(DBBase[FederationLink, _Run]):
     """A RhizomeDB instance that federates over WebSocket, on asyncio or trio (anyio).
 
-    Use it as ``async with FederatedRhizomeDB(...) as db:`` (the block owns the instance's
-    task group). ``storage`` picks a new ``"memory"`` or ``"sqlite"`` store (``path`` for the
-    file) unless ``store`` is given; a store passed in is not closed by :meth:`close`.
+    Use it as ``async with FederatedRhizomeDB(...) as db:`` (the block owns its task group).
+    ``storage`` picks a new ``"memory"`` or ``"sqlite"`` store (``path`` for the file) unless
+    ``store`` is given; a store passed in is not closed by :meth:`close`.
     """
 
     def _init_runtime(self) -> None:
         self._tasks: anyio.abc.TaskGroup | None = None
-        self._entered = False
         self._handler_scopes: set[anyio.CancelScope] = set()
         self._server_scope: anyio.CancelScope | None = None
         self._commit_wanted: anyio.Event | None = None
@@ -174,8 +158,6 @@ class FederatedRhizomeDB(DBBase[FederationLink, _Run]):
     def _now(self) -> float:
         return anyio.current_time()
 
-    # ---------------------------------------------------------------- tasks
-
     def _spawn(self, func: Callable[..., Coroutine[Any, Any, Any]], *args: Any) -> None:
         """Start ``func(*args)`` in the instance's task group."""
         assert self._tasks is not None
@@ -191,9 +173,8 @@ class FederatedRhizomeDB(DBBase[FederationLink, _Run]):
             raise RuntimeError("use the instance as `async with FederatedRhizomeDB(...) as db:`")
 
     async def __aenter__(self) -> FederatedRhizomeDB:
-        if self._entered or self._closed:
+        if self._tasks is not None or self._closed:
             raise RuntimeError("this FederatedRhizomeDB was already entered")
-        self._entered = True
         self._tasks = await anyio.create_task_group().__aenter__()
         return self
 
@@ -206,11 +187,11 @@ class FederatedRhizomeDB(DBBase[FederationLink, _Run]):
         try:
             await self.close()
         finally:
+            tasks, self._tasks = self._tasks, None
             try:  # the block's own exception propagates by itself
-                if self._tasks is not None:
-                    await self._tasks.__aexit__(None, None, None)
+                if tasks is not None:
+                    await tasks.__aexit__(None, None, None)
             finally:
-                self._tasks = None
                 self._close_store()
 
     async def persist_delta(self, delta: Delta) -> bool:
@@ -224,14 +205,13 @@ class FederatedRhizomeDB(DBBase[FederationLink, _Run]):
         await anyio.lowlevel.checkpoint()
         return stored
 
-    # ---------------------------------------------------------------- events and commits
+    # ---------------------------------------------------------------- handlers and commits
 
     def _schedule(self, pending: Awaitable[Any]) -> None:
-        if not self._can_spawn():  # not entered, or already left
-            if inspect.iscoroutine(pending):
-                pending.close()
-            return
-        self._spawn(self._run_handler, pending)
+        if self._can_spawn():
+            self._spawn(self._run_handler, pending)
+        elif inspect.iscoroutine(pending):  # not entered, or already left
+            pending.close()
 
     async def _run_handler(self, pending: Awaitable[Any]) -> None:
         with anyio.CancelScope() as scope:
@@ -244,8 +224,7 @@ class FederatedRhizomeDB(DBBase[FederationLink, _Run]):
                 self._handler_scopes.discard(scope)
 
     def _commit_soon(self) -> None:
-        """Group commit: wake the committer, which runs once every task woken in this turn of
-        the loop (every reader with input) has run."""
+        """Group commit: wake the committer, which runs after every task woken in this turn."""
         if self._commit_wanted is None:
             self._commit_wanted, self._committer = anyio.Event(), anyio.CancelScope()
             self._spawn(self._commit_loop, self._committer)
@@ -274,47 +253,28 @@ class FederatedRhizomeDB(DBBase[FederationLink, _Run]):
             await anyio.aclose_forcefully(session.stream)
 
     async def _read_loop(self, session: _Session) -> None:
-        conn, stats = session.conn, session.run.node_link.stats
         try:
-            while not conn.closed:
+            while not session.conn.closed:
                 try:
-                    data = await session.stream.receive(READ_SIZE)
+                    data: bytes | None = await session.stream.receive(_RECEIVE_SIZE)
                 except anyio.EndOfStream:
-                    conn.receive_eof(anyio.current_time())
-                except _BROKEN as exc:
-                    self._fail(session, _cause(exc))
-                    return
-                else:
-                    stats.bytes_received += len(data)
-                    with contextlib.suppress(RemoteProtocolError):  # answered; close queued
-                        conn.receive_data(data, anyio.current_time())
-                self._pump(session)
+                    data = b""
+                self._received(session, data, anyio.current_time())
+        except _BROKEN as exc:
+            self._fail(session, _cause(exc))
         except Exception as exc:
             log.exception("link %s failed", session.run.id)
             self._fail(session, exc)
 
     async def _write_loop(self, session: _Session) -> None:
         """The one place that writes; ends the connection once the core is done."""
-        conn, stats = session.conn, session.run.node_link.stats
         try:
             with session.write_scope:
-                while True:
+                while not session.conn.should_close:
                     await session.woken.wait()
                     session.woken = anyio.Event()
-                    while True:
-                        data = conn.data_to_send()
-                        session.rearm()  # sending may set a deadline (the closing handshake's)
-                        if data:
-                            await session.stream.send(data)
-                            stats.bytes_sent += len(data)
-                            continue  # more may have been queued meanwhile
-                        if not self._sync_ready(session):
-                            break
-                        if self._stream_sync(session):
-                            self._commit_soon()  # a delta too large to send: say so
-                        await anyio.lowlevel.checkpoint()  # let the reader in between writes
-                    if conn.should_close:
-                        break
+                    while data := self._output(session):
+                        await session.stream.send(data)
         except _BROKEN as exc:
             self._fail(session, _cause(exc))
         except Exception as exc:
@@ -326,24 +286,16 @@ class FederatedRhizomeDB(DBBase[FederationLink, _Run]):
             await anyio.aclose_forcefully(session.stream)
 
     async def _timer_loop(self, session: _Session) -> None:
-        """Sleep until the core's deadline (or until it moves earlier), then ``handle_timer``
-        if it is due."""
+        """Sleep until the core's deadline (or until it moves earlier); run it if it is due."""
         conn = session.conn
-        try:
-            while True:
-                when = conn.get_timer()
-                session.armed = math.inf if when is None else when
-                session.rearmed = anyio.Event()
-                with anyio.CancelScope(deadline=session.armed):
-                    await session.rearmed.wait()
-                when, now = conn.get_timer(), anyio.current_time()
-                # a deadline may fire up to the clock's resolution early: then it is due
-                if when is not None and now + _CLOCK_SLACK >= when:
-                    conn.handle_timer(max(now, when))
-                    self._pump(session)
-        except Exception as exc:
-            log.exception("link %s failed", session.run.id)
-            self._fail(session, exc)
+        while True:
+            when = conn.get_timer()
+            session.armed, session.rearmed = math.inf if when is None else when, anyio.Event()
+            with anyio.CancelScope(deadline=session.armed):
+                await session.rearmed.wait()
+            when, now = conn.get_timer(), anyio.current_time()
+            if when is not None and now + _CLOCK_SLACK >= when:
+                self._received(session, None, max(now, when))
 
     # ---------------------------------------------------------------- server
 
@@ -358,27 +310,21 @@ class FederatedRhizomeDB(DBBase[FederationLink, _Run]):
         ssl: SSLContext | None = None,
     ) -> str:
         """Listen for federation links; returns ``ws://host:port/path`` (the actual port), or
-        ``wss://host:port/path`` when ``ssl`` (a server context holding the certificate) is given.
-
-        ``auto_broadcast`` (as in the seed's server config) overrides the instance's setting:
-        relay what one link brings to the others.
-        """
+        ``wss://...`` when ``ssl`` (a server context holding the certificate) is given.
+        ``auto_broadcast`` (as in the seed's server config) overrides the instance's setting."""
         self._running()
         self._start_server(auto_broadcast)
         try:
             listener = await anyio.create_tcp_listener(local_host=host, local_port=port)
         except OSError as exc:
             raise listen_error(exc, host, port) from exc
-        actual_port = listener.extra(SocketAttribute.local_port)
         self._server_scope = anyio.CancelScope()
         self._spawn(self._serve, listener, ssl, self._server_scope)
+        actual_port = listener.extra(SocketAttribute.local_port)
         return self._serving(host, actual_port, path, max_connections, ssl is not None)
 
     async def _serve(
-        self,
-        listener: MultiListener[anyio.abc.SocketStream],
-        ssl: SSLContext | None,
-        scope: anyio.CancelScope,
+        self, listener: MultiListener[Any], ssl: SSLContext | None, scope: anyio.CancelScope
     ) -> None:
         with scope:
             async with listener, anyio.create_task_group() as tasks:
@@ -391,12 +337,10 @@ class FederatedRhizomeDB(DBBase[FederationLink, _Run]):
     ) -> None:
         while True:
             try:
-                stream = await listener.accept()
+                self._spawn(self._accept, await listener.accept(), ssl)
             except OSError:
                 log.exception("accepting a connection failed")
                 await anyio.sleep(0.5)  # out of file descriptors, perhaps
-                continue
-            self._spawn(self._accept, stream, ssl)
 
     async def _accept(self, stream: anyio.abc.SocketStream, ssl: SSLContext | None) -> None:
         io: anyio.abc.ByteStream = stream
@@ -409,8 +353,7 @@ class FederatedRhizomeDB(DBBase[FederationLink, _Run]):
                     )
             made = self._incoming_link(peer)
             if made is None:
-                await _refuse(io)
-                return
+                return await _refuse(io)
             run, conn = made
             try:
                 with run.scope:
@@ -436,12 +379,10 @@ class FederatedRhizomeDB(DBBase[FederationLink, _Run]):
         wait: bool = True,
         ssl: SSLContext | None = None,
     ) -> FederationLink:
-        """Open an outgoing link to ``ws://host[:port]/path`` or ``wss://host[:port]/path``,
-        reconnecting per ``config.reconnect`` (a failed first connect is retried too).
-
-        A ``wss://`` URL connects with TLS, verifying the server's certificate for the URL's host
-        with ``ssl`` (default: :func:`ssl.create_default_context`, the system's trust store).
-        A TLS failure (such as an untrusted certificate) is a connect failure like any other.
+        """Open an outgoing link to ``ws://host[:port]/path`` or ``wss://...``, reconnecting per
+        ``config.reconnect`` (a failed first connect is retried too). ``wss://`` verifies the
+        server's certificate for the URL's host with ``ssl`` (default: the system's trust
+        store); a TLS failure is a connect failure like any other.
 
         With ``wait`` this returns once the handshake completed and raises
         :class:`ConnectionError` if the policy gives up first; without, it returns at once.
@@ -479,9 +420,9 @@ class FederatedRhizomeDB(DBBase[FederationLink, _Run]):
                         stream = await _open(host, port, ssl)
                     except (*_BROKEN, TimeoutError) as exc:
                         self._connect_failed(run, _cause(exc))
-                    else:
-                        conn = self._client_connection(run, host, port, path, headers)
-                        await self._serve_session(_Session(run, conn, stream))
+                        continue
+                    conn = self._client_connection(run, host, port, path, headers)
+                    await self._serve_session(_Session(run, conn, stream))
         except Exception as exc:
             self._crashed(run, exc)
         finally:
@@ -493,15 +434,12 @@ class FederatedRhizomeDB(DBBase[FederationLink, _Run]):
         await self._disconnect(self._run_of(link_id))
 
     async def _disconnect(self, run: _Run) -> None:
-        live = self._begin_disconnect(run)
-        if not run.done.is_set():
-            if not live:
-                run.scope.cancel()  # connecting, or waiting to reconnect
-            with anyio.move_on_after(DISCONNECT_WAIT):
-                await run.done.wait()
-            if not run.done.is_set():
-                run.scope.cancel()
-                await run.done.wait()
+        if not self._begin_disconnect(run):
+            run.scope.cancel()  # connecting, or waiting to reconnect
+        with anyio.move_on_after(DISCONNECT_WAIT):
+            await run.done.wait()
+        run.scope.cancel()
+        await run.done.wait()
         self._forget(run)
 
     # ---------------------------------------------------------------- closing
@@ -536,12 +474,14 @@ class FederatedRhizomeDB(DBBase[FederationLink, _Run]):
 async def _open(host: str, port: int, ssl: SSLContext | None) -> anyio.abc.ByteStream:
     """A TCP stream to ``host:port``; with ``ssl``, TLS checked against ``host`` before use."""
     stream = await anyio.connect_tcp(host, port)
-    if ssl is None:
-        return stream
     try:
         with anyio.fail_after(TLS_HANDSHAKE_TIMEOUT):
-            return await TLSStream.wrap(
-                stream, hostname=host, ssl_context=ssl, standard_compatible=False
+            return (
+                stream
+                if ssl is None
+                else await TLSStream.wrap(
+                    stream, hostname=host, ssl_context=ssl, standard_compatible=False
+                )
             )
     except BaseException:
         await anyio.aclose_forcefully(stream)

@@ -34,7 +34,6 @@ import logging
 import socket
 import threading
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -44,10 +43,8 @@ from rhizome_proto import (
     DEFAULT_PATH,
     Delta,
     FederationConnection,
-    FederationEvent,
     LinkConfig,
     NodeLink,
-    RemoteProtocolError,
 )
 
 from ._base import (
@@ -140,9 +137,6 @@ class FederatedRhizomeDB(DBBase[FederationLink, _Run]):
 
     def _init_runtime(self) -> None:
         self._lock = threading.Lock()
-        self._events: deque[FederationEvent] = deque()
-        self._events_lock = threading.Lock()
-        self._emitting = False
         self._listener: socket.socket | None = None
         self._server_thread: threading.Thread | None = None
 
@@ -195,36 +189,6 @@ class FederatedRhizomeDB(DBBase[FederationLink, _Run]):
             raise TypeError("the threaded adapter calls plain functions, not coroutines")
         return super().on_federation_event(handler, types)
 
-    def _commit(self) -> None:
-        """Commit under the lock, and queue the events there: handlers get them in the order
-        the node made them, from whichever thread flushes."""
-        with self._lock:
-            events = self._node.commit()
-            for event in events:
-                self._note(event)
-            self._events.extend(events)
-        self._wake_writers()
-        self._flush_events()
-
-    def _emit(self, event: FederationEvent) -> None:
-        self._events.append(event)
-        self._flush_events()
-
-    def _flush_events(self) -> None:
-        """Call the handlers for the queued events, one at a time, in order; a thread that
-        finds another one doing it leaves the events to it."""
-        while True:
-            with self._events_lock:
-                if self._emitting or not self._events:
-                    return
-                self._emitting = True
-                event = self._events.popleft()
-            try:
-                DBBase._emit(self, event)
-            finally:
-                with self._events_lock:
-                    self._emitting = False
-
     def _schedule(self, pending: Awaitable[Any]) -> None:
         log.error("a federation event handler returned an awaitable: nothing runs it here")
         if inspect.iscoroutine(pending):
@@ -253,7 +217,7 @@ class FederatedRhizomeDB(DBBase[FederationLink, _Run]):
             self._detach(session)
 
     def _read_loop(self, session: _Session) -> None:
-        conn, sock, stats = session.conn, session.sock, session.run.node_link.stats
+        conn, sock = session.conn, session.sock
         while True:
             with self._lock:
                 if conn.closed:
@@ -268,42 +232,16 @@ class FederatedRhizomeDB(DBBase[FederationLink, _Run]):
             except OSError as exc:
                 self._fail(session, exc)
                 return
-            with self._lock:
-                now = time.monotonic()
-                if data:
-                    stats.bytes_received += len(data)
-                    with contextlib.suppress(RemoteProtocolError):  # answered; close queued
-                        conn.receive_data(data, now)
-                elif data is not None and not conn.closed:
-                    conn.receive_eof(now)
-                deadline = conn.get_timer()  # due even while data keeps arriving
-                if deadline is not None and now >= deadline:
-                    conn.handle_timer(now)
-            self._pump(session)
+            self._received(session, data, time.monotonic())
 
     def _write_loop(self, session: _Session) -> None:
         """The one place that writes; shuts the socket down once the core is done."""
-        conn, stats = session.conn, session.run.node_link.stats
         try:
-            while True:
+            while not session.conn.should_close:
                 session.woken.wait()
                 session.woken.clear()
-                while True:
-                    with self._lock:
-                        data = conn.data_to_send()
-                        syncing = not data and self._sync_ready(session)
-                        done = conn.should_close
-                    if syncing:
-                        if self._stream_sync(session):
-                            self._commit()  # a delta too large to send: say so now
-                        continue
-                    if not data:
-                        break
+                while data := self._output(session):
                     session.wsock.sendall(data)
-                    with self._lock:
-                        stats.bytes_sent += len(data)
-                if done:
-                    break
         except OSError as exc:
             self._fail(session, exc)
         except Exception as exc:

@@ -270,11 +270,13 @@ class FederatedRhizomeDB(DBBase[FederationLink, _Run]):
         """The one place that writes; ends the connection once the core is done."""
         try:
             with session.write_scope:
-                while not session.conn.should_close:
+                while True:
                     await session.woken.wait()
                     session.woken = anyio.Event()
                     while data := self._output(session):
                         await session.stream.send(data)
+                    if session.conn.should_close:
+                        break
         except _BROKEN as exc:
             self._fail(session, _cause(exc))
         except Exception as exc:

@@ -237,11 +237,13 @@ class FederatedRhizomeDB(DBBase[FederationLink, _Run]):
     def _write_loop(self, session: _Session) -> None:
         """The one place that writes; shuts the socket down once the core is done."""
         try:
-            while not session.conn.should_close:
+            while True:
                 session.woken.wait()
                 session.woken.clear()
                 while data := self._output(session):
                     session.wsock.sendall(data)
+                if session.conn.should_close:
+                    break
         except OSError as exc:
             self._fail(session, exc)
         except Exception as exc:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import socket
 import ssl
 from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
@@ -25,7 +24,7 @@ from rhizome_proto import (
     ReconnectPolicy,
     create_author_trust_policy,
 )
-from tests.adapter_support import Recorder, ids
+from tests.adapter_support import Recorder, ids, reserved_port
 
 FAST_RETRY = ReconnectPolicy(initial_delay=0.02, max_delay=0.1)
 
@@ -243,51 +242,48 @@ async def test_handlers_sync_async_failing_and_send_delta(
 
 @deadline()
 async def test_give_up_503_and_usage_errors() -> None:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        closed_port = sock.getsockname()[1]
-    policy = ReconnectPolicy(max_attempts=1, initial_delay=0.01, max_delay=0.02)
-    async with FederatedRhizomeDB() as client, FederatedRhizomeDB() as server:
-        with pytest.raises(ConnectionError, match=r"gave up .* after 2 attempt"):
-            await client.connect_to_remote(
-                f"ws://127.0.0.1:{closed_port}/federation", LinkConfig(reconnect=policy)
-            )
-        assert client.get_federation_links() == []
-        url = await server.enable_server(port=0, max_connections=1)
-        with pytest.raises(RuntimeError, match="already running"):
-            await server.enable_server(port=0)
-        with pytest.raises(OSError, match="the address is in use"):
-            await client.enable_server(port=port_of(url))
-        await client.connect_to_remote(url)
-        stream = await trio.open_tcp_stream("127.0.0.1", port_of(url))
-        await stream.send_all(b"GET /federation HTTP/1.1\r\nHost: x\r\n\r\n")
-        response = b""
-        while chunk := await stream.receive_some():
-            response += chunk
-        await stream.aclose()
-        assert response.startswith(b"HTTP/1.1 503 ")
-        assert len(server.get_federation_links()) == 1
-    with pytest.raises(RuntimeError, match="closed"):
-        await client.connect_to_remote(url)
-    with pytest.raises(RuntimeError, match="async with"):
-        await FederatedRhizomeDB().enable_server(port=0)
+    with reserved_port() as closed_port:
+        policy = ReconnectPolicy(max_attempts=1, initial_delay=0.01, max_delay=0.02)
+        async with FederatedRhizomeDB() as client, FederatedRhizomeDB() as server:
+            with pytest.raises(ConnectionError, match=r"gave up .* after 2 attempt"):
+                await client.connect_to_remote(
+                    f"ws://127.0.0.1:{closed_port}/federation", LinkConfig(reconnect=policy)
+                )
+            assert client.get_federation_links() == []
+            url = await server.enable_server(port=0, max_connections=1)
+            with pytest.raises(RuntimeError, match="already running"):
+                await server.enable_server(port=0)
+            with pytest.raises(OSError, match="the address is in use"):
+                await client.enable_server(port=port_of(url))
+            await client.connect_to_remote(url)
+            stream = await trio.open_tcp_stream("127.0.0.1", port_of(url))
+            await stream.send_all(b"GET /federation HTTP/1.1\r\nHost: x\r\n\r\n")
+            response = b""
+            while chunk := await stream.receive_some():
+                response += chunk
+            await stream.aclose()
+            assert response.startswith(b"HTTP/1.1 503 ")
+            assert len(server.get_federation_links()) == 1
+        with pytest.raises(RuntimeError, match="closed"):
+            await client.connect_to_remote(url)
+        with pytest.raises(RuntimeError, match="async with"):
+            await FederatedRhizomeDB().enable_server(port=0)
 
 
 @deadline()
 async def test_cancelled_connect_leaves_nothing_behind() -> None:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        url = f"ws://127.0.0.1:{sock.getsockname()[1]}/federation"
-    slow = LinkConfig(reconnect=ReconnectPolicy(initial_delay=5, max_delay=5))
-    async with FederatedRhizomeDB() as client:
-        with trio.move_on_after(0.2):
-            await client.connect_to_remote(url, slow)
-        assert client.get_federation_links() == []
-        link = await client.connect_to_remote(url, slow, wait=False)
-        await trio.sleep(0.1)
-        with trio.fail_after(1):
-            await client.close()  # does not wait out the 5 s backoff
-        assert link.status == "disconnected"
+    with reserved_port() as port:
+        url = f"ws://127.0.0.1:{port}/federation"
+        slow = LinkConfig(reconnect=ReconnectPolicy(initial_delay=5, max_delay=5))
+        async with FederatedRhizomeDB() as client:
+            with trio.move_on_after(0.2):
+                await client.connect_to_remote(url, slow)
+            assert client.get_federation_links() == []
+            link = await client.connect_to_remote(url, slow, wait=False)
+            await trio.sleep(0.1)
+            with trio.fail_after(1):
+                await client.close()  # does not wait out the 5 s backoff
+            assert link.status == "disconnected"
 
 
 @deadline()

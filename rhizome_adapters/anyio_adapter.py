@@ -140,7 +140,8 @@ class FederatedRhizomeDB(DBBase[FederationLink, _Run]):
         self._tasks: anyio.abc.TaskGroup | None = None
         self._handler_scopes: set[anyio.CancelScope] = set()
         self._server_scope: anyio.CancelScope | None = None
-        self._commit_wanted: anyio.Event | None = None
+        self._commit_due = False  # staged input waits for a commit
+        self._commit_wanted: anyio.Event | None = None  # wakes the committer
         self._committer: anyio.CancelScope | None = None
         self._store_closed = False
 
@@ -224,18 +225,26 @@ class FederatedRhizomeDB(DBBase[FederationLink, _Run]):
                 self._handler_scopes.discard(scope)
 
     def _commit_soon(self) -> None:
-        """Group commit: wake the committer, which runs after every task woken in this turn."""
+        """Group commit: the commit is due in the next turn of the loop, once every reader
+        woken in this one has staged its input. The first to run then commits: the committer,
+        or a writer its reader woke (which then writes the acknowledgements at once)."""
+        self._commit_due = True
         if self._commit_wanted is None:
             self._commit_wanted, self._committer = anyio.Event(), anyio.CancelScope()
             self._spawn(self._commit_loop, self._committer)
         self._commit_wanted.set()
+
+    def _commit_if_due(self) -> None:
+        if self._commit_due:
+            self._commit_due = False
+            self._commit()
 
     async def _commit_loop(self, scope: anyio.CancelScope) -> None:
         with scope:
             while self._commit_wanted is not None:
                 await self._commit_wanted.wait()
                 self._commit_wanted = anyio.Event()
-                self._commit()
+                self._commit_if_due()
 
     # ---------------------------------------------------------------- a live connection
 
@@ -260,6 +269,7 @@ class FederatedRhizomeDB(DBBase[FederationLink, _Run]):
                 except anyio.EndOfStream:
                     data = b""
                 self._received(session, data, anyio.current_time())
+                session.wake()  # its writer commits, if nothing did before, and answers
         except _BROKEN as exc:
             self._fail(session, _cause(exc))
         except Exception as exc:
@@ -273,6 +283,7 @@ class FederatedRhizomeDB(DBBase[FederationLink, _Run]):
                 while True:
                     await session.woken.wait()
                     session.woken = anyio.Event()
+                    self._commit_if_due()
                     while data := self._output(session):
                         await session.stream.send(data)
                     if session.conn.should_close:
@@ -458,7 +469,7 @@ class FederatedRhizomeDB(DBBase[FederationLink, _Run]):
                 tasks.start_soon(self._disconnect, run)
         if self._committer is not None:
             self._committer.cancel()
-            self._commit()  # what the last turns staged
+            self._commit_if_due()  # what the last turn staged
         for scope in list(self._handler_scopes):
             scope.cancel()
         await self._stop_tasks()

@@ -306,7 +306,11 @@ async def test_enable_server_auto_broadcast_false_relays_nothing() -> None:
     ):
         url = await hub.enable_server(port=0, auto_broadcast=False)
         await a.connect_to_remote(url)
+        synced = Recorder(b)
         await b.connect_to_remote(url)
+        # b's initial sync is over before a's deltas reach the hub (else the sync, which may
+        # rightly carry what the hub stored, races with them)
+        await wait_until(lambda: bool(synced.of("sync:completed")))
         sent = await put(a, 2, author="a")
         await wait_until(lambda: ids(hub) == {d.id for d in sent})
         await settle()

@@ -299,6 +299,9 @@ class DBBase(abc.ABC, Generic[LinkT, RunT]):
     offer and accept (``()``: plain v1; see docs/extensions.md).
     """
 
+    #: whether a handler may be a coroutine function (run as a task of the adapter's runtime)
+    _coroutine_handlers = True
+
     def __init__(
         self,
         *,
@@ -345,6 +348,7 @@ class DBBase(abc.ABC, Generic[LinkT, RunT]):
         self._server_path = DEFAULT_PATH
         self._max_connections = 100
         self._closed = False
+        self._store_closed = False
         self._init_runtime()
 
     # ---------------------------------------------------------------- for the adapters
@@ -462,6 +466,8 @@ class DBBase(abc.ABC, Generic[LinkT, RunT]):
         ``sync:progress`` per batch): asking only for the types you use saves an event per
         delta.
         """
+        if not self._coroutine_handlers and inspect.iscoroutinefunction(handler):
+            raise TypeError("the threaded adapter calls plain functions, not coroutines")
         unsubscribe = self._handlers.subscribe(handler, types)
         self._per_delta_events()
 
@@ -819,6 +825,13 @@ class DBBase(abc.ABC, Generic[LinkT, RunT]):
     def get_federation_link(self, link_id: str) -> LinkT | None:
         run = self._runs.get(link_id)
         return None if run is None else self._view(run)
+
+    def _close_store(self) -> None:
+        """Close the store if we opened it (once)."""
+        with self._guard():
+            if self._owns_store and not self._store_closed:
+                self._store_closed = True
+                self._store.close()
 
     def _check_open(self) -> None:
         if self._closed:

@@ -30,7 +30,6 @@ import math
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
 from ssl import SSLContext, SSLError
-from types import TracebackType
 from typing import Any
 
 import anyio
@@ -143,7 +142,6 @@ class FederatedRhizomeDB(DBBase[FederationLink, _Run]):
         self._commit_due = False  # staged input waits for a commit
         self._commit_wanted: anyio.Event | None = None  # wakes the committer
         self._committer: anyio.CancelScope | None = None
-        self._store_closed = False
 
     def _log(self) -> logging.Logger:
         return log
@@ -179,12 +177,7 @@ class FederatedRhizomeDB(DBBase[FederationLink, _Run]):
         self._tasks = await anyio.create_task_group().__aenter__()
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
         try:
             await self.close()
         finally:
@@ -478,23 +471,16 @@ class FederatedRhizomeDB(DBBase[FederationLink, _Run]):
     async def _stop_tasks(self) -> None:
         """What is still running once the links ended (asyncio without ``async with``)."""
 
-    def _close_store(self) -> None:
-        if self._owns_store and not self._store_closed:
-            self._store_closed = True
-            self._store.close()
-
 
 async def _open(host: str, port: int, ssl: SSLContext | None) -> anyio.abc.ByteStream:
     """A TCP stream to ``host:port``; with ``ssl``, TLS checked against ``host`` before use."""
     stream = await anyio.connect_tcp(host, port)
     try:
         with anyio.fail_after(TLS_HANDSHAKE_TIMEOUT):
-            return (
-                stream
-                if ssl is None
-                else await TLSStream.wrap(
-                    stream, hostname=host, ssl_context=ssl, standard_compatible=False
-                )
+            if ssl is None:
+                return stream
+            return await TLSStream.wrap(
+                stream, hostname=host, ssl_context=ssl, standard_compatible=False
             )
     except BaseException:
         await anyio.aclose_forcefully(stream)

@@ -34,9 +34,8 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Iterable, Sequence
 from dataclasses import dataclass, field
-from types import TracebackType
 from typing import Any
 
 from rhizome_proto import (
@@ -132,8 +131,11 @@ class FederatedRhizomeDB(DBBase[FederationLink, _Run]):
     """A RhizomeDB instance that federates over WebSocket, for threaded code.
 
     Use it as a context manager (``close()`` on exit); the parameters are those of the asyncio
-    adapter.
+    adapter. Handlers are plain functions, called from the adapter's threads (see the module
+    documentation); a coroutine function is refused.
     """
+
+    _coroutine_handlers = False
 
     def _init_runtime(self) -> None:
         self._lock = threading.Lock()
@@ -160,12 +162,7 @@ class FederatedRhizomeDB(DBBase[FederationLink, _Run]):
     def __enter__(self) -> FederatedRhizomeDB:
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.close()
 
     def persist_delta(self, delta: Delta) -> bool:
@@ -178,16 +175,6 @@ class FederatedRhizomeDB(DBBase[FederationLink, _Run]):
         return self._persist(deltas)
 
     # ---------------------------------------------------------------- events
-
-    def on_federation_event(
-        self, handler: EventHandler, types: Iterable[str] | None = None
-    ) -> Callable[[], None]:
-        """Call ``handler(event)`` for every event (or those whose ``type`` is in ``types``),
-        from the adapter's threads (see the module documentation); returns a function that
-        unsubscribes. Exceptions are logged."""
-        if inspect.iscoroutinefunction(handler):
-            raise TypeError("the threaded adapter calls plain functions, not coroutines")
-        return super().on_federation_event(handler, types)
 
     def _schedule(self, pending: Awaitable[Any]) -> None:
         log.error("a federation event handler returned an awaitable: nothing runs it here")
@@ -410,9 +397,7 @@ class FederatedRhizomeDB(DBBase[FederationLink, _Run]):
                 self._stop(run)
             for run in runs:
                 self._end_disconnect(run)
-        if self._owns_store:
-            with self._lock:
-                self._store.close()
+        self._close_store()
 
 
 def _refuse(sock: socket.socket) -> None:

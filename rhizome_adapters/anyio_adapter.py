@@ -87,6 +87,7 @@ class _Session:
     def __init__(self, run: _Run, conn: FederationConnection, stream: anyio.abc.ByteStream):
         self.run, self.conn, self.stream = run, conn, stream
         self.woken, self.rearmed, self.armed = anyio.Event(), anyio.Event(), math.inf
+        self.idle = False  # the writer waits to be woken
         self.write_scope = anyio.CancelScope()  # gets the grace deadline once the core is done
         self.scope: anyio.CancelScope | None = None  # the session's tasks
 
@@ -140,6 +141,7 @@ class FederatedRhizomeDB(DBBase[FederationLink, _Run]):
         self._handler_scopes: set[anyio.CancelScope] = set()
         self._server_scope: anyio.CancelScope | None = None
         self._commit_due = False  # staged input waits for a commit
+        self._reading: _Session | None = None  # the reader running the pump, if one is
         self._commit_wanted: anyio.Event | None = None  # wakes the committer
         self._committer: anyio.CancelScope | None = None
 
@@ -219,9 +221,14 @@ class FederatedRhizomeDB(DBBase[FederationLink, _Run]):
 
     def _commit_soon(self) -> None:
         """Group commit: the commit is due in the next turn of the loop, once every reader
-        woken in this one has staged its input. The first to run then commits: the committer,
-        or a writer its reader woke (which then writes the acknowledgements at once)."""
+        woken in this one has staged its input. The first task to run then commits: a writer
+        its idle reader woke (which then writes the acknowledgements in that turn) or the
+        committer."""
         self._commit_due = True
+        if self._reading is None:  # else the reader hands the commit on
+            self._wake_committer()
+
+    def _wake_committer(self) -> None:
         if self._commit_wanted is None:
             self._commit_wanted, self._committer = anyio.Event(), anyio.CancelScope()
             self._spawn(self._commit_loop, self._committer)
@@ -261,8 +268,15 @@ class FederatedRhizomeDB(DBBase[FederationLink, _Run]):
                     data: bytes | None = await session.stream.receive(_RECEIVE_SIZE)
                 except anyio.EndOfStream:
                     data = b""
-                self._received(session, data, anyio.current_time())
-                session.wake()  # its writer commits, if nothing did before, and answers
+                self._reading = session
+                try:
+                    self._received(session, data, anyio.current_time())
+                finally:
+                    self._reading = None
+                if session.idle:  # its writer commits, if nothing did before, and answers
+                    session.wake()
+                else:
+                    self._wake_committer()
         except _BROKEN as exc:
             self._fail(session, _cause(exc))
         except Exception as exc:
@@ -274,8 +288,9 @@ class FederatedRhizomeDB(DBBase[FederationLink, _Run]):
         try:
             with session.write_scope:
                 while True:
+                    session.idle = True
                     await session.woken.wait()
-                    session.woken = anyio.Event()
+                    session.idle, session.woken = False, anyio.Event()
                     self._commit_if_due()
                     while data := self._output(session):
                         await session.stream.send(data)

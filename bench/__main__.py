@@ -18,7 +18,7 @@ from types import FrameType
 from bench.gen import Measure
 from bench.scenarios import SIZES, Bench, Row, scenario_rows
 
-RUNTIMES = ("asyncio", "trio", "threaded", "asyncio-native", "trio-native")
+RUNTIMES = ("asyncio", "trio", "threaded")
 COLUMNS = [
     "scenario", "server", "runtime", "store", "n", "deltas/s", "base/s", "x",
     "p50 ms", "p99 ms", "base p50", "base p99", "x p50",
@@ -93,8 +93,8 @@ def main() -> int:
         help=f"scenarios, comma-separated: {','.join(SIZES)}",
     )  # fmt: skip
     parser.add_argument(
-        "--runtime", type=lambda s: listed(s, RUNTIMES), default=list(RUNTIMES[:3]),
-        help="runtimes, comma-separated: " + ",".join(RUNTIMES),
+        "--runtime", type=lambda s: listed(s, RUNTIMES), default=list(RUNTIMES),
+        help="runtimes, comma-separated: asyncio,trio,threaded",
     )  # fmt: skip
     parser.add_argument("--repeat", type=int, default=1, help="best of K runs of each row")
     parser.add_argument(

@@ -96,10 +96,7 @@ async def push_async(
 
 
 def run_asyncio(args: argparse.Namespace) -> None:
-    if args.runtime == "asyncio-native":
-        from bench._native.aio import FederatedRhizomeDB
-    else:
-        from rhizome_adapters import FederatedRhizomeDB  # type: ignore[assignment]
+    from rhizome_adapters import FederatedRhizomeDB
 
     async def main() -> None:
         if args.role == "serve":
@@ -118,10 +115,7 @@ def run_asyncio(args: argparse.Namespace) -> None:
 def run_trio(args: argparse.Namespace) -> None:
     import trio
 
-    if args.runtime == "trio-native":
-        from bench._native.trio_adapter import FederatedRhizomeDB
-    else:
-        from rhizome_adapters.trio_adapter import FederatedRhizomeDB  # type: ignore[assignment]
+    from rhizome_adapters.trio_adapter import FederatedRhizomeDB
 
     async def main() -> None:
         if args.role == "serve":
@@ -173,18 +167,9 @@ def main() -> None:
     p.add_argument("--n", type=int, required=True)
     p.add_argument("--timeout", type=float, default=60.0)
     for p in sub.choices.values():
-        p.add_argument("--runtime", choices=RUNNERS, required=True)
+        p.add_argument("--runtime", choices=["asyncio", "trio", "threaded"], required=True)
     args = parser.parse_args()
-    RUNNERS[args.runtime](args)
-
-
-RUNNERS = {
-    "asyncio": run_asyncio,
-    "asyncio-native": run_asyncio,
-    "trio": run_trio,
-    "trio-native": run_trio,
-    "threaded": run_threaded,
-}
+    {"asyncio": run_asyncio, "trio": run_trio, "threaded": run_threaded}[args.runtime](args)
 
 
 if __name__ == "__main__":

@@ -65,29 +65,18 @@ SIZES: dict[str, Size] = {
 def targets(scenario: str, runtimes: list[str]) -> list[Target]:
     """The rows of a scenario: the CLI is the asyncio runtime; the lib server runs every
     runtime on memory, and trio and threads on SQLite too (asyncio's SQLite is the CLI's)."""
-    cli = [
-        Target("cli", rt, s)
-        for rt in runtimes
-        if rt.startswith("asyncio")
-        for s in ("memory", "sqlite")
-    ]
+    cli = (
+        [Target("cli", "asyncio", s) for s in ("memory", "sqlite")] if "asyncio" in runtimes else []
+    )
     lib_mem = [Target("lib", rt, "memory") for rt in runtimes]
-    lib_sql = [Target("lib", rt, "sqlite") for rt in runtimes if not rt.startswith("asyncio")]
+    lib_sql = [Target("lib", rt, "sqlite") for rt in runtimes if rt != "asyncio"]
     return {
         "live-v1": cli + lib_mem + lib_sql,
         "rtt": cli + lib_mem + lib_sql,
-        "sync-serve": [t for t in cli if t.store == "sqlite"] + lib_mem + lib_sql,
+        "sync-serve": cli[1:] + lib_mem + lib_sql,  # `rhizome serve --memory` starts empty
         "sync-client": cli,
         "live-batch": lib_mem + [Target("lib", rt, "sqlite") for rt in runtimes],
     }[scenario]
-
-
-def cli_argv(runtime: str, *args: str) -> list[str]:
-    """The ``rhizome`` command, or on ``asyncio-native`` the same command on the frozen native
-    asyncio adapter."""
-    if runtime == "asyncio-native":
-        return python("bench._native.cli", *args)
-    return rhizome(*args)
 
 
 class Bench:
@@ -136,7 +125,7 @@ class Bench:
             argv = python("bench._raw", "server", "--mode", mode, "--n", str(n))
             argv += ["--timeout", str(self.timeout)]
         elif t.server == "cli":
-            argv = cli_argv(t.runtime, "serve", "--port", "0", "--system-id", "bench-server")
+            argv = rhizome("serve", "--port", "0", "--system-id", "bench-server")
             argv += db or ["--memory"]
         else:
             argv = python("bench._server", "serve", "--runtime", t.runtime, "--store", t.store)
@@ -186,7 +175,7 @@ class Bench:
             argv = python("bench._raw", "client", "URL", "--n", str(n))
         else:
             store = ["--memory"] if t.store == "memory" else ["--db", str(self.fresh("c.sqlite"))]
-            argv = cli_argv(t.runtime, "connect", "URL", "--once", "--max-attempts", "1", *store)
+            argv = rhizome("connect", "URL", "--once", "--max-attempts", "1", *store)
         with self.server(RAW, "sync", n) as (server, url):
             argv[argv.index("URL")] = url
             with Proc(argv, self.log(f"client-{t.server}")) as client:

@@ -15,7 +15,7 @@ read or written or while user code runs. Each live connection has two threads:
 * the writer is the only thread that writes (on its own ``dup()`` of the socket, whose
   timeout is the instance's ``ping_timeout``): woken after anything that may have queued
   output, it takes ``data_to_send()`` under the lock and ``sendall``\\ s it outside it, and
-  streams the initial sync one batch at a time. A reader that never waits for writes is what
+  streams the initial sync several batches per write. A reader that never waits for writes is what
   keeps two peers streaming to each other from deadlocking.
 
 Event handlers are called from the adapter's threads (a connection's reader or writer, a link's

@@ -1,14 +1,20 @@
-"""What the three adapters (asyncio, trio, threads) share that has nothing to do with their runtime.
+"""What the adapters (anyio for asyncio and trio, threads) share that has nothing to do with their
+runtime.
 
-:class:`DBBase` holds an instance's state and bookkeeping: the store it opened, the
-:class:`~rhizome_proto.FederationNode`, the event-handler registry, the link views and their
-status as the node's events report it, the local delta API and the reconnect schedule.
-:class:`LinkBase` is the link view. Each adapter subclasses both and adds only what its runtime
-decides: sockets, tasks or threads, waking writers, running the core's timer, scheduling
-coroutine handlers, and the ``async`` (or blocking) surface of the API.
+:class:`DBBase` holds an instance's state and every decision an adapter would otherwise make:
+the store it opened, the :class:`~rhizome_proto.FederationNode`, the event handlers, the links
+(one :class:`LinkRun` each: status, live connection, handshakes, failure), the pump after every
+input, group commit, streaming an initial sync, transport failures, the reconnect schedule
+(:meth:`DBBase._attempts`), disconnecting, refusing a connection over the limit.
+:class:`LinkBase` is the link view users hold; it reads its :class:`LinkRun` and acts through
+the callables the instance put there.
 
-Everything a subclass must supply is an abstract method below; the threaded adapter also
-overrides :meth:`DBBase._guard` (its lock around the node) and ``_emit``.
+An adapter subclasses both and adds only what its runtime decides: sockets, tasks or threads,
+waking writers, the core's timer, running coroutine handlers, and the ``async`` (or blocking)
+surface of the API. It talks to the base through the methods below (its own, by inheritance)
+and to a live connection through :class:`Session`; it reads no private attribute of another
+object. The abstract methods are what it must supply; the threaded adapter also overrides
+:meth:`DBBase._guard` (its lock around the node).
 """
 
 from __future__ import annotations
@@ -16,12 +22,16 @@ from __future__ import annotations
 import abc
 import contextlib
 import errno
+import functools
 import inspect
 import logging
 import random
+import threading
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from ssl import SSLContext, create_default_context
 from typing import Any, Generic, Literal, Protocol, TypeAlias, TypeVar
 from urllib.parse import urlsplit
@@ -40,6 +50,7 @@ from rhizome_proto import (
     LinkStats,
     NodeLink,
     Pointer,
+    RemoteProtocolError,
     Role,
     TrustPolicy,
 )
@@ -56,8 +67,10 @@ __all__ = [
     "EventHandler",
     "EventHandlers",
     "LinkBase",
+    "LinkRun",
     "LinkStatus",
-    "LiveConnection",
+    "Session",
+    "head_read",
     "host_port",
     "listen_error",
     "parse_url",
@@ -101,6 +114,12 @@ def parse_url(url: str) -> tuple[str, int, str, bool]:
 
 def host_port(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def head_read(head: bytes) -> bool:
+    """Whether ``head`` holds a whole HTTP request head (or as much as is read of one before a
+    connection over the limit is answered with :data:`REFUSAL`)."""
+    return b"\r\n\r\n" in head or len(head) >= READ_SIZE
 
 
 def listen_error(exc: OSError, host: str, port: int) -> OSError:
@@ -159,25 +178,59 @@ class EventHandlers:
 
 
 class _Settable(Protocol):
-    """``asyncio.Event``, ``trio.Event`` or ``threading.Event``: set once a link settled."""
+    """``anyio.Event`` or ``threading.Event``: set once a link settled."""
 
     def set(self) -> None: ...
 
 
-class LiveConnection(Protocol):
-    """A live connection of a link, as each adapter keeps it (its ``_Session``)."""
+class Session(Protocol):
+    """A live connection of a link, as each adapter keeps it."""
 
     @property
     def conn(self) -> FederationConnection: ...
 
     @property
-    def link(self) -> LinkBase: ...
+    def run(self) -> LinkRun: ...
+
+    def wake(self) -> None:
+        """Something may have been queued: let the writer look."""
 
     def rearm(self) -> None:
         """The core's deadline may have moved: wake up for the new one."""
 
     def closing(self) -> None:
         """The core is done: the transport must end within the grace, flushed or not."""
+
+
+def _no_action(*args: Any) -> Any:
+    raise RuntimeError("the link is not registered with an instance")
+
+
+@dataclass(eq=False)
+class LinkRun:
+    """What an instance keeps of one link beside the node's :class:`~rhizome_proto.NodeLink`;
+    adapters subclass it to add their own handles (a cancel scope, a thread)."""
+
+    node_link: NodeLink
+    #: set at the first handshake, or when the link ended without one
+    settled: _Settable
+    state: LinkStatus = "connecting"
+    session: Session | None = None
+    #: ``disconnect``/``close`` was asked: end, do not reconnect
+    stopping: bool = False
+    handshakes: int = 0
+    #: the first transport failure since the last handshake, if any
+    failure: str | None = None
+    #: the link view users hold (a :class:`LinkBase`), set by the instance
+    view: Any = None
+    #: the link view's actions, bound by the instance: pause(paused), send(delta), disconnect()
+    pause: Callable[[bool], None] = _no_action
+    send: Callable[[Delta], None] = _no_action
+    disconnect: Callable[[], Any] = _no_action
+
+    @property
+    def id(self) -> str:
+        return self.node_link.id
 
 
 class LinkBase:
@@ -188,82 +241,53 @@ class LinkBase:
     ``"disconnected"`` (ended) or ``"failed"`` (the reconnect policy gave up).
     """
 
-    def __init__(self, db: DBBase[Any], node_link: NodeLink, settled: _Settable) -> None:
-        self._db = db
-        self._node_link = node_link
-        self._state: LinkStatus = "connecting"
-        self._session: LiveConnection | None = None
-        self._stopping = False
-        self._handshakes = 0
-        self._settled = settled  # first handshake, or the link ended without one
-        #: the first transport failure since the last handshake, if any
-        self.failure: str | None = None
+    def __init__(self, run: LinkRun) -> None:
+        self._run = run
 
     @property
     def id(self) -> str:
-        return self._node_link.id
+        return self._run.id
 
     @property
     def outgoing(self) -> bool:
-        return self._node_link.outgoing
+        return self._run.node_link.outgoing
 
     @property
     def remote_system_id(self) -> str | None:
-        return self._node_link.remote_system_id
+        return self._run.node_link.remote_system_id
 
     @property
     def remote_url(self) -> str | None:
-        return self._node_link.remote_url
+        return self._run.node_link.remote_url
 
     @property
     def config(self) -> LinkConfig:
-        return self._node_link.config
+        return self._run.node_link.config
 
     @property
     def stats(self) -> LinkStats:
         """The node's counters; the adapter counts ``bytes_sent`` / ``bytes_received``."""
-        return self._node_link.stats
+        return self._run.node_link.stats
+
+    @property
+    def failure(self) -> str | None:
+        """The first transport failure since the last handshake, or why the link failed."""
+        return self._run.failure
 
     @property
     def status(self) -> LinkStatus:
-        if self._state == "connected" and self._node_link.paused:
-            return "paused"
-        return self._state
-
-    def _pause(self, paused: bool) -> None:
-        """``pause()`` / ``resume()``: on the open connection, and for every later one."""
-        with self._db._guard():
-            session = self._session
-            if session is None or not session.conn.is_open:
-                raise ConnectionError(self._describe())
-            (self._db._node.pause if paused else self._db._node.resume)(self.id)
-        self._db._wake_writers()
-
-    def _send_delta(self, delta: Delta) -> None:
-        """``send_delta()``: on this link only (kept in the link's outbox while it is down)."""
-        if self._state in ("disconnected", "failed"):
-            raise ConnectionError(self._describe())
-        with self._db._guard():
-            self._db._node.send_delta(self.id, delta)
-        self._db._wake_writers()
-
-    def _sync_ready(self, conn: FederationConnection) -> bool:
-        """``conn`` is the link's live connection and the node has a batch to stream on it."""
-        node_link = self._node_link
-        return node_link.conn is conn and node_link.sync_ready
-
-    def _describe(self) -> str:
-        failure = f": {self.failure}" if self.failure else ""
-        return f"link {self.id} to {self.remote_url} is {self.status}{failure}"
+        run = self._run
+        return "paused" if run.state == "connected" and run.node_link.paused else run.state
 
     def __repr__(self) -> str:
         return f"<FederationLink {self.id} {self.remote_url} {self.status}>"
 
 
 LinkT = TypeVar("LinkT", bound=LinkBase)
+RunT = TypeVar("RunT", bound=LinkRun)
 
 
-class DBBase(abc.ABC, Generic[LinkT]):
+class DBBase(abc.ABC, Generic[LinkT, RunT]):
     """The runtime-independent half of ``FederatedRhizomeDB``.
 
     ``storage`` picks a new ``"memory"`` or ``"sqlite"`` store (``path`` for the file) unless
@@ -274,6 +298,9 @@ class DBBase(abc.ABC, Generic[LinkT]):
     ``max_message_size`` bytes closes its connection; ``extensions`` are those of ours to
     offer and accept (``()``: plain v1; see docs/extensions.md).
     """
+
+    #: whether a handler may be a coroutine function (run as a task of the adapter's runtime)
+    _coroutine_handlers = True
 
     def __init__(
         self,
@@ -310,13 +337,18 @@ class DBBase(abc.ABC, Generic[LinkT]):
         self._ping_interval = ping_interval
         self._ping_timeout = ping_timeout
         self._max_message_size = max_message_size
-        self._links: dict[str, LinkT] = {}
+        self._runs: dict[str, RunT] = {}
+        self._sessions: set[Session] = set()
         self._logger = self._log()
         self._handlers = EventHandlers(self._logger)
+        self._events: deque[FederationEvent] = deque()
+        self._events_lock = threading.Lock()
+        self._emitting = False
         self._server_url: str | None = None
         self._server_path = DEFAULT_PATH
         self._max_connections = 100
         self._closed = False
+        self._store_closed = False
         self._init_runtime()
 
     # ---------------------------------------------------------------- for the adapters
@@ -330,11 +362,13 @@ class DBBase(abc.ABC, Generic[LinkT]):
         ...
 
     @abc.abstractmethod
-    def _new_link(self, node_link: NodeLink) -> LinkT: ...
+    def _new_run(self, node_link: NodeLink) -> RunT:
+        """The adapter's record of a new link (its ``disconnect`` bound to the instance)."""
+        ...
 
     @abc.abstractmethod
-    def _wake_writers(self) -> None:
-        """Something may have been queued on any connection: let every writer look."""
+    def _new_link(self, run: RunT) -> LinkT:
+        """The link view over ``run``."""
         ...
 
     @abc.abstractmethod
@@ -432,6 +466,8 @@ class DBBase(abc.ABC, Generic[LinkT]):
         ``sync:progress`` per batch): asking only for the types you use saves an event per
         delta.
         """
+        if not self._coroutine_handlers and inspect.iscoroutinefunction(handler):
+            raise TypeError("the threaded adapter calls plain functions, not coroutines")
         unsubscribe = self._handlers.subscribe(handler, types)
         self._per_delta_events()
 
@@ -446,38 +482,74 @@ class DBBase(abc.ABC, Generic[LinkT]):
         self._node.report_received = self._handlers.wants("delta:received")
         self._node.report_sent = self._handlers.wants("delta:sent")
 
-    def _emit(self, event: FederationEvent) -> None:
-        for pending in self._handlers.call(event):
-            self._schedule(pending)
+    def _emit(self, *events: FederationEvent) -> None:
+        """Hand ``events`` to the handlers after those queued before them: one at a time, in
+        order; an event made while a handler runs (on this thread or another) waits its turn,
+        handled by whichever thread is handing them out."""
+        self._events.extend(events)
+        while True:
+            with self._events_lock:
+                if self._emitting or not self._events:
+                    return
+                self._emitting = True
+                event = self._events.popleft()
+            try:
+                for pending in self._handlers.call(event):
+                    self._schedule(pending)
+            finally:
+                with self._events_lock:
+                    self._emitting = False
 
     def _note(self, event: FederationEvent) -> None:
         """A link's status as the node's events tell it."""
-        link = self._links.get(event.link_id)
-        if link is not None and event.type == "link:connected":
-            link._state, link.failure = "connected", None
-            link._handshakes += 1
-            link._settled.set()
-        elif link is not None and event.type == "link:disconnected":
-            ending = link._stopping or not link.outgoing
-            link._state = "disconnected" if ending else "reconnecting"
-
-    def _dispatch(self, events: Iterable[FederationEvent]) -> None:
-        for event in events:
-            self._note(event)
-            self._emit(event)
+        run = self._runs.get(event.link_id)
+        if run is not None and event.type == "link:connected":
+            run.state, run.failure = "connected", None
+            run.handshakes += 1
+            run.settled.set()
+        elif run is not None and event.type == "link:disconnected":
+            ending = run.stopping or not run.node_link.outgoing
+            run.state = "disconnected" if ending else "reconnecting"
 
     # ---------------------------------------------------------------- the pump
 
-    def _pump(self, session: LiveConnection) -> None:
+    def _attach(self, session: Session) -> None:
+        """A new live connection of its link: attached to the node, started, pumped (closed at
+        once if the link was disconnected while it was being opened)."""
+        conn, run = session.conn, session.run
+        with self._guard():
+            self._node.attach(run.id, conn)
+            run.session = session
+            self._sessions.add(session)
+            conn.start(self._now())
+            if run.stopping:
+                conn.close(now=self._now())
+        self._pump(session)
+
+    def _detach(self, session: Session) -> None:
+        """The live connection has ended (the core is told, if it was cut short)."""
+        with self._guard():
+            lost = not session.conn.closed
+            if lost:
+                session.conn.connection_lost(self._now(), "connection task cancelled")
+        if lost:
+            self._pump(session)
+        with self._guard():
+            self._sessions.discard(session)
+            session.run.session = None
+
+    def _pump(self, session: Session) -> None:
         """After any input on ``session``: its events staged in the node, its timer re-armed,
         and a commit asked for (:meth:`_commit_soon`), which stores what every link staged,
         acknowledges it, wakes the writers and hands the events to the handlers."""
-        conn, link = session.conn, session.link
+        conn, run = session.conn, session.run
         with self._guard():
-            node_link = self._node.link(link.id)
+            node_link = self._node.link(run.id)
             if node_link is not None and node_link.conn is conn:  # else a stale connection
-                self._node.stage(link.id)
-            closed = conn.closed
+                self._node.stage(run.id)
+            closed, output = conn.closed, conn.outbound_size > 0
+        if output:  # answers that need no commit (a pong, a sync request) go out at once
+            session.wake()
         session.rearm()
         if closed:
             session.closing()
@@ -485,70 +557,154 @@ class DBBase(abc.ABC, Generic[LinkT]):
 
     def _commit_soon(self) -> None:
         """Commit once every connection with input ready has been pumped (group commit). This
-        commits at once; the asyncio adapter waits for the end of the loop's cycle."""
+        commits at once; the anyio adapter commits once per turn of its event loop."""
         self._commit()
-
-    def _stream_sync(self, link: LinkBase, conn: FederationConnection) -> None:
-        """The next batches of the link's sync (or push catch-up), until ``SYNC_BUFFER`` bytes
-        wait to be written or none is ready: one write carries several batches."""
-        self._node.sync_step(link.id)
-        while conn.outbound_size < SYNC_BUFFER and link._sync_ready(conn):
-            self._node.sync_step(link.id)
-
-    def _sync_step(self, link: LinkBase, conn: FederationConnection) -> None:
-        """:meth:`_stream_sync`; the events it made (a delta too large to send) are
-        dispatched with the next commit."""
-        self._stream_sync(link, conn)
-        if self._node.has_events:
-            self._commit_soon()
 
     def _commit(self) -> None:
         """Store what the links staged (one transaction), acknowledge it, wake the writers and
-        dispatch the events."""
-        events = self._node.commit()
+        dispatch the events. If storing fails, nothing staged was acknowledged: every
+        connection is dropped and the peers send it again."""
+        try:
+            with self._guard():  # the events are noted and queued in the node's order
+                events = self._node.commit()
+                for event in events:
+                    self._note(event)
+                self._events.extend(events)
+        except Exception as exc:
+            self._logger.exception("storing received deltas failed; closing every connection")
+            for session in list(self._sessions):
+                self._fail(session, exc)
+            return
         self._wake_writers()
-        self._dispatch(events)
+        self._emit()
 
-    def _fail(self, session: LiveConnection, exc: BaseException) -> None:
+    def _wake_writers(self) -> None:
+        """Something may have been queued on any connection: let every writer look."""
+        for session in list(self._sessions):
+            session.wake()
+
+    def _received(self, session: Session, data: bytes | None, now: float) -> None:
+        """What a read returned (``b""``: end of stream; ``None``: nothing, the time has come)
+        goes to the core, the timer runs if it is due, then the pump."""
+        conn = session.conn
+        with self._guard():
+            if data:
+                session.run.node_link.stats.bytes_received += len(data)
+                with contextlib.suppress(RemoteProtocolError):  # answered; close queued
+                    conn.receive_data(data, now)
+            elif data is not None and not conn.closed:
+                conn.receive_eof(now)
+            deadline = conn.get_timer()  # due even while data keeps arriving
+            if deadline is not None and now >= deadline:
+                conn.handle_timer(now)
+        self._pump(session)
+
+    def _output(self, session: Session) -> bytes:
+        """The next bytes the writer must write (counted as sent), streaming the link's initial
+        sync when nothing else waits; ``b""``: nothing now."""
+        while True:
+            with self._guard():
+                data = session.conn.data_to_send()
+                session.rearm()  # sending may set a deadline (the closing handshake's)
+                syncing = not data and self._sync_ready(session)
+                if data:
+                    session.run.node_link.stats.bytes_sent += len(data)
+            if not syncing:
+                return data
+            if self._stream_sync(session):
+                self._commit_soon()  # a delta too large to send: say so
+
+    def _sync_ready(self, session: Session) -> bool:
+        """``session`` is its link's live connection and the node has a batch to stream on it."""
+        node_link = session.run.node_link
+        return node_link.conn is session.conn and node_link.sync_ready
+
+    def _stream_sync(self, session: Session) -> bool:
+        """The next batches of the link's sync (or push catch-up), until ``SYNC_BUFFER`` bytes
+        wait to be written or none is ready: one write carries several batches. Returns whether
+        it made events (a delta too large to send), to be dispatched by a commit."""
+        with self._guard():
+            conn, link_id = session.conn, session.run.id
+            self._node.sync_step(link_id)
+            while conn.outbound_size < SYNC_BUFFER and self._sync_ready(session):
+                self._node.sync_step(link_id)
+            return self._node.has_events
+
+    def _fail(self, session: Session, exc: BaseException) -> None:
         """A transport failure: report it (``link:error``); the core sees the connection lost."""
         with self._guard():
             closed = session.conn.closed
         if not closed:  # else the core knows; make sure its last events were handled
             reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-            self._transport_error(session.link, reason)
+            self._transport_error(session.run, reason)
             with self._guard():
                 session.conn.connection_lost(self._now(), reason)
         self._pump(session)
 
-    def _transport_error(self, link: LinkBase, reason: str) -> None:
-        link.failure = link.failure or reason
-        self._emit(FederationEvent(type=EventType.LINK_ERROR, link_id=link.id, reason=reason))
+    def _transport_error(self, run: LinkRun, reason: str) -> None:
+        run.failure = run.failure or reason
+        self._emit(FederationEvent(type=EventType.LINK_ERROR, link_id=run.id, reason=reason))
 
-    def _retry_delay(self, link: LinkBase, attempt: int) -> float | None:
-        """Seconds before retry ``attempt`` of an outgoing link, or ``None``: the policy gave up
-        (the link is ``failed``, ``link:error`` says why)."""
-        delay = link.config.reconnect.delay(attempt, random.random())
-        if delay is None:
-            reason = f"gave up on {link.remote_url} after {attempt} attempt(s)"
-            first = f"; first failure: {link.failure}" if link.failure else ""
-            link._state, link.failure = "failed", reason + first
-            self._emit(
-                FederationEvent(type=EventType.LINK_ERROR, link_id=link.id, reason=link.failure)
-            )
-        return delay
+    # ---------------------------------------------------------------- outgoing links
 
-    def _settled_link(self, link: LinkT, url: str) -> LinkT:
+    def _attempts(self, run: LinkRun) -> Iterator[float | None]:
+        """The reconnect schedule of an outgoing link, decided here only: yields ``None`` for
+        "connect once now and run the session until it ends" (``link:connecting`` was
+        emitted), then the seconds to wait before the next try; ends when the link is stopping
+        or the policy gave up (the link is then ``failed``, ``link:error`` says why)."""
+        attempt = 0  # failed attempts since the last handshake
+        while not run.stopping:
+            self._emit(FederationEvent(type=EventType.LINK_CONNECTING, link_id=run.id))
+            handshakes = run.handshakes
+            yield None
+            if run.handshakes > handshakes:
+                attempt = 0
+            if run.stopping:
+                return
+            attempt += 1
+            delay = run.node_link.config.reconnect.delay(attempt, random.random())
+            if delay is None:
+                reason = f"gave up on {run.node_link.remote_url} after {attempt} attempt(s)"
+                first = f"; first failure: {run.failure}" if run.failure else ""
+                run.state, run.failure = "failed", reason + first
+                self._emit(
+                    FederationEvent(type=EventType.LINK_ERROR, link_id=run.id, reason=run.failure)
+                )
+                return
+            yield delay
+
+    def _connect_failed(self, run: LinkRun, exc: BaseException) -> None:
+        """An attempt of an outgoing link could not open its transport."""
+        self._transport_error(run, f"cannot connect to {run.node_link.remote_url}: {exc}")
+
+    def _crashed(self, run: LinkRun, exc: Exception) -> None:
+        """An outgoing link's loop failed unexpectedly (a bug): it is ``failed``."""
+        self._logger.exception("link %s failed", run.id)
+        run.state, run.failure = "failed", f"{type(exc).__name__}: {exc}"
+
+    def _settled_link(self, run: RunT, url: str) -> LinkT:
         """``connect_to_remote(wait=True)`` once the link settled: the link if it connected,
         else it is forgotten and :class:`ConnectionError` says why."""
-        if link._handshakes == 0:
-            self._forget(link)
-            raise ConnectionError(link.failure or f"could not connect to {url}")
-        return link
+        if run.handshakes == 0:
+            self._forget(run)
+            raise ConnectionError(run.failure or f"could not connect to {url}")
+        return self._view(run)
 
-    def _crashed(self, link: LinkBase, exc: Exception) -> None:
-        """An outgoing link's loop failed unexpectedly (a bug): it is ``failed``."""
-        self._logger.exception("link %s failed", link.id)
-        link._state, link.failure = "failed", f"{type(exc).__name__}: {exc}"
+    def _view(self, run: RunT) -> LinkT:
+        view: LinkT = run.view
+        return view
+
+    def _begin_disconnect(self, run: LinkRun) -> bool:
+        """``disconnect``: the link stops (no more reconnecting) and its live connection, if
+        any, starts the close handshake. Returns whether it has a live connection to wait for."""
+        run.stopping = True
+        with self._guard():
+            session = run.session
+            if session is None or session.conn.closed:
+                return session is not None
+            session.conn.close(now=self._now())
+        self._pump(session)
+        return True
 
     # ---------------------------------------------------------------- links
 
@@ -565,11 +721,11 @@ class DBBase(abc.ABC, Generic[LinkT]):
         )
 
     def _client_connection(
-        self, link: LinkT, host: str, port: int, path: str, headers: Sequence[tuple[str, str]]
+        self, run: LinkRun, host: str, port: int, path: str, headers: Sequence[tuple[str, str]]
     ) -> FederationConnection:
         return self._new_connection(
             Role.CLIENT,
-            config=link.config.to_wire(),
+            config=run.node_link.config.to_wire(),
             host=host_port(host, port),
             path=path,
             extra_headers=headers,
@@ -577,29 +733,53 @@ class DBBase(abc.ABC, Generic[LinkT]):
 
     def _add_link(
         self, config: LinkConfig | None, *, outgoing: bool, remote_url: str | None
-    ) -> LinkT:
+    ) -> RunT:
         with self._guard():
             node_link = self._node.add_link(
                 str(uuid.uuid4()), config, outgoing=outgoing, remote_url=remote_url
             )
-            link = self._new_link(node_link)
-            self._links[link.id] = link
-        return link
+            run = self._new_run(node_link)
+            run.pause = functools.partial(self._pause_link, run)
+            run.send = functools.partial(self._send_on_link, run)
+            run.view = self._new_link(run)
+            self._runs[run.id] = run
+        return run
 
-    def _incoming_link(self, peer: object) -> tuple[LinkT, FederationConnection] | None:
+    def _pause_link(self, run: LinkRun, paused: bool) -> None:
+        """``pause()`` / ``resume()``: on the open connection, and for every later one."""
+        with self._guard():
+            session = run.session
+            if session is None or not session.conn.is_open:
+                raise ConnectionError(self._describe(run))
+            (self._node.pause if paused else self._node.resume)(run.id)
+        self._wake_writers()
+
+    def _send_on_link(self, run: LinkRun, delta: Delta) -> None:
+        """``send_delta()``: on this link only (kept in the link's outbox while it is down)."""
+        if run.state in ("disconnected", "failed"):
+            raise ConnectionError(self._describe(run))
+        with self._guard():
+            self._node.send_delta(run.id, delta)
+        self._wake_writers()
+
+    def _describe(self, run: LinkRun) -> str:
+        failure = f": {run.failure}" if run.failure else ""
+        return f"link {run.id} to {run.node_link.remote_url} is {run.state}{failure}"
+
+    def _incoming_link(self, peer: object) -> tuple[RunT, FederationConnection] | None:
         """A link and server connection for a new incoming connection from ``peer`` (a socket
         address), or ``None`` when it must be refused (closed, or ``max_connections``)."""
-        incoming = sum(1 for link in list(self._links.values()) if not link.outgoing)
+        incoming = sum(1 for run in list(self._runs.values()) if not run.node_link.outgoing)
         if self._closed or incoming >= self._max_connections:
             return None
         remote = host_port(str(peer[0]), peer[1]) if isinstance(peer, tuple) else None
-        link = self._add_link(None, outgoing=False, remote_url=remote)
-        conn = self._new_connection(Role.SERVER, link_id=link.id, path=self._server_path)
-        return link, conn
+        run = self._add_link(None, outgoing=False, remote_url=remote)
+        conn = self._new_connection(Role.SERVER, link_id=run.id, path=self._server_path)
+        return run, conn
 
     def _outgoing_link(
         self, url: str, config: LinkConfig | None, ssl: SSLContext | None
-    ) -> tuple[LinkT, str, int, str, SSLContext | None]:
+    ) -> tuple[RunT, str, int, str, SSLContext | None]:
         """``connect_to_remote``'s checks, then the new link, the URL's host, port and path and
         the TLS context to use (``ssl``, or the system's trust store, for ``wss://``)."""
         self._check_open()
@@ -607,8 +787,8 @@ class DBBase(abc.ABC, Generic[LinkT]):
         if ssl is not None and not secure:
             raise ValueError(f"an ssl context needs a wss:// URL, not {url!r}")
         context = (ssl or create_default_context()) if secure else None
-        link = self._add_link(config or LinkConfig(), outgoing=True, remote_url=url)
-        return link, host, port, path, context
+        run = self._add_link(config or LinkConfig(), outgoing=True, remote_url=url)
+        return run, host, port, path, context
 
     def _start_server(self, auto_broadcast: bool | None) -> None:
         """``enable_server``'s checks and its ``auto_broadcast`` (which overrides the instance's
@@ -627,25 +807,33 @@ class DBBase(abc.ABC, Generic[LinkT]):
         self._server_url = f"{'wss' if secure else 'ws'}://{host_port(host, port)}{path}"
         return self._server_url
 
-    def _forget(self, link: LinkT) -> None:
+    def _forget(self, run: LinkRun) -> None:
         with self._guard():
-            self._node.remove_link(link.id)
-            self._links.pop(link.id, None)
-        if link._state != "failed":
-            link._state = "disconnected"
-        link._settled.set()
+            self._node.remove_link(run.id)
+            self._runs.pop(run.id, None)
+        if run.state != "failed":
+            run.state = "disconnected"
+        run.settled.set()
 
-    def _link(self, link_id: str) -> LinkT:
-        link = self._links.get(link_id)
-        if link is None:
+    def _run_of(self, link_id: str) -> RunT:
+        run = self._runs.get(link_id)
+        if run is None:
             raise KeyError(f"no link {link_id!r}")
-        return link
+        return run
 
     def get_federation_links(self) -> list[LinkT]:
-        return list(self._links.values())
+        return [self._view(run) for run in list(self._runs.values())]
 
     def get_federation_link(self, link_id: str) -> LinkT | None:
-        return self._links.get(link_id)
+        run = self._runs.get(link_id)
+        return None if run is None else self._view(run)
+
+    def _close_store(self) -> None:
+        """Close the store if we opened it (once)."""
+        with self._guard():
+            if self._owns_store and not self._store_closed:
+                self._store_closed = True
+                self._store.close()
 
     def _check_open(self) -> None:
         if self._closed:

@@ -15,7 +15,7 @@ read or written or while user code runs. Each live connection has two threads:
 * the writer is the only thread that writes (on its own ``dup()`` of the socket, whose
   timeout is the instance's ``ping_timeout``): woken after anything that may have queued
   output, it takes ``data_to_send()`` under the lock and ``sendall``\\ s it outside it, and
-  streams the initial sync one batch at a time. A reader that never waits for writes is what
+  streams the initial sync several batches per write. A reader that never waits for writes is what
   keeps two peers streaming to each other from deadlocking.
 
 Event handlers are called from the adapter's threads (a connection's reader or writer, a link's
@@ -34,20 +34,16 @@ import logging
 import socket
 import threading
 import time
-from collections import deque
-from collections.abc import Awaitable, Callable, Iterable, Sequence
-from types import TracebackType
+from collections.abc import Awaitable, Iterable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from rhizome_proto import (
     DEFAULT_PATH,
     Delta,
-    EventType,
     FederationConnection,
-    FederationEvent,
     LinkConfig,
     NodeLink,
-    RemoteProtocolError,
 )
 
 from ._base import (
@@ -58,7 +54,9 @@ from ._base import (
     DBBase,
     EventHandler,
     LinkBase,
+    LinkRun,
     LinkStatus,
+    head_read,
     listen_error,
     parse_url,
 )
@@ -75,111 +73,28 @@ _CONNECT_TIMEOUT = 10.0
 _ACCEPT_POLL = 0.5
 
 
+@dataclass(eq=False)
+class _Run(LinkRun):
+    settled: threading.Event
+    #: the link's thread: connecting, reading, waiting to retry
+    thread: threading.Thread | None = None
+    #: ends the wait before a retry
+    wakeup: threading.Event = field(default_factory=threading.Event)
+
+
 class _Session:
     """One live connection of a link: the core's connection, its socket and two threads."""
 
     def __init__(
-        self,
-        db: FederatedRhizomeDB,
-        link: FederationLink,
-        conn: FederationConnection,
-        sock: socket.socket,
+        self, run: _Run, conn: FederationConnection, sock: socket.socket, write_timeout: float
     ) -> None:
-        self.db, self.link, self.conn, self.sock = db, link, conn, sock
+        self.run, self.conn, self.sock = run, conn, sock
         self.wsock = sock.dup()  # the writer's: a timeout of its own
-        self.wsock.settimeout(db._ping_timeout)
-        self.wake = threading.Event()
-        self.writer = threading.Thread(target=self._write_loop, daemon=True, name="rhizome-w")
+        self.wsock.settimeout(write_timeout)
+        self.woken = threading.Event()
 
-    def run(self) -> None:
-        """Attach the connection to the link and serve it until it is closed."""
-        db, link, conn = self.db, self.link, self.conn
-        with db._lock:
-            db._node.attach(link.id, conn)
-            link._session = self
-            db._sessions.add(self)
-            conn.start(time.monotonic())
-            if link._stopping:  # disconnected while this connection was being opened
-                conn.close(now=time.monotonic())
-        self.writer.start()
-        db._pump(self)
-        try:
-            self._read_loop()
-        except Exception as exc:
-            log.exception("link %s failed", link.id)
-            db._fail(self, exc)
-        finally:
-            self.wake.set()
-            self.writer.join(CLOSE_GRACE)
-            self.abort()  # the writer is stuck in sendall: end it
-            self.writer.join(CLOSE_GRACE)
-            self.wsock.close()
-            with db._lock:
-                db._sessions.discard(self)
-                link._session = None
-
-    def _read_loop(self) -> None:
-        db, conn, link = self.db, self.conn, self.link
-        while True:
-            with db._lock:
-                if conn.closed:
-                    return
-                deadline = conn.get_timer()
-            wait = _MAX_WAIT if deadline is None else deadline - time.monotonic()
-            self.sock.settimeout(min(max(wait, 0.001), _MAX_WAIT))
-            try:
-                data: bytes | None = self.sock.recv(READ_SIZE)
-            except TimeoutError:
-                data = None
-            except OSError as exc:
-                db._fail(self, exc)
-                return
-            with db._lock:
-                now = time.monotonic()
-                if data:
-                    link.stats.bytes_received += len(data)
-                    with contextlib.suppress(RemoteProtocolError):  # answered; close queued
-                        conn.receive_data(data, now)
-                elif data is not None and not conn.closed:
-                    conn.receive_eof(now)
-                deadline = conn.get_timer()  # due even while data keeps arriving
-                if deadline is not None and now >= deadline:
-                    conn.handle_timer(now)
-            db._pump(self)
-
-    def _write_loop(self) -> None:
-        """The one place that writes; shuts the socket down once the core is done."""
-        db, conn, link = self.db, self.conn, self.link
-        try:
-            while True:
-                self.wake.wait()
-                self.wake.clear()
-                while True:
-                    stepped = reported = False
-                    with db._lock:
-                        data = conn.data_to_send()
-                        if not data and link._sync_ready(conn):
-                            db._stream_sync(link, conn)
-                            stepped, reported = True, db._node.has_events
-                        done = conn.should_close
-                    if reported:  # a delta too large to send: say so now
-                        db._commit()
-                    if stepped:
-                        continue
-                    if not data:
-                        break
-                    self.wsock.sendall(data)
-                    with db._lock:
-                        link.stats.bytes_sent += len(data)
-                if done:
-                    break
-        except OSError as exc:
-            db._fail(self, exc)
-        except Exception as exc:
-            log.exception("link %s failed while writing", link.id)
-            db._fail(self, exc)
-        finally:
-            self.abort()  # ends the reader's recv too
+    def wake(self) -> None:
+        self.woken.set()
 
     def abort(self) -> None:
         with contextlib.suppress(OSError):
@@ -189,58 +104,54 @@ class _Session:
         """The reader looks at the deadline before every ``recv``."""
 
     def closing(self) -> None:
-        self.wake.set()
+        self.woken.set()
 
 
 class FederationLink(LinkBase):
     __doc__ = LinkBase.__doc__
-    _settled: threading.Event
-    _session: _Session | None
-
-    def __init__(self, db: FederatedRhizomeDB, node_link: NodeLink) -> None:
-        super().__init__(db, node_link, threading.Event())
-        self._owner = db
-        self._thread: threading.Thread | None = None  # connecting, reading, waiting to retry
-        self._wakeup = threading.Event()  # ends the wait before a retry
 
     def pause(self) -> None:
         """Ask the peer to send no live deltas until :meth:`resume` (also after reconnects)."""
-        self._pause(True)
+        self._run.pause(True)
 
     def resume(self) -> None:
         """Let the peer send again."""
-        self._pause(False)
+        self._run.pause(False)
 
     def disconnect(self) -> None:
         """Close the link with the close handshake (an outgoing link stops reconnecting)."""
-        self._owner._disconnect(self)
+        self._run.disconnect()
 
     def send_delta(self, delta: Delta) -> None:
         """Send one delta on this link only (kept in the link's outbox while it is down)."""
-        self._send_delta(delta)
+        self._run.send(delta)
 
 
-class FederatedRhizomeDB(DBBase[FederationLink]):
+class FederatedRhizomeDB(DBBase[FederationLink, _Run]):
     """A RhizomeDB instance that federates over WebSocket, for threaded code.
 
     Use it as a context manager (``close()`` on exit); the parameters are those of the asyncio
-    adapter.
+    adapter. Handlers are plain functions, called from the adapter's threads (see the module
+    documentation); a coroutine function is refused.
     """
+
+    _coroutine_handlers = False
 
     def _init_runtime(self) -> None:
         self._lock = threading.Lock()
-        self._sessions: set[_Session] = set()
-        self._events: deque[FederationEvent] = deque()
-        self._events_lock = threading.Lock()
-        self._emitting = False
         self._listener: socket.socket | None = None
         self._server_thread: threading.Thread | None = None
 
     def _log(self) -> logging.Logger:
         return log
 
-    def _new_link(self, node_link: NodeLink) -> FederationLink:
-        return FederationLink(self, node_link)
+    def _new_run(self, node_link: NodeLink) -> _Run:
+        run = _Run(node_link, threading.Event())
+        run.disconnect = lambda: self._disconnect(run)
+        return run
+
+    def _new_link(self, run: _Run) -> FederationLink:
+        return FederationLink(run)
 
     def _now(self) -> float:
         return time.monotonic()
@@ -248,19 +159,10 @@ class FederatedRhizomeDB(DBBase[FederationLink]):
     def _guard(self) -> contextlib.AbstractContextManager[object]:
         return self._lock
 
-    def _wake_writers(self) -> None:
-        for session in list(self._sessions):
-            session.wake.set()
-
     def __enter__(self) -> FederatedRhizomeDB:
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.close()
 
     def persist_delta(self, delta: Delta) -> bool:
@@ -274,50 +176,68 @@ class FederatedRhizomeDB(DBBase[FederationLink]):
 
     # ---------------------------------------------------------------- events
 
-    def on_federation_event(
-        self, handler: EventHandler, types: Iterable[str] | None = None
-    ) -> Callable[[], None]:
-        """Call ``handler(event)`` for every event (or those whose ``type`` is in ``types``),
-        from the adapter's threads (see the module documentation); returns a function that
-        unsubscribes. Exceptions are logged."""
-        if inspect.iscoroutinefunction(handler):
-            raise TypeError("the threaded adapter calls plain functions, not coroutines")
-        return super().on_federation_event(handler, types)
-
-    def _commit(self) -> None:
-        """Commit under the lock, and queue the events there: handlers get them in the order
-        the node made them, from whichever thread flushes."""
-        with self._lock:
-            events = self._node.commit()
-            for event in events:
-                self._note(event)
-            self._events.extend(events)
-        self._wake_writers()
-        self._flush_events()
-
-    def _emit(self, event: FederationEvent) -> None:
-        self._events.append(event)
-        self._flush_events()
-
-    def _flush_events(self) -> None:
-        """Call the handlers for the queued events, one at a time, in order; a thread that
-        finds another one doing it leaves the events to it."""
-        while True:
-            with self._events_lock:
-                if self._emitting or not self._events:
-                    return
-                self._emitting = True
-                event = self._events.popleft()
-            try:
-                DBBase._emit(self, event)
-            finally:
-                with self._events_lock:
-                    self._emitting = False
-
     def _schedule(self, pending: Awaitable[Any]) -> None:
         log.error("a federation event handler returned an awaitable: nothing runs it here")
         if inspect.iscoroutine(pending):
             pending.close()
+
+    # ---------------------------------------------------------------- a live connection
+
+    def _serve_session(self, session: _Session) -> None:
+        """Attach the connection to its link and serve it until it is closed."""
+        writer = threading.Thread(
+            target=self._write_loop, args=(session,), daemon=True, name="rhizome-w"
+        )
+        self._attach(session)
+        writer.start()
+        try:
+            self._read_loop(session)
+        except Exception as exc:
+            log.exception("link %s failed", session.run.id)
+            self._fail(session, exc)
+        finally:
+            session.wake()
+            writer.join(CLOSE_GRACE)
+            session.abort()  # the writer is stuck in sendall: end it
+            writer.join(CLOSE_GRACE)
+            session.wsock.close()
+            self._detach(session)
+
+    def _read_loop(self, session: _Session) -> None:
+        conn, sock = session.conn, session.sock
+        while True:
+            with self._lock:
+                if conn.closed:
+                    return
+                deadline = conn.get_timer()
+            wait = _MAX_WAIT if deadline is None else deadline - time.monotonic()
+            sock.settimeout(min(max(wait, 0.001), _MAX_WAIT))
+            try:
+                data: bytes | None = sock.recv(READ_SIZE)
+            except TimeoutError:
+                data = None
+            except OSError as exc:
+                self._fail(session, exc)
+                return
+            self._received(session, data, time.monotonic())
+
+    def _write_loop(self, session: _Session) -> None:
+        """The one place that writes; shuts the socket down once the core is done."""
+        try:
+            while True:
+                session.woken.wait()
+                session.woken.clear()
+                while data := self._output(session):
+                    session.wsock.sendall(data)
+                if session.conn.should_close:
+                    break
+        except OSError as exc:
+            self._fail(session, exc)
+        except Exception as exc:
+            log.exception("link %s failed while writing", session.run.id)
+            self._fail(session, exc)
+        finally:
+            session.abort()  # ends the reader's recv too
 
     # ---------------------------------------------------------------- server
 
@@ -370,12 +290,12 @@ class FederatedRhizomeDB(DBBase[FederationLink]):
                 if made is None:
                     _refuse(sock)
                     return
-                link, conn = made
-                link._thread = threading.current_thread()
+                run, conn = made
+                run.thread = threading.current_thread()
                 try:
-                    _Session(self, link, conn, sock).run()
+                    self._serve_session(_Session(run, conn, sock, self._ping_timeout))
                 finally:
-                    self._forget(link)
+                    self._forget(run)
             except Exception:
                 log.exception("incoming connection failed")
 
@@ -399,84 +319,64 @@ class FederatedRhizomeDB(DBBase[FederationLink]):
         """
         if parse_url(url)[3]:
             raise ValueError(f"{url!r}: the threaded adapter has no TLS; use asyncio or trio")
-        link, host, port, path, _ = self._outgoing_link(url, config, None)
-        link._thread = threading.Thread(
+        run, host, port, path, _ = self._outgoing_link(url, config, None)
+        run.thread = threading.Thread(
             target=self._run_outgoing,
-            args=(link, host, port, path, headers),
+            args=(run, host, port, path, headers),
             daemon=True,
             name="rhizome-link",
         )
-        link._thread.start()
+        run.thread.start()
         if not wait:
-            return link
-        if not link._settled.wait(timeout):
-            self._disconnect(link)
+            return self._view(run)
+        if not run.settled.wait(timeout):
+            self._disconnect(run)
             raise TimeoutError(f"no handshake with {url} within {timeout} s")
-        return self._settled_link(link, url)
+        return self._settled_link(run, url)
 
     def _run_outgoing(
-        self,
-        link: FederationLink,
-        host: str,
-        port: int,
-        path: str,
-        headers: Sequence[tuple[str, str]],
+        self, run: _Run, host: str, port: int, path: str, headers: Sequence[tuple[str, str]]
     ) -> None:
         """Connect, run the session, wait per the reconnect policy, repeat until stopped."""
-        attempt = 0  # failed attempts since the last handshake
         try:
-            while not link._stopping:
-                self._emit(FederationEvent(type=EventType.LINK_CONNECTING, link_id=link.id))
+            for wait in self._attempts(run):
+                if wait is not None:
+                    run.wakeup.wait(wait)
+                    continue
                 try:
                     sock = socket.create_connection((host, port), timeout=_CONNECT_TIMEOUT)
                 except OSError as exc:
-                    self._transport_error(link, f"cannot connect to {link.remote_url}: {exc}")
-                else:
-                    with sock:
-                        handshakes = link._handshakes
-                        conn = self._client_connection(link, host, port, path, headers)
-                        _Session(self, link, conn, sock).run()
-                    if link._handshakes > handshakes:
-                        attempt = 0
-                if link._stopping:
-                    return
-                attempt += 1
-                delay = self._retry_delay(link, attempt)
-                if delay is None:
-                    return
-                link._wakeup.wait(delay)
+                    self._connect_failed(run, exc)
+                    continue
+                with sock:
+                    conn = self._client_connection(run, host, port, path, headers)
+                    self._serve_session(_Session(run, conn, sock, self._ping_timeout))
         except Exception as exc:
-            self._crashed(link, exc)
+            self._crashed(run, exc)
         finally:
-            link._settled.set()
+            run.settled.set()
 
     def disconnect_from_remote(self, link_id: str) -> None:
         """Close a link (outgoing or incoming) with the close handshake and forget it."""
-        self._disconnect(self._link(link_id))
+        self._disconnect(self._run_of(link_id))
 
-    def _disconnect(self, link: FederationLink) -> None:
-        self._begin_disconnect(link)
-        self._end_disconnect(link)
+    def _disconnect(self, run: _Run) -> None:
+        self._stop(run)
+        self._end_disconnect(run)
 
-    def _begin_disconnect(self, link: FederationLink) -> None:
-        link._stopping = True
-        link._wakeup.set()
-        with self._lock:
-            session = link._session
-            if session is None or session.conn.closed:
-                return
-            session.conn.close(now=self._now())
-        self._pump(session)
+    def _stop(self, run: _Run) -> None:
+        run.wakeup.set()
+        self._begin_disconnect(run)
 
-    def _end_disconnect(self, link: FederationLink) -> None:
-        thread = link._thread
+    def _end_disconnect(self, run: _Run) -> None:
+        thread = run.thread
         if thread is not None and thread is not threading.current_thread():
             thread.join(DISCONNECT_WAIT)
-            session = link._session
-            if thread.is_alive() and session is not None:
+            session = run.session
+            if thread.is_alive() and isinstance(session, _Session):
                 session.abort()
                 thread.join(CLOSE_GRACE)
-        self._forget(link)
+        self._forget(run)
 
     # ---------------------------------------------------------------- closing
 
@@ -492,14 +392,12 @@ class FederatedRhizomeDB(DBBase[FederationLink]):
                 self._listener.shutdown(socket.SHUT_RDWR)  # wakes accept() where it can
         if self._server_thread is not None:
             self._server_thread.join(_ACCEPT_POLL + CLOSE_GRACE)
-        while links := list(self._links.values()):  # again if one was accepted meanwhile
-            for link in links:
-                self._begin_disconnect(link)
-            for link in links:
-                self._end_disconnect(link)
-        if self._owns_store:
-            with self._lock:
-                self._store.close()
+        while runs := list(self._runs.values()):  # again if one was accepted meanwhile
+            for run in runs:
+                self._stop(run)
+            for run in runs:
+                self._end_disconnect(run)
+        self._close_store()
 
 
 def _refuse(sock: socket.socket) -> None:
@@ -508,7 +406,7 @@ def _refuse(sock: socket.socket) -> None:
     sock.settimeout(2.0)
     with contextlib.suppress(OSError):
         head = b""
-        while b"\r\n\r\n" not in head and len(head) < READ_SIZE:
+        while not head_read(head):
             chunk = sock.recv(READ_SIZE)
             if not chunk:
                 return

@@ -3,8 +3,9 @@ adapter tests alike (any instance with ``on_federation_event`` and ``scan_deltas
 
 from __future__ import annotations
 
+import contextlib
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
 from rhizome_proto import Delta, FederationEvent
@@ -32,9 +33,13 @@ def ids(db: Instance) -> set[str]:
     return {d.id for d in db.scan_deltas()}
 
 
-def free_port() -> int:
-    """A port nothing listens on (bound, then closed)."""
+@contextlib.contextmanager
+def reserved_port() -> Iterator[int]:
+    """A port of 127.0.0.1 held for the block, bound but not listening: a connection to it is
+    refused and no other program can take it, while a server of ours (``SO_REUSEADDR``, as
+    asyncio, anyio and :func:`socket.create_server` set it) may still listen on it."""
     with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
-    return port
+        yield port

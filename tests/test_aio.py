@@ -1,16 +1,18 @@
-"""The asyncio adapter over real sockets on 127.0.0.1 (port 0), every test under a deadline."""
+"""The async adapter over real sockets on 127.0.0.1 (port 0), every test on asyncio and on trio
+(the asyncio and the trio adapter users import) under a deadline."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 
-from rhizome_adapters.aio import FederatedRhizomeDB
+from rhizome_adapters import aio
+from rhizome_adapters.anyio_adapter import FederatedRhizomeDB
 from rhizome_adapters.storage import SQLiteStore
 from rhizome_proto import (
     SYNC_CURSOR_KEY,
@@ -28,15 +30,15 @@ from rhizome_proto import (
     create_custom_trust_policy,
     create_system_trust_policy,
 )
-from tests.adapter_support import Recorder, free_port, ids
-from tests.aio_support import deadline, wait_until
+from tests.adapter_support import Recorder, ids, reserved_port
+from tests.aio_support import deadline, instance, wait_until
 
 FAST_RETRY = ReconnectPolicy(initial_delay=0.02, max_delay=0.1)
 
 
 async def settle(seconds: float = 0.2) -> None:
     """Time for anything that should not arrive to arrive anyway."""
-    await asyncio.sleep(seconds)
+    await anyio.sleep(seconds)
 
 
 @contextlib.asynccontextmanager
@@ -44,8 +46,8 @@ async def pair(
     **server_kwargs: Any,
 ) -> AsyncIterator[tuple[FederatedRhizomeDB, FederatedRhizomeDB, str]]:
     async with (
-        FederatedRhizomeDB(system_id="server", **server_kwargs) as server,
-        FederatedRhizomeDB(system_id="client") as client,
+        instance(system_id="server", **server_kwargs) as server,
+        instance(system_id="client") as client,
     ):
         url = await server.enable_server(port=0)
         yield server, client, url
@@ -68,7 +70,7 @@ async def put(
 
 @deadline()
 async def test_create_persist_get_scan() -> None:
-    async with FederatedRhizomeDB(system_id="me") as db:
+    async with instance(system_id="me") as db:
         delta = db.create_delta(
             "alice",
             [
@@ -95,7 +97,7 @@ async def test_create_persist_get_scan() -> None:
 
 @deadline()
 async def test_bad_urls_and_busy_port() -> None:
-    async with FederatedRhizomeDB() as a, FederatedRhizomeDB() as b:
+    async with instance() as a, instance() as b:
         for url in ("http://x/federation", "ws:///nohost", "wss:///nohost"):
             with pytest.raises(ValueError):
                 await a.connect_to_remote(url)
@@ -258,11 +260,10 @@ async def test_trust_policy_of_a_client_link_during_sync() -> None:
 @deadline()
 async def test_hub_and_spoke_converges() -> None:
     async with contextlib.AsyncExitStack() as stack:
-        hub = await stack.enter_async_context(FederatedRhizomeDB(system_id="hub"))
+        hub = await stack.enter_async_context(instance(system_id="hub"))
         url = await hub.enable_server(port=0)
         spokes = [
-            await stack.enter_async_context(FederatedRhizomeDB(system_id=f"spoke{i}"))
-            for i in range(3)
+            await stack.enter_async_context(instance(system_id=f"spoke{i}")) for i in range(3)
         ]
         for spoke in spokes:
             await spoke.connect_to_remote(url)
@@ -276,7 +277,7 @@ async def test_hub_and_spoke_converges() -> None:
 
 @deadline()
 async def test_two_hubs_linked_both_ways_do_not_loop() -> None:
-    async with FederatedRhizomeDB(system_id="a") as a, FederatedRhizomeDB(system_id="b") as b:
+    async with instance(system_id="a") as a, instance(system_id="b") as b:
         url_a, url_b = await a.enable_server(port=0), await b.enable_server(port=0)
         await a.connect_to_remote(url_b)
         await b.connect_to_remote(url_a)
@@ -299,13 +300,17 @@ async def test_two_hubs_linked_both_ways_do_not_loop() -> None:
 @deadline()
 async def test_enable_server_auto_broadcast_false_relays_nothing() -> None:
     async with (
-        FederatedRhizomeDB(system_id="hub") as hub,
-        FederatedRhizomeDB(system_id="a") as a,
-        FederatedRhizomeDB(system_id="b") as b,
+        instance(system_id="hub") as hub,
+        instance(system_id="a") as a,
+        instance(system_id="b") as b,
     ):
         url = await hub.enable_server(port=0, auto_broadcast=False)
         await a.connect_to_remote(url)
+        synced = Recorder(b)
         await b.connect_to_remote(url)
+        # b's initial sync is over before a's deltas reach the hub (else the sync, which may
+        # rightly carry what the hub stored, races with them)
+        await wait_until(lambda: bool(synced.of("sync:completed")))
         sent = await put(a, 2, author="a")
         await wait_until(lambda: ids(hub) == {d.id for d in sent})
         await settle()
@@ -316,8 +321,8 @@ async def test_enable_server_auto_broadcast_false_relays_nothing() -> None:
 @deadline()
 async def test_extensions_are_the_instances_choice(extensions: tuple[str, ...]) -> None:
     async with (
-        FederatedRhizomeDB(system_id="server") as server,
-        FederatedRhizomeDB(system_id="client", extensions=extensions) as client,
+        instance(system_id="server") as server,
+        instance(system_id="client", extensions=extensions) as client,
     ):
         url = await server.enable_server(port=0)
         sent = await put(server, 3)
@@ -359,7 +364,7 @@ async def test_events_handlers_sync_async_failing_and_unsubscribe(
             raise RuntimeError("handler bug")
 
         async def slow(event: FederationEvent) -> None:
-            await asyncio.sleep(0)
+            await anyio.sleep(0)
             later.append(event.type)
 
         client.on_federation_event(broken)
@@ -398,11 +403,11 @@ async def test_send_delta_on_one_link_and_disconnect() -> None:
 async def test_pings_keep_a_quiet_link_alive() -> None:
     async with (
         pair(ping_interval=0.05, ping_timeout=0.25) as (server, _, url),
-        FederatedRhizomeDB(ping_interval=0.05, ping_timeout=0.25) as client,
+        instance(ping_interval=0.05, ping_timeout=0.25) as client,
     ):
         link = await client.connect_to_remote(url, LinkConfig(initial_sync="none"))
         received = link.stats.bytes_received
-        await asyncio.sleep(0.6)
+        await anyio.sleep(0.6)
         assert link.status == "connected" and len(server.get_federation_links()) == 1
         assert link.stats.bytes_received > received  # the server's pings and pongs
 
@@ -414,9 +419,9 @@ async def test_pings_keep_a_quiet_link_alive() -> None:
 async def test_reconnect_after_server_restart_loses_nothing(tmp_path: Path) -> None:
     path = str(tmp_path / "server.db")
     config = LinkConfig(reconnect=FAST_RETRY)
-    async with FederatedRhizomeDB(system_id="client") as client:
+    async with instance(system_id="client") as client:
         events = Recorder(client)
-        async with FederatedRhizomeDB(system_id="server", storage="sqlite", path=path) as server:
+        async with instance(system_id="server", storage="sqlite", path=path) as server:
             url = await server.enable_server(port=0)
             before = await put(server, 3, author="s")
             link = await client.connect_to_remote(url, config)
@@ -432,7 +437,7 @@ async def test_reconnect_after_server_restart_loses_nothing(tmp_path: Path) -> N
             ]
             store.put_many(offline)
         port = int(url.rsplit(":", 1)[1].split("/")[0])
-        async with FederatedRhizomeDB(system_id="server", storage="sqlite", path=path) as server:
+        async with instance(system_id="server", storage="sqlite", path=path) as server:
             assert await server.enable_server(port=port) == url
             everything = {d.id for d in before + early + last_words + while_down + offline}
             await wait_until(lambda: ids(server) == everything and ids(client) == everything)
@@ -445,11 +450,9 @@ async def test_a_restarted_client_offers_what_it_stored_while_down(tmp_path: Pat
     """The client's outbox is memory; after a restart the push catch-up (a cursor kept in
     the client's SQLite file) offers the server what it never acknowledged."""
     client_path = str(tmp_path / "client.db")
-    async with FederatedRhizomeDB(system_id="server") as server:
+    async with instance(system_id="server") as server:
         url = await server.enable_server(port=0)
-        async with FederatedRhizomeDB(
-            system_id="client", storage="sqlite", path=client_path
-        ) as client:
+        async with instance(system_id="client", storage="sqlite", path=client_path) as client:
             await client.connect_to_remote(url, LinkConfig(reconnect=FAST_RETRY))
             first = await put(client, 2, author="c")
             await wait_until(lambda: ids(server) >= {d.id for d in first})
@@ -460,9 +463,7 @@ async def test_a_restarted_client_offers_what_it_stored_while_down(tmp_path: Pat
                 for i in range(3)
             ]
             store.put_many(offline)
-        async with FederatedRhizomeDB(
-            system_id="client", storage="sqlite", path=client_path
-        ) as client:
+        async with instance(system_id="client", storage="sqlite", path=client_path) as client:
             await client.connect_to_remote(url, LinkConfig(reconnect=FAST_RETRY))
             everything = {d.id for d in first + offline}
             await wait_until(lambda: ids(server) == everything)
@@ -470,27 +471,37 @@ async def test_a_restarted_client_offers_what_it_stored_while_down(tmp_path: Pat
 
 @deadline()
 async def test_first_connect_is_retried_until_the_server_appears() -> None:
-    port = free_port()
-    url = f"ws://127.0.0.1:{port}/federation"
-    async with FederatedRhizomeDB(system_id="client") as client:
-        events = Recorder(client)
-        connecting = asyncio.create_task(
-            client.connect_to_remote(url, LinkConfig(reconnect=FAST_RETRY))
-        )
-        await wait_until(lambda: len(events.of("link:error")) >= 2)
-        (pending,) = client.get_federation_links()
-        assert pending.status == "connecting" and not connecting.done()
-        async with FederatedRhizomeDB(system_id="server") as server:
-            await server.enable_server(port=port)
-            link = await connecting
-            assert link is pending and link.status == "connected"
+    connected: list[Any] = []
+    with reserved_port() as port:
+        url = f"ws://127.0.0.1:{port}/federation"
+        async with instance(system_id="client") as client, anyio.create_task_group() as tasks:
+            events = Recorder(client)
+
+            async def connect() -> None:
+                connected.append(
+                    await client.connect_to_remote(url, LinkConfig(reconnect=FAST_RETRY))
+                )
+
+            tasks.start_soon(connect)
+            await wait_until(lambda: len(events.of("link:error")) >= 2)
+            (pending,) = client.get_federation_links()
+            assert pending.status == "connecting" and not connected
+            async with instance(system_id="server") as server:
+                await server.enable_server(port=port)
+                await wait_until(lambda: bool(connected))
+                (link,) = connected
+                assert link is pending and link.status == "connected"
 
 
 @deadline()
 async def test_give_up_raises_connection_error() -> None:
-    url = f"ws://127.0.0.1:{free_port()}/federation"
     policy = ReconnectPolicy(max_attempts=2, initial_delay=0.01, max_delay=0.02)
-    async with FederatedRhizomeDB() as client:
+    with reserved_port() as port:
+        await give_up(f"ws://127.0.0.1:{port}/federation", policy)
+
+
+async def give_up(url: str, policy: ReconnectPolicy) -> None:
+    async with instance() as client:
         events = Recorder(client)
         with pytest.raises(ConnectionError, match=r"gave up .* after 3 attempt"):
             await client.connect_to_remote(url, LinkConfig(reconnect=policy))
@@ -504,18 +515,24 @@ async def test_give_up_raises_connection_error() -> None:
 
 @deadline()
 async def test_cancelled_connect_and_close_while_reconnecting_leave_nothing_behind() -> None:
-    url = f"ws://127.0.0.1:{free_port()}/federation"
+    """On asyncio without ``async with`` (it needs none), on trio inside it."""
     slow = LinkConfig(reconnect=ReconnectPolicy(initial_delay=5, max_delay=5))
-    client = FederatedRhizomeDB()
-    with pytest.raises(TimeoutError):
-        await asyncio.wait_for(client.connect_to_remote(url, slow), 0.2)
-    assert client.get_federation_links() == []
-    link = await client.connect_to_remote(url, slow, wait=False)
-    await asyncio.sleep(0.1)
-    await asyncio.wait_for(client.close(), 1)  # does not wait out the 5 s backoff
-    assert link.status == "disconnected"
-    with pytest.raises(RuntimeError, match="closed"):
-        await client.connect_to_remote(url)
+    with reserved_port() as port:
+        url = f"ws://127.0.0.1:{port}/federation"
+        client = instance()
+        async with contextlib.AsyncExitStack() as stack:
+            if not isinstance(client, aio.FederatedRhizomeDB):
+                await stack.enter_async_context(client)
+            with pytest.raises(TimeoutError), anyio.fail_after(0.2):
+                await client.connect_to_remote(url, slow)
+            assert client.get_federation_links() == []
+            link = await client.connect_to_remote(url, slow, wait=False)
+            await anyio.sleep(0.1)
+            with anyio.fail_after(1):
+                await client.close()  # does not wait out the 5 s backoff
+            assert link.status == "disconnected"
+            with pytest.raises(RuntimeError, match="closed"):
+                await client.connect_to_remote(url)
 
 
 # ---------------------------------------------------------------- volume and HTTP
@@ -538,17 +555,18 @@ async def test_large_sync_arrives_complete_and_in_order() -> None:
 
 async def raw_request(url: str, request: bytes) -> bytes:
     host, port = url.removeprefix("ws://").split("/")[0].split(":")
-    reader, writer = await asyncio.open_connection(host, int(port))
-    writer.write(request)
-    response = await reader.read()
-    writer.close()
-    await writer.wait_closed()
+    response = b""
+    async with await anyio.connect_tcp(host, int(port)) as stream:
+        await stream.send(request)
+        with contextlib.suppress(anyio.EndOfStream, anyio.BrokenResourceError):
+            while True:
+                response += await stream.receive()
     return response
 
 
 @deadline()
 async def test_plain_http_get_gets_426() -> None:
-    async with FederatedRhizomeDB() as server:
+    async with instance() as server:
         url = await server.enable_server(port=0)
         response = await raw_request(url, b"GET /federation HTTP/1.1\r\nHost: x\r\n\r\n")
         assert response.startswith(b"HTTP/1.1 426 ")
@@ -557,7 +575,7 @@ async def test_plain_http_get_gets_426() -> None:
 
 @deadline()
 async def test_connections_beyond_the_limit_get_503() -> None:
-    async with pair() as (_, client, _url), FederatedRhizomeDB() as server:
+    async with pair() as (_, client, _url), instance() as server:
         url = await server.enable_server(port=0, max_connections=1)
         await client.connect_to_remote(url)
         response = await raw_request(url, b"GET /federation HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -622,9 +640,7 @@ async def test_persist_deltas_stores_many_in_one_transaction_and_sends_each(
 ) -> None:
     async with (
         pair() as (server, _client, url),
-        FederatedRhizomeDB(
-            system_id="writer", storage="sqlite", path=str(tmp_path / "w.db")
-        ) as writer,
+        instance(system_id="writer", storage="sqlite", path=str(tmp_path / "w.db")) as writer,
     ):
         await writer.connect_to_remote(url, LinkConfig(mode="push", initial_sync="none"))
         made = [
@@ -640,7 +656,7 @@ async def test_persist_deltas_stores_many_in_one_transaction_and_sends_each(
 
 @deadline()
 async def test_per_delta_events_are_made_only_while_a_handler_wants_them() -> None:
-    async with FederatedRhizomeDB() as db:
+    async with instance() as db:
         node = db.node
         assert (node.report_received, node.report_sent) == (False, False)
         unsubscribe = db.on_federation_event(lambda e: None, ["link:connected"])

@@ -17,7 +17,8 @@ from websockets.exceptions import ConnectionClosed
 
 from rhizome_adapters.aio import FederatedRhizomeDB
 from rhizome_proto import DeltaFilter, LinkConfig, ReconnectPolicy
-from tests.aio_support import deadline, wait_until
+from tests.aio_support import on_asyncio as deadline
+from tests.aio_support import wait_until
 
 PROTOCOL = "rhizomedb-federation-v1"
 

@@ -25,7 +25,7 @@ from typing import IO
 import pytest
 
 from rhizome_adapters import cli
-from tests.adapter_support import free_port
+from tests.adapter_support import reserved_port
 
 CLI = [sys.executable, "-m", "rhizome_adapters.cli"]
 TIMEOUT = 30.0  # seconds, for any single command
@@ -407,8 +407,9 @@ def test_connect_once_progress_since_and_db(tmp_path: Path, spawn: Spawn) -> Non
 
 
 def test_connect_unreachable(tmp_path: Path) -> None:
-    url = f"ws://127.0.0.1:{free_port()}/federation"
-    line = fails(tmp_path, "connect", url, "--once", "--memory", "--max-attempts", "1")
+    with reserved_port() as port:
+        url = f"ws://127.0.0.1:{port}/federation"
+        line = fails(tmp_path, "connect", url, "--once", "--memory", "--max-attempts", "1")
     assert f"cannot connect to {url}" in line
 
 

@@ -26,7 +26,7 @@ from rhizome_proto import (
     ReconnectPolicy,
     create_author_trust_policy,
 )
-from tests.adapter_support import Recorder, free_port, ids
+from tests.adapter_support import Recorder, ids, reserved_port
 
 FAST_RETRY = ReconnectPolicy(initial_delay=0.02, max_delay=0.1)
 T = TypeVar("T")
@@ -272,36 +272,39 @@ def test_handlers_run_in_order_one_at_a_time_and_may_call_the_instance(
 
 @deadline()
 def test_give_up_timeout_503_and_usage_errors() -> None:
-    closed = f"ws://127.0.0.1:{free_port()}/federation"
-    once = LinkConfig(reconnect=ReconnectPolicy(max_attempts=1, initial_delay=0.01, max_delay=0.02))
-    slow = LinkConfig(reconnect=ReconnectPolicy(initial_delay=5, max_delay=5))
-    with pair() as (server, client, url), instances("other") as (other,):
-        with pytest.raises(ConnectionError, match=r"gave up .* after 2 attempt"):
-            client.connect_to_remote(closed, once)
-        started = time.monotonic()
-        with pytest.raises(TimeoutError):
-            client.connect_to_remote(closed, slow, timeout=0.2)
-        assert time.monotonic() - started < 2  # the 5 s backoff is not waited out
-        assert client.get_federation_links() == []
-        with pytest.raises(ValueError, match="no TLS"):
-            client.connect_to_remote(url.replace("ws:", "wss:"))
-        with pytest.raises(OSError, match="the address is in use"):
-            other.enable_server(port=port_of(url))
-        with pytest.raises(RuntimeError, match="already running"):
-            server.enable_server(port=0)
-        limited = other.enable_server(port=0, max_connections=1)
-        client.connect_to_remote(limited, timeout=5)
-        with socket.create_connection(("127.0.0.1", port_of(limited)), timeout=5) as sock:
-            sock.sendall(b"GET /federation HTTP/1.1\r\nHost: x\r\n\r\n")
-            response = b""
-            while chunk := sock.recv(4096):
-                response += chunk
-        assert response.startswith(b"HTTP/1.1 503 ")
-        assert len(other.get_federation_links()) == 1
-        link = client.connect_to_remote(closed, slow, wait=False)
-    assert link.status == "disconnected"  # close() did not wait out the backoff either
-    with pytest.raises(RuntimeError, match="closed"):
-        client.connect_to_remote(url)
+    with reserved_port() as port:
+        closed = f"ws://127.0.0.1:{port}/federation"
+        once = LinkConfig(
+            reconnect=ReconnectPolicy(max_attempts=1, initial_delay=0.01, max_delay=0.02)
+        )
+        slow = LinkConfig(reconnect=ReconnectPolicy(initial_delay=5, max_delay=5))
+        with pair() as (server, client, url), instances("other") as (other,):
+            with pytest.raises(ConnectionError, match=r"gave up .* after 2 attempt"):
+                client.connect_to_remote(closed, once)
+            started = time.monotonic()
+            with pytest.raises(TimeoutError):
+                client.connect_to_remote(closed, slow, timeout=0.2)
+            assert time.monotonic() - started < 2  # the 5 s backoff is not waited out
+            assert client.get_federation_links() == []
+            with pytest.raises(ValueError, match="no TLS"):
+                client.connect_to_remote(url.replace("ws:", "wss:"))
+            with pytest.raises(OSError, match="the address is in use"):
+                other.enable_server(port=port_of(url))
+            with pytest.raises(RuntimeError, match="already running"):
+                server.enable_server(port=0)
+            limited = other.enable_server(port=0, max_connections=1)
+            client.connect_to_remote(limited, timeout=5)
+            with socket.create_connection(("127.0.0.1", port_of(limited)), timeout=5) as sock:
+                sock.sendall(b"GET /federation HTTP/1.1\r\nHost: x\r\n\r\n")
+                response = b""
+                while chunk := sock.recv(4096):
+                    response += chunk
+            assert response.startswith(b"HTTP/1.1 503 ")
+            assert len(other.get_federation_links()) == 1
+            link = client.connect_to_remote(closed, slow, wait=False)
+        assert link.status == "disconnected"  # close() did not wait out the backoff either
+        with pytest.raises(RuntimeError, match="closed"):
+            client.connect_to_remote(url)
 
 
 # ---------------------------------------------------------------- across runtimes

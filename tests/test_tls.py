@@ -1,5 +1,5 @@
-"""TLS (``wss://``): the asyncio adapter and the ``rhizome`` command over real sockets on
-127.0.0.1, with a test CA and certificates made in memory by ``trustme``."""
+"""TLS (``wss://``): the async adapter (on asyncio and on trio) and the ``rhizome`` command over
+real sockets on 127.0.0.1, with a test CA and certificates made in memory by ``trustme``."""
 
 from __future__ import annotations
 
@@ -18,10 +18,11 @@ from typing import IO
 import pytest
 import trustme
 
-from rhizome_adapters.aio import FederatedRhizomeDB, _parse_url
+from rhizome_adapters.aio import _parse_url
+from rhizome_adapters.anyio_adapter import FederatedRhizomeDB
 from rhizome_proto import Delta, FederationEvent, LinkConfig, ReconnectPolicy
 from tests.adapter_support import ids
-from tests.aio_support import deadline, wait_until
+from tests.aio_support import deadline, instance, wait_until
 
 ONE_RETRY = LinkConfig(
     reconnect=ReconnectPolicy(max_attempts=1, initial_delay=0.02, max_delay=0.05)
@@ -65,7 +66,7 @@ def no_errors_logged(caplog: pytest.LogCaptureFixture) -> None:
     assert not errors, [r.getMessage() for r in errors]
 
 
-# ---------------------------------------------------------------- the asyncio adapter
+# ---------------------------------------------------------------- the async adapter
 
 
 @deadline()
@@ -73,8 +74,8 @@ async def test_sync_and_live_deltas_both_ways_over_wss(
     server_tls: ssl.SSLContext, client_tls: ssl.SSLContext, caplog: pytest.LogCaptureFixture
 ) -> None:
     async with (
-        FederatedRhizomeDB(system_id="server") as server,
-        FederatedRhizomeDB(system_id="client") as client,
+        instance(system_id="server") as server,
+        instance(system_id="client") as client,
     ):
         url = await server.enable_server(port=0, ssl=server_tls)
         assert url.startswith("wss://127.0.0.1:") and url.endswith("/federation")
@@ -101,8 +102,8 @@ async def test_untrusted_certificate_is_a_connection_error(
     other = ssl.create_default_context()
     trustme.CA().configure_trust(other)  # trusts some other CA only
     async with (
-        FederatedRhizomeDB(system_id="server") as server,
-        FederatedRhizomeDB(system_id="client") as client,
+        instance(system_id="server") as server,
+        instance(system_id="client") as client,
     ):
         url = await server.enable_server(port=0, ssl=server_tls)
         errors: list[FederationEvent] = []
@@ -125,8 +126,8 @@ async def test_certificate_must_name_the_url_host(
     elsewhere = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ca.issue_cert("example.test").configure_cert(elsewhere)
     async with (
-        FederatedRhizomeDB(system_id="server") as server,
-        FederatedRhizomeDB(system_id="client") as client,
+        instance(system_id="server") as server,
+        instance(system_id="client") as client,
     ):
         url = await server.enable_server(port=0, ssl=elsewhere)
         with pytest.raises(ConnectionError, match=r"certificate verify failed.*mismatch"):
@@ -139,8 +140,8 @@ async def test_plain_client_to_tls_server_fails_cleanly(
     server_tls: ssl.SSLContext, client_tls: ssl.SSLContext, caplog: pytest.LogCaptureFixture
 ) -> None:
     async with (
-        FederatedRhizomeDB(system_id="server") as server,
-        FederatedRhizomeDB(system_id="client") as client,
+        instance(system_id="server") as server,
+        instance(system_id="client") as client,
     ):
         url = await server.enable_server(port=0, ssl=server_tls)
         with pytest.raises(ConnectionError, match="gave up"):
@@ -156,8 +157,8 @@ async def test_tls_client_to_plain_server_fails_cleanly(
     client_tls: ssl.SSLContext, caplog: pytest.LogCaptureFixture
 ) -> None:
     async with (
-        FederatedRhizomeDB(system_id="server") as server,
-        FederatedRhizomeDB(system_id="client") as client,
+        instance(system_id="server") as server,
+        instance(system_id="client") as client,
     ):
         url = await server.enable_server(port=0)
         with pytest.raises(ConnectionError, match="SSL"):
@@ -169,7 +170,7 @@ async def test_tls_client_to_plain_server_fails_cleanly(
 
 @deadline()
 async def test_ssl_context_needs_a_wss_url(client_tls: ssl.SSLContext) -> None:
-    async with FederatedRhizomeDB() as db:
+    async with instance() as db:
         with pytest.raises(ValueError, match="needs a wss:// URL"):
             await db.connect_to_remote("ws://127.0.0.1:1/federation", ssl=client_tls)
         assert db.get_federation_links() == []

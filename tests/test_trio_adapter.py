@@ -1,23 +1,23 @@
-"""The trio adapter over real sockets on 127.0.0.1 (port 0), every test under ``trio.fail_after``;
-and a trio server with an asyncio client (run in its own thread with its own loop)."""
+"""The async adapter's instances over real sockets on 127.0.0.1 (port 0), as the trio tests had
+them, now on asyncio and on trio (each under a deadline); and a trio server with an asyncio
+client (run in its own thread with its own loop)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
-import socket
 import ssl
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 import trio
 
-from rhizome_adapters import aio
+from rhizome_adapters import aio, anyio_adapter
+from rhizome_adapters.anyio_adapter import FederatedRhizomeDB
 from rhizome_adapters.storage import SQLiteStore
-from rhizome_adapters.trio_adapter import FederatedRhizomeDB
 from rhizome_proto import (
     Delta,
     FederationEvent,
@@ -25,32 +25,10 @@ from rhizome_proto import (
     ReconnectPolicy,
     create_author_trust_policy,
 )
-from tests.adapter_support import Recorder, ids
+from tests.adapter_support import Recorder, ids, reserved_port
+from tests.aio_support import deadline, instance, wait_until
 
 FAST_RETRY = ReconnectPolicy(initial_delay=0.02, max_delay=0.1)
-
-
-def deadline(seconds: float = 10.0) -> Callable[..., Callable[..., None]]:
-    """Run an async test function with ``trio.run``, failing it after ``seconds``."""
-
-    def decorate(test: Callable[..., Coroutine[Any, Any, None]]) -> Callable[..., None]:
-        @functools.wraps(test)
-        def run(*args: Any, **kwargs: Any) -> None:
-            async def main() -> None:
-                with trio.fail_after(seconds):
-                    await test(*args, **kwargs)
-
-            trio.run(main)
-
-        return run
-
-    return decorate
-
-
-async def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-    with trio.fail_after(timeout):
-        while not predicate():
-            await trio.sleep(0.005)
 
 
 @contextlib.asynccontextmanager
@@ -58,8 +36,8 @@ async def pair(
     **server_kwargs: Any,
 ) -> AsyncIterator[tuple[FederatedRhizomeDB, FederatedRhizomeDB, str]]:
     async with (
-        FederatedRhizomeDB(system_id="server", **server_kwargs) as server,
-        FederatedRhizomeDB(system_id="client") as client,
+        instance(system_id="server", **server_kwargs) as server,
+        instance(system_id="client") as client,
     ):
         yield server, client, await server.enable_server(port=0)
 
@@ -117,7 +95,7 @@ async def test_modes(mode: str) -> None:
             await wait_until(lambda: ids(server) >= {d.id for d in client_new})
         else:
             await wait_until(lambda: ids(client) >= {d.id for d in server_old + server_new})
-        await trio.sleep(0.2)  # what should not arrive has had time to
+        await anyio.sleep(0.2)  # what should not arrive has had time to
         assert len(server.scan_deltas()) == 4 + (2 if mode == "push" else 0)
         assert len(client.scan_deltas()) == 2 + (4 if mode == "pull" else 0)
 
@@ -141,11 +119,10 @@ async def test_trust_rejection_is_counted() -> None:
 @deadline()
 async def test_hub_and_spoke_with_three_spokes_converges() -> None:
     async with contextlib.AsyncExitStack() as stack:
-        hub = await stack.enter_async_context(FederatedRhizomeDB(system_id="hub"))
+        hub = await stack.enter_async_context(instance(system_id="hub"))
         url = await hub.enable_server(port=0)
         spokes = [
-            await stack.enter_async_context(FederatedRhizomeDB(system_id=f"spoke{i}"))
-            for i in range(3)
+            await stack.enter_async_context(instance(system_id=f"spoke{i}")) for i in range(3)
         ]
         for spoke in spokes:
             await spoke.connect_to_remote(url)
@@ -153,16 +130,16 @@ async def test_hub_and_spoke_with_three_spokes_converges() -> None:
         everything = {d.id for d in authored}
         for db in (hub, *spokes):
             await wait_until(lambda db=db: ids(db) == everything)  # type: ignore[misc]
-        await trio.sleep(0.2)
+        await anyio.sleep(0.2)
         assert all(len(db.scan_deltas()) == 3 for db in (hub, *spokes))
 
 
 @deadline(20)
 async def test_reconnect_after_server_restart_loses_nothing(tmp_path: Path) -> None:
     path = str(tmp_path / "server.db")
-    async with FederatedRhizomeDB(system_id="client") as client:
+    async with instance(system_id="client") as client:
         events = Recorder(client)
-        async with FederatedRhizomeDB(system_id="server", storage="sqlite", path=path) as server:
+        async with instance(system_id="server", storage="sqlite", path=path) as server:
             url = await server.enable_server(port=0)
             before = await put(server, 3, author="s")
             link = await client.connect_to_remote(url, LinkConfig(reconnect=FAST_RETRY))
@@ -177,7 +154,7 @@ async def test_reconnect_after_server_restart_loses_nothing(tmp_path: Path) -> N
                 for i in range(2)
             ]
             store.put_many(offline)
-        async with FederatedRhizomeDB(system_id="server", storage="sqlite", path=path) as server:
+        async with instance(system_id="server", storage="sqlite", path=path) as server:
             assert await server.enable_server(port=port_of(url)) == url
             everything = {d.id for d in before + early + last_words + while_down + offline}
             await wait_until(lambda: ids(server) == everything and ids(client) == everything)
@@ -194,7 +171,7 @@ async def test_pause_and_resume() -> None:
         statuses = [link.status]
         await wait_until(lambda: bool(server_events.of("link:paused")))
         held = await put(server, 3)
-        await trio.sleep(0.2)
+        await anyio.sleep(0.2)
         assert ids(client) == set()
         await link.resume()
         statuses.append(link.status)
@@ -206,10 +183,10 @@ async def test_pause_and_resume() -> None:
 @deadline()
 async def test_pings_keep_a_quiet_link_alive() -> None:
     quick: dict[str, Any] = {"ping_interval": 0.05, "ping_timeout": 0.25}
-    async with pair(**quick) as (server, _, url), FederatedRhizomeDB(**quick) as client:
+    async with pair(**quick) as (server, _, url), instance(**quick) as client:
         link = await client.connect_to_remote(url, LinkConfig(initial_sync="none"))
         received = link.stats.bytes_received
-        await trio.sleep(0.6)
+        await anyio.sleep(0.6)
         assert link.status == "connected" and len(server.get_federation_links()) == 1
         assert link.stats.bytes_received > received  # the server's pings and pongs
 
@@ -225,7 +202,7 @@ async def test_handlers_sync_async_failing_and_send_delta(
             raise RuntimeError("handler bug")
 
         async def slow(event: FederationEvent) -> None:
-            await trio.sleep(0)
+            await anyio.sleep(0)
             later.append(event.type)
 
         client.on_federation_event(broken)
@@ -243,55 +220,52 @@ async def test_handlers_sync_async_failing_and_send_delta(
 
 @deadline()
 async def test_give_up_503_and_usage_errors() -> None:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        closed_port = sock.getsockname()[1]
-    policy = ReconnectPolicy(max_attempts=1, initial_delay=0.01, max_delay=0.02)
-    async with FederatedRhizomeDB() as client, FederatedRhizomeDB() as server:
-        with pytest.raises(ConnectionError, match=r"gave up .* after 2 attempt"):
-            await client.connect_to_remote(
-                f"ws://127.0.0.1:{closed_port}/federation", LinkConfig(reconnect=policy)
-            )
-        assert client.get_federation_links() == []
-        url = await server.enable_server(port=0, max_connections=1)
-        with pytest.raises(RuntimeError, match="already running"):
-            await server.enable_server(port=0)
-        with pytest.raises(OSError, match="the address is in use"):
-            await client.enable_server(port=port_of(url))
-        await client.connect_to_remote(url)
-        stream = await trio.open_tcp_stream("127.0.0.1", port_of(url))
-        await stream.send_all(b"GET /federation HTTP/1.1\r\nHost: x\r\n\r\n")
-        response = b""
-        while chunk := await stream.receive_some():
-            response += chunk
-        await stream.aclose()
-        assert response.startswith(b"HTTP/1.1 503 ")
-        assert len(server.get_federation_links()) == 1
-    with pytest.raises(RuntimeError, match="closed"):
-        await client.connect_to_remote(url)
-    with pytest.raises(RuntimeError, match="async with"):
-        await FederatedRhizomeDB().enable_server(port=0)
+    with reserved_port() as closed_port:
+        policy = ReconnectPolicy(max_attempts=1, initial_delay=0.01, max_delay=0.02)
+        async with instance() as client, instance() as server:
+            with pytest.raises(ConnectionError, match=r"gave up .* after 2 attempt"):
+                await client.connect_to_remote(
+                    f"ws://127.0.0.1:{closed_port}/federation", LinkConfig(reconnect=policy)
+                )
+            assert client.get_federation_links() == []
+            url = await server.enable_server(port=0, max_connections=1)
+            with pytest.raises(RuntimeError, match="already running"):
+                await server.enable_server(port=0)
+            with pytest.raises(OSError, match="the address is in use"):
+                await client.enable_server(port=port_of(url))
+            await client.connect_to_remote(url)
+            response = b""
+            async with await anyio.connect_tcp("127.0.0.1", port_of(url)) as stream:
+                await stream.send(b"GET /federation HTTP/1.1\r\nHost: x\r\n\r\n")
+                with contextlib.suppress(anyio.EndOfStream):
+                    while True:
+                        response += await stream.receive()
+            assert response.startswith(b"HTTP/1.1 503 ")
+            assert len(server.get_federation_links()) == 1
+        with pytest.raises(RuntimeError, match="closed"):
+            await client.connect_to_remote(url)
+        with pytest.raises(RuntimeError, match="async with"):  # asyncio's aio needs none
+            await anyio_adapter.FederatedRhizomeDB().enable_server(port=0)
 
 
 @deadline()
 async def test_cancelled_connect_leaves_nothing_behind() -> None:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        url = f"ws://127.0.0.1:{sock.getsockname()[1]}/federation"
-    slow = LinkConfig(reconnect=ReconnectPolicy(initial_delay=5, max_delay=5))
-    async with FederatedRhizomeDB() as client:
-        with trio.move_on_after(0.2):
-            await client.connect_to_remote(url, slow)
-        assert client.get_federation_links() == []
-        link = await client.connect_to_remote(url, slow, wait=False)
-        await trio.sleep(0.1)
-        with trio.fail_after(1):
-            await client.close()  # does not wait out the 5 s backoff
-        assert link.status == "disconnected"
+    with reserved_port() as port:
+        url = f"ws://127.0.0.1:{port}/federation"
+        slow = LinkConfig(reconnect=ReconnectPolicy(initial_delay=5, max_delay=5))
+        async with instance() as client:
+            with anyio.move_on_after(0.2):
+                await client.connect_to_remote(url, slow)
+            assert client.get_federation_links() == []
+            link = await client.connect_to_remote(url, slow, wait=False)
+            await anyio.sleep(0.1)
+            with anyio.fail_after(1):
+                await client.close()  # does not wait out the 5 s backoff
+            assert link.status == "disconnected"
 
 
 @deadline()
-async def test_wss_between_trio_instances() -> None:
+async def test_wss_between_instances() -> None:
     trustme = pytest.importorskip("trustme")
     ca = trustme.CA()
     server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -299,8 +273,8 @@ async def test_wss_between_trio_instances() -> None:
     client_tls = ssl.create_default_context()
     ca.configure_trust(client_tls)
     async with (
-        FederatedRhizomeDB(system_id="server") as server,
-        FederatedRhizomeDB(system_id="client") as client,
+        instance(system_id="server") as server,
+        instance(system_id="client") as client,
     ):
         url = await server.enable_server(port=0, ssl=server_tls)
         assert url.startswith("wss://127.0.0.1:") and server.server_url == url
@@ -337,9 +311,9 @@ def asyncio_client(url: str) -> tuple[list[str], int]:
     return asyncio.run(main())
 
 
-@deadline()
+@deadline(backends=("trio",))
 async def test_trio_server_with_an_asyncio_client() -> None:
-    async with FederatedRhizomeDB(system_id="trio-server") as server:
+    async with instance(system_id="trio-server") as server:
         url = await server.enable_server(port=0)
         old = await put(server, 3, author="s")
         result: list[tuple[list[str], int]] = []

@@ -91,9 +91,11 @@ DEFAULT_MAX_BATCH_BYTES = 1024 * 1024
 #: Room kept in a message for everything but its deltas (type, timestamps, numbers, cursor).
 _ENVELOPE = 4096
 _decode_delta = msgspec.json.Decoder(Delta).decode
-#: the states tested on the hot path, looked up once (an enum member lookup is slow on 3.11)
+#: enum members used on the hot path (per delta), looked up once: a lookup is slow on 3.11
 _CATCHING_UP = PushState.CATCHING_UP
 _STREAMING = ServeState.STREAMING
+_DELTA_RECEIVED = EventType.DELTA_RECEIVED
+_DELTA_SENT = EventType.DELTA_SENT
 #: Received deltas waiting for a commit: the link and connection they came on, the deltas (one
 #: live delta, or a sync batch) and whether they are live (each acknowledged once stored).
 _Staged: TypeAlias = tuple["NodeLink", LinkEndpoint, Sequence[Delta], bool]
@@ -515,9 +517,7 @@ class FederationNode:
         elif isinstance(event, DeltaAcked):
             link.stats.deltas_sent += 1
             if self.report_sent:
-                out.append(
-                    FederationEvent(type=EventType.DELTA_SENT, link_id=lid, delta_id=event.delta_id)
-                )
+                out.append(FederationEvent(type=_DELTA_SENT, link_id=lid, delta_id=event.delta_id))
         elif isinstance(event, DeltaRejected):
             link.stats.deltas_rejected_by_peer += 1
             out.append(
@@ -717,9 +717,7 @@ class FederationNode:
                     stats.deltas_received += 1
                     if report:
                         out.append(
-                            FederationEvent(
-                                type=EventType.DELTA_RECEIVED, link_id=link.id, delta=delta
-                            )
+                            FederationEvent(type=_DELTA_RECEIVED, link_id=link.id, delta=delta)
                         )
                     if relay:
                         self._broadcast(delta, source=link, seq=seq)

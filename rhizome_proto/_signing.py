@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import base64
 import binascii
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeAlias
 
 import msgspec
@@ -122,19 +122,34 @@ def _raw_key(data: bytes | str) -> bytes | None:
     return None
 
 
+def _load(
+    data: bytes | str,
+    kind: str,
+    from_pem: Callable[[bytes], object],
+    from_raw: Callable[[bytes], object],
+) -> object:
+    """A key from PEM or the raw 32 bytes (or their text); the caller checks its class."""
+    pem = data.encode() if isinstance(data, str) else data
+    if b"-----BEGIN" in pem:
+        return from_pem(pem)
+    raw = _raw_key(data)
+    if raw is None:
+        raise ValueError(f"not an Ed25519 {kind} key (PEM, or 32 bytes as base64 or hex)")
+    return from_raw(raw)
+
+
 def load_signing_key(data: bytes | str) -> Ed25519PrivateKey:
     """A private key from PEM (PKCS#8, unencrypted) or the raw 32 bytes (or their text).
     Raises ``ValueError`` when ``data`` is neither."""
-    pem = data.encode() if isinstance(data, str) else data
-    if b"-----BEGIN" in pem:
-        key = serialization.load_pem_private_key(pem, password=None)
-        if not isinstance(key, Ed25519PrivateKey):
-            raise ValueError(f"not an Ed25519 private key: {type(key).__name__}")
-        return key
-    raw = _raw_key(data)
-    if raw is None:
-        raise ValueError("not an Ed25519 private key (PEM, or 32 bytes as base64 or hex)")
-    return Ed25519PrivateKey.from_private_bytes(raw)
+    key = _load(
+        data,
+        "private",
+        lambda pem: serialization.load_pem_private_key(pem, password=None),
+        Ed25519PrivateKey.from_private_bytes,
+    )
+    if not isinstance(key, Ed25519PrivateKey):
+        raise ValueError(f"not an Ed25519 private key: {type(key).__name__}")
+    return key
 
 
 def load_verify_key(data: VerifyKey) -> Ed25519PublicKey:
@@ -142,16 +157,12 @@ def load_verify_key(data: VerifyKey) -> Ed25519PublicKey:
     (or their base64 / base64url / hex text). Raises ``ValueError`` when it is none of these."""
     if isinstance(data, Ed25519PublicKey):
         return data
-    pem = data.encode() if isinstance(data, str) else data
-    if b"-----BEGIN" in pem:
-        key = serialization.load_pem_public_key(pem)
-        if not isinstance(key, Ed25519PublicKey):
-            raise ValueError(f"not an Ed25519 public key: {type(key).__name__}")
-        return key
-    raw = _raw_key(data)
-    if raw is None:
-        raise ValueError("not an Ed25519 public key (PEM, or 32 bytes as base64 or hex)")
-    return Ed25519PublicKey.from_public_bytes(raw)
+    key = _load(
+        data, "public", serialization.load_pem_public_key, Ed25519PublicKey.from_public_bytes
+    )
+    if not isinstance(key, Ed25519PublicKey):
+        raise ValueError(f"not an Ed25519 public key: {type(key).__name__}")
+    return key
 
 
 class SignatureTrustPolicy:

@@ -533,7 +533,7 @@ class DBBase(abc.ABC, Generic[LinkT, RunT]):
         elif kind is EventType.LINK_DISCONNECTED:
             ending = run.stopping or not run.node_link.outgoing
             run.state = "disconnected" if ending else "reconnecting"
-            run.end_reason = run.end_reason or event.reason
+            run.end_reason = run.end_reason or event.reason or "the connection closed"
         elif kind is EventType.LINK_ERROR and event.fatal:  # the peer's fatal error, a timeout
             run.end_code, run.end_reason = event.code, event.reason
 

@@ -161,28 +161,28 @@ async def _open_link(
         return await db.connect_to_remote(url, config, ssl=tls)
     except ConnectionError as exc:
         supervisor = ended[-1] if ended else None
-        raise CLIError(_connect_failure(url, db.system_id, supervisor, exc)) from None
+        what = f"cannot connect to {url}"
+        raise CLIError(_link_failure(what, db.system_id, supervisor, str(exc))) from None
     finally:
         unsubscribe()
 
 
-def _connect_failure(
-    url: str, system_id: str, supervisor: ReconnectSupervisor | None, exc: ConnectionError
+def _link_failure(
+    what: str, system_id: str, supervisor: ReconnectSupervisor | None, fallback: str
 ) -> str:
-    """The one line saying why connecting to ``url`` failed."""
+    """One line: ``what`` failed, and why, from the link's supervisor once it gave up (else
+    ``fallback``)."""
     failure = None if supervisor is None else supervisor.last_failure
     if supervisor is None or failure is None:
-        return f"cannot connect to {url}: {exc}"
+        return f"{what}: {fallback}"
     if failure.self_link:
         return (
-            f"cannot connect to {url}: the remote system id {system_id!r} is our own: a link "
-            "to ourselves (the same database as the server's?), not retried"
+            f"{what}: the remote system id {system_id!r} is our own: a link to ourselves "
+            "(the same database as the server's?), not retried"
         )
     tries = f" ({supervisor.attempts} attempts)" if supervisor.attempts > 1 else ""
     why = failure.reason or failure.describe()  # the reason names the status or code
-    return f"cannot connect to {url}{tries}: {why}" + (
-        " (not retried)" if failure.permanent else ""
-    )
+    return f"{what}{tries}: {why}" + (" (not retried)" if failure.permanent else "")
 
 
 async def _first(*aws: Awaitable[Any]) -> None:
@@ -437,8 +437,12 @@ async def _connect(args: argparse.Namespace) -> int:
             elif kind is EventType.LINK_ERROR and connected:
                 link = db.get_federation_link(event.link_id)
                 sync_refused = event.code in _SYNC_REFUSED and not synced.is_set()
-                if (link is not None and link.status == "failed") or sync_refused:
-                    failure = event.reason or "the link failed"
+                if link is not None and link.status == "failed":
+                    what = f"lost the link to {args.url}"
+                    failure = _link_failure(what, db.system_id, link.reconnect, str(event.reason))
+                    failed.set()
+                elif sync_refused:
+                    failure = event.reason or "the initial sync was refused"
                     failed.set()
 
         db.on_federation_event(

@@ -31,7 +31,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from ssl import SSLContext, create_default_context
 from typing import Any, Generic, Literal, Protocol, TypeAlias, TypeVar
 from urllib.parse import urlsplit
@@ -216,7 +216,7 @@ class LinkRun:
 
     node_link: NodeLink
     #: set at the first handshake, or when the link ended without one
-    settled: _Settable
+    settled: _Settable = field(default_factory=threading.Event)
     state: LinkStatus = "connecting"
     session: Session | None = None
     #: ``disconnect``/``close`` was asked: end, do not reconnect
@@ -378,14 +378,14 @@ class DBBase(abc.ABC, Generic[LinkT, RunT]):
         """The adapter's logger (handler failures are logged there)."""
         ...
 
-    @abc.abstractmethod
-    def _new_run(self, node_link: NodeLink) -> RunT:
-        """The adapter's record of a new link (its ``disconnect`` bound to the instance)."""
-        ...
+    #: the adapter's record of a link, and the link view users hold
+    _run_type: type[RunT]
+    _link_type: type[LinkT]
 
     @abc.abstractmethod
-    def _new_link(self, run: RunT) -> LinkT:
-        """The link view over ``run``."""
+    def _disconnect(self, run: RunT) -> Any:
+        """``link.disconnect()``: close the link with the close handshake and forget it (the
+        adapter's blocking function, or coroutine function)."""
         ...
 
     @abc.abstractmethod
@@ -809,10 +809,11 @@ class DBBase(abc.ABC, Generic[LinkT, RunT]):
             node_link = self._node.add_link(
                 str(uuid.uuid4()), config, outgoing=outgoing, remote_url=remote_url
             )
-            run = self._new_run(node_link)
+            run = self._run_type(node_link)
+            run.disconnect = functools.partial(self._disconnect, run)
             run.pause = functools.partial(self._pause_link, run)
             run.send = functools.partial(self._send_on_link, run)
-            run.view = self._new_link(run)
+            run.view = self._link_type(run)
             self._runs[run.id] = run
         return run
 

@@ -14,8 +14,9 @@ An adapter subclasses both and adds only what its runtime decides: sockets, task
 waking writers, the core's timer, running coroutine handlers, and the ``async`` (or blocking)
 surface of the API. It talks to the base through the methods below (its own, by inheritance)
 and to a live connection through :class:`Session`; it reads no private attribute of another
-object. The abstract methods are what it must supply; the threaded adapter also overrides
-:meth:`DBBase._guard` (its lock around the node).
+object. The abstract methods and the classes ``_run_type`` and ``_link_type`` are what it must
+supply; the threaded adapter also overrides :meth:`DBBase._guard` (its lock around the node),
+the anyio adapter :meth:`DBBase._commit_soon` and :meth:`DBBase._commit_if_due` (group commit).
 """
 
 from __future__ import annotations

@@ -4,8 +4,9 @@ runtime.
 :class:`DBBase` holds an instance's state and every decision an adapter would otherwise make:
 the store it opened, the :class:`~rhizome_proto.FederationNode`, the event handlers, the links
 (one :class:`LinkRun` each: status, live connection, handshakes, failure), the pump after every
-input, group commit, streaming an initial sync, transport failures, the reconnect schedule
-(:meth:`DBBase._attempts`), disconnecting, refusing a connection over the limit.
+input, group commit, streaming an initial sync, transport failures, driving each outgoing link's
+:class:`~rhizome_proto.ReconnectSupervisor` (:meth:`DBBase._attempts`: the core decides when to
+connect again), disconnecting, refusing a connection over the limit.
 :class:`LinkBase` is the link view users hold; it reads its :class:`LinkRun` and acts through
 the callables the instance put there.
 
@@ -13,8 +14,9 @@ An adapter subclasses both and adds only what its runtime decides: sockets, task
 waking writers, the core's timer, running coroutine handlers, and the ``async`` (or blocking)
 surface of the API. It talks to the base through the methods below (its own, by inheritance)
 and to a live connection through :class:`Session`; it reads no private attribute of another
-object. The abstract methods are what it must supply; the threaded adapter also overrides
-:meth:`DBBase._guard` (its lock around the node).
+object. The abstract methods and the classes ``_run_type`` and ``_link_type`` are what it must
+supply; the threaded adapter also overrides :meth:`DBBase._guard` (its lock around the node),
+the anyio adapter :meth:`DBBase._commit_soon` and :meth:`DBBase._commit_if_due` (group commit).
 """
 
 from __future__ import annotations
@@ -25,13 +27,12 @@ import errno
 import functools
 import inspect
 import logging
-import random
 import threading
 import time
 import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from ssl import SSLContext, create_default_context
 from typing import Any, Generic, Literal, Protocol, TypeAlias, TypeVar
 from urllib.parse import urlsplit
@@ -42,6 +43,7 @@ from rhizome_proto import (
     DEFAULT_PATH,
     Delta,
     DeltaFilter,
+    ErrorCode,
     EventType,
     FederationConnection,
     FederationEvent,
@@ -50,6 +52,8 @@ from rhizome_proto import (
     LinkStats,
     NodeLink,
     Pointer,
+    ReconnectState,
+    ReconnectSupervisor,
     RemoteProtocolError,
     Role,
     TrustPolicy,
@@ -137,11 +141,11 @@ class EventHandlers:
 
     def __init__(self, log: logging.Logger) -> None:
         #: each handler with the event types it asked for (``None``: all)
-        self._handlers: list[tuple[EventHandler, frozenset[str] | None]] = []
+        self._handlers: list[tuple[EventHandler, frozenset[EventType | str] | None]] = []
         self.log = log
 
     def subscribe(
-        self, handler: EventHandler, types: Iterable[str] | None = None
+        self, handler: EventHandler, types: Iterable[EventType | str] | None = None
     ) -> Callable[[], None]:
         entry = (handler, None if types is None else frozenset(types))
         self._handlers.append(entry)
@@ -152,7 +156,7 @@ class EventHandlers:
 
         return unsubscribe
 
-    def wants(self, event_type: str) -> bool:
+    def wants(self, event_type: EventType) -> bool:
         """Whether some handler asked for events of this type."""
         return any(types is None or event_type in types for _, types in self._handlers)
 
@@ -213,7 +217,7 @@ class LinkRun:
 
     node_link: NodeLink
     #: set at the first handshake, or when the link ended without one
-    settled: _Settable
+    settled: _Settable = field(default_factory=threading.Event)
     state: LinkStatus = "connecting"
     session: Session | None = None
     #: ``disconnect``/``close`` was asked: end, do not reconnect
@@ -221,6 +225,14 @@ class LinkRun:
     handshakes: int = 0
     #: the first transport failure since the last handshake, if any
     failure: str | None = None
+    #: an outgoing link's reconnect decisions (``None`` for an incoming link)
+    reconnect: ReconnectSupervisor | None = None
+    #: what ended the current attempt or connection, for :attr:`reconnect`: the error code
+    #: (the peer's fatal ``error``, or ours), why (text for people), the HTTP status of a
+    #: refused upgrade
+    end_code: ErrorCode | str | None = None
+    end_reason: str | None = None
+    reject_status: int | None = None
     #: the link view users hold (a :class:`LinkBase`), set by the instance
     view: Any = None
     #: the link view's actions, bound by the instance: pause(paused), send(delta), disconnect()
@@ -273,6 +285,12 @@ class LinkBase:
     def failure(self) -> str | None:
         """The first transport failure since the last handshake, or why the link failed."""
         return self._run.failure
+
+    @property
+    def reconnect(self) -> ReconnectSupervisor | None:
+        """An outgoing link's reconnect state (attempts, failures, the last failure, why it
+        gave up); ``None`` for an incoming link. Read it; the instance drives it."""
+        return self._run.reconnect
 
     @property
     def status(self) -> LinkStatus:
@@ -361,14 +379,14 @@ class DBBase(abc.ABC, Generic[LinkT, RunT]):
         """The adapter's logger (handler failures are logged there)."""
         ...
 
-    @abc.abstractmethod
-    def _new_run(self, node_link: NodeLink) -> RunT:
-        """The adapter's record of a new link (its ``disconnect`` bound to the instance)."""
-        ...
+    #: the adapter's record of a link, and the link view users hold
+    _run_type: type[RunT]
+    _link_type: type[LinkT]
 
     @abc.abstractmethod
-    def _new_link(self, run: RunT) -> LinkT:
-        """The link view over ``run``."""
+    def _disconnect(self, run: RunT) -> Any:
+        """``link.disconnect()``: close the link with the close handshake and forget it (the
+        adapter's blocking function, or coroutine function)."""
         ...
 
     @abc.abstractmethod
@@ -455,7 +473,7 @@ class DBBase(abc.ABC, Generic[LinkT, RunT]):
     # ---------------------------------------------------------------- events
 
     def on_federation_event(
-        self, handler: EventHandler, types: Iterable[str] | None = None
+        self, handler: EventHandler, types: Iterable[EventType | str] | None = None
     ) -> Callable[[], None]:
         """Call ``handler(event)`` for every event, or only for events whose ``type`` is in
         ``types``; returns a function that unsubscribes.
@@ -479,8 +497,8 @@ class DBBase(abc.ABC, Generic[LinkT, RunT]):
 
     def _per_delta_events(self) -> None:
         """Make an event per received or acknowledged delta only if a handler wants it."""
-        self._node.report_received = self._handlers.wants("delta:received")
-        self._node.report_sent = self._handlers.wants("delta:sent")
+        self._node.report_received = self._handlers.wants(EventType.DELTA_RECEIVED)
+        self._node.report_sent = self._handlers.wants(EventType.DELTA_SENT)
 
     def _emit(self, *events: FederationEvent) -> None:
         """Hand ``events`` to the handlers after those queued before them: one at a time, in
@@ -501,15 +519,24 @@ class DBBase(abc.ABC, Generic[LinkT, RunT]):
                     self._emitting = False
 
     def _note(self, event: FederationEvent) -> None:
-        """A link's status as the node's events tell it."""
+        """A link's status as the node's events tell it, and what ended its connection."""
         run = self._runs.get(event.link_id)
-        if run is not None and event.type == "link:connected":
+        if run is None:
+            return
+        kind = event.type
+        if kind is EventType.LINK_CONNECTED:
             run.state, run.failure = "connected", None
             run.handshakes += 1
+            supervisor = run.reconnect
+            if supervisor is not None and supervisor.state is ReconnectState.CONNECTING:
+                supervisor.connected(self._now())
             run.settled.set()
-        elif run is not None and event.type == "link:disconnected":
+        elif kind is EventType.LINK_DISCONNECTED:
             ending = run.stopping or not run.node_link.outgoing
             run.state = "disconnected" if ending else "reconnecting"
+            run.end_reason = run.end_reason or event.reason or "the connection closed"
+        elif kind is EventType.LINK_ERROR and event.fatal:  # the peer's fatal error, a timeout
+            run.end_code, run.end_reason = event.code, event.reason
 
     # ---------------------------------------------------------------- the pump
 
@@ -537,6 +564,7 @@ class DBBase(abc.ABC, Generic[LinkT, RunT]):
         with self._guard():
             self._sessions.discard(session)
             session.run.session = None
+            session.run.reject_status = session.conn.reject_status
 
     def _pump(self, session: Session) -> None:
         """After any input on ``session``: its events staged in the node, its timer re-armed,
@@ -590,8 +618,10 @@ class DBBase(abc.ABC, Generic[LinkT, RunT]):
         with self._guard():
             if data:
                 session.run.node_link.stats.bytes_received += len(data)
-                with contextlib.suppress(RemoteProtocolError):  # answered; close queued
+                try:
                     conn.receive_data(data, now)
+                except RemoteProtocolError as exc:  # answered; close queued
+                    session.run.end_code, session.run.end_reason = exc.code, str(exc)
             elif data is not None and not conn.closed:
                 conn.receive_eof(now)
             deadline = conn.get_timer()  # due even while data keeps arriving
@@ -641,41 +671,83 @@ class DBBase(abc.ABC, Generic[LinkT, RunT]):
                 session.conn.connection_lost(self._now(), reason)
         self._pump(session)
 
-    def _transport_error(self, run: LinkRun, reason: str) -> None:
+    def _transport_error(self, run: LinkRun, reason: str, cause: str | None = None) -> None:
+        """Report a transport failure (``cause``: the reason without what
+        :meth:`_connect_failed` adds; it is what ended the attempt)."""
         run.failure = run.failure or reason
+        run.end_reason = run.end_reason or cause or reason
         self._emit(FederationEvent(type=EventType.LINK_ERROR, link_id=run.id, reason=reason))
 
     # ---------------------------------------------------------------- outgoing links
 
     def _attempts(self, run: LinkRun) -> Iterator[float | None]:
-        """The reconnect schedule of an outgoing link, decided here only: yields ``None`` for
-        "connect once now and run the session until it ends" (``link:connecting`` was
-        emitted), then the seconds to wait before the next try; ends when the link is stopping
-        or the policy gave up (the link is then ``failed``, ``link:error`` says why)."""
-        attempt = 0  # failed attempts since the last handshake
+        """The reconnect schedule of an outgoing link, as its supervisor decides it: yields
+        ``None`` for "connect once now and run the session until it ends" (``link:connecting``
+        was emitted; a transport that cannot open is reported with :meth:`_connect_failed`),
+        else the seconds to wait before the next attempt. Ends when the link is stopping, or
+        when the supervisor gave up: the link is then ``failed`` and ``link:error`` gives
+        :attr:`~rhizome_proto.ReconnectSupervisor.final_reason`, with the code of the last
+        failure."""
+        supervisor = run.reconnect
+        assert supervisor is not None, "an outgoing link has a supervisor"
         while not run.stopping:
+            with self._guard():
+                now = self._now()
+                connect = supervisor.should_connect(now)
+                if connect:
+                    supervisor.connecting(now)
+                    run.end_code = run.end_reason = run.reject_status = None
+                due = supervisor.get_timer()
+            if due is not None:
+                yield max(due - now, 0.0)
+                with self._guard():  # the wait is over, whatever the clock's resolution
+                    supervisor.handle_timer(max(self._now(), due))
+                continue
+            if not connect:  # gave up
+                self._gave_up(run, supervisor)
+                return
             self._emit(FederationEvent(type=EventType.LINK_CONNECTING, link_id=run.id))
-            handshakes = run.handshakes
             yield None
-            if run.handshakes > handshakes:
-                attempt = 0
             if run.stopping:
                 return
-            attempt += 1
-            delay = run.node_link.config.reconnect.delay(attempt, random.random())
-            if delay is None:
-                reason = f"gave up on {run.node_link.remote_url} after {attempt} attempt(s)"
-                first = f"; first failure: {run.failure}" if run.failure else ""
-                run.state, run.failure = "failed", reason + first
-                self._emit(
-                    FederationEvent(type=EventType.LINK_ERROR, link_id=run.id, reason=run.failure)
-                )
-                return
-            yield delay
+            self._commit_if_due()  # the attempt's last events are noted
+            with self._guard():
+                self._attempt_ended(run, supervisor)
+
+    def _attempt_ended(self, run: LinkRun, supervisor: ReconnectSupervisor) -> None:
+        """Tell the supervisor how the attempt (or the connection it opened) ended."""
+        now, code, reason = self._now(), run.end_code, run.end_reason or ""
+        self_link = code == ErrorCode.SELF_LINK
+        if supervisor.state is ReconnectState.CONNECTED:
+            supervisor.disconnected(now, code=code, self_link=self_link, reason=reason)
+        else:
+            status = run.reject_status
+            supervisor.connection_failed(
+                now, status=status, code=code, self_link=self_link, reason=reason
+            )
+
+    def _gave_up(self, run: LinkRun, supervisor: ReconnectSupervisor) -> None:
+        """The supervisor gave up: the link is ``failed``; ``link:error`` says why."""
+        last = supervisor.last_failure
+        run.state, run.failure = "failed", supervisor.final_reason
+        self._emit(
+            FederationEvent(
+                type=EventType.LINK_ERROR,
+                link_id=run.id,
+                reason=run.failure,
+                code=None if last is None else last.code,
+                fatal=True,
+            )
+        )
+
+    def _commit_if_due(self) -> None:
+        """Commit now what waits for a group commit (nothing waits here: the base commits at
+        once; the anyio adapter defers commits to the end of a turn of its loop)."""
 
     def _connect_failed(self, run: LinkRun, exc: BaseException) -> None:
         """An attempt of an outgoing link could not open its transport."""
-        self._transport_error(run, f"cannot connect to {run.node_link.remote_url}: {exc}")
+        cause = str(exc) or type(exc).__name__
+        self._transport_error(run, f"cannot connect to {run.node_link.remote_url}: {cause}", cause)
 
     def _crashed(self, run: LinkRun, exc: Exception) -> None:
         """An outgoing link's loop failed unexpectedly (a bug): it is ``failed``."""
@@ -738,10 +810,11 @@ class DBBase(abc.ABC, Generic[LinkT, RunT]):
             node_link = self._node.add_link(
                 str(uuid.uuid4()), config, outgoing=outgoing, remote_url=remote_url
             )
-            run = self._new_run(node_link)
+            run = self._run_type(node_link)
+            run.disconnect = functools.partial(self._disconnect, run)
             run.pause = functools.partial(self._pause_link, run)
             run.send = functools.partial(self._send_on_link, run)
-            run.view = self._new_link(run)
+            run.view = self._link_type(run)
             self._runs[run.id] = run
         return run
 
@@ -787,7 +860,9 @@ class DBBase(abc.ABC, Generic[LinkT, RunT]):
         if ssl is not None and not secure:
             raise ValueError(f"an ssl context needs a wss:// URL, not {url!r}")
         context = (ssl or create_default_context()) if secure else None
-        run = self._add_link(config or LinkConfig(), outgoing=True, remote_url=url)
+        config = config or LinkConfig()
+        run = self._add_link(config, outgoing=True, remote_url=url)
+        run.reconnect = ReconnectSupervisor(config.reconnect)
         return run, host, port, path, context
 
     def _start_server(self, auto_broadcast: bool | None) -> None:

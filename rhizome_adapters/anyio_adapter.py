@@ -38,7 +38,7 @@ from anyio.abc import SocketAttribute
 from anyio.streams.stapled import MultiListener
 from anyio.streams.tls import TLSStream
 
-from rhizome_proto import DEFAULT_PATH, Delta, FederationConnection, LinkConfig, NodeLink
+from rhizome_proto import DEFAULT_PATH, Delta, FederationConnection, LinkConfig
 
 from ._base import (
     CLOSE_GRACE,
@@ -75,7 +75,7 @@ def _cause(exc: BaseException) -> BaseException:
 
 @dataclass(eq=False)
 class _Run(LinkRun):
-    settled: anyio.Event
+    settled: anyio.Event = field(default_factory=anyio.Event)
     #: the link's task: connecting, its sessions, waiting to reconnect
     scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
     done: anyio.Event = field(default_factory=anyio.Event)  # the link's task has ended
@@ -136,6 +136,8 @@ class FederatedRhizomeDB(DBBase[FederationLink, _Run]):
     ``store`` is given; a store passed in is not closed by :meth:`close`.
     """
 
+    _run_type, _link_type = _Run, FederationLink
+
     def _init_runtime(self) -> None:
         self._tasks: anyio.abc.TaskGroup | None = None
         self._handler_scopes: set[anyio.CancelScope] = set()
@@ -147,14 +149,6 @@ class FederatedRhizomeDB(DBBase[FederationLink, _Run]):
 
     def _log(self) -> logging.Logger:
         return log
-
-    def _new_run(self, node_link: NodeLink) -> _Run:
-        run = _Run(node_link, anyio.Event())
-        run.disconnect = lambda: self._disconnect(run)
-        return run
-
-    def _new_link(self, run: _Run) -> FederationLink:
-        return FederationLink(run)
 
     def _now(self) -> float:
         return anyio.current_time()

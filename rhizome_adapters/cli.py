@@ -25,12 +25,15 @@ from urllib.parse import urlsplit
 from rhizome_proto import (
     Delta,
     DeltaFilter,
+    ErrorCode,
+    EventType,
     FederationEvent,
     InitialSync,
     InvalidDeltaError,
     LinkConfig,
     Pointer,
     ReconnectPolicy,
+    ReconnectSupervisor,
     Reference,
     SignatureTrustPolicy,
     TimestampRange,
@@ -144,29 +147,42 @@ def _reconnect(attempts: int, max_delay: float = 30.0) -> ReconnectPolicy:
 async def _open_link(
     db: FederatedRhizomeDB, url: str, config: LinkConfig, tls: ssl.SSLContext | None = None
 ) -> FederationLink:
-    """``connect_to_remote``, with its failure as one line: why the last attempt failed."""
-    errors: list[str] = []
-    attempts = 0
+    """``connect_to_remote``, with its failure as one line: why the last attempt failed, as
+    the link's reconnect supervisor recorded it."""
+    ended: list[ReconnectSupervisor] = []  # the supervisor of the link, once it gave up
 
     def on_event(event: FederationEvent) -> None:
-        nonlocal attempts
-        if event.type == "link:connecting":
-            attempts += 1
-        elif event.type in ("link:error", "link:disconnected") and event.reason:
-            errors.append(event.reason)
+        link = db.get_federation_link(event.link_id)
+        if link is not None and link.status == "failed" and link.reconnect is not None:
+            ended.append(link.reconnect)
 
-    unsubscribe = db.on_federation_event(
-        on_event, ("link:connecting", "link:error", "link:disconnected")
-    )
+    unsubscribe = db.on_federation_event(on_event, (EventType.LINK_ERROR,))
     try:
         return await db.connect_to_remote(url, config, ssl=tls)
     except ConnectionError as exc:
-        reasons = [r for r in errors if not r.startswith("gave up")]  # the policy's summary
-        why = (reasons[-1] if reasons else str(exc)).removeprefix(f"cannot connect to {url}: ")
-        tries = f" ({attempts} attempts)" if attempts > 1 else ""
-        raise CLIError(f"cannot connect to {url}{tries}: {why}") from None
+        supervisor = ended[-1] if ended else None
+        what = f"cannot connect to {url}"
+        raise CLIError(_link_failure(what, db.system_id, supervisor, str(exc))) from None
     finally:
         unsubscribe()
+
+
+def _link_failure(
+    what: str, system_id: str, supervisor: ReconnectSupervisor | None, fallback: str
+) -> str:
+    """One line: ``what`` failed, and why, from the link's supervisor once it gave up (else
+    ``fallback``)."""
+    failure = None if supervisor is None else supervisor.last_failure
+    if supervisor is None or failure is None:
+        return f"{what}: {fallback}"
+    if failure.self_link:
+        return (
+            f"{what}: the remote system id {system_id!r} is our own: a link to ourselves "
+            "(the same database as the server's?), not retried"
+        )
+    tries = f" ({supervisor.attempts} attempts)" if supervisor.attempts > 1 else ""
+    why = failure.reason or failure.describe()  # the reason names the status or code
+    return f"{what}{tries}: {why}" + (" (not retried)" if failure.permanent else "")
 
 
 async def _first(*aws: Awaitable[Any]) -> None:
@@ -333,14 +349,21 @@ def _install_stop() -> asyncio.Event:
     return stop
 
 
+#: The event types ``_log_event`` writes at level INFO, and at level WARNING.
+_INFO = (EventType.LINK_CONNECTED, EventType.LINK_DISCONNECTED, EventType.SYNC_COMPLETED)
+_WARNING = (EventType.LINK_ERROR, EventType.DELTA_REJECTED)
 #: The event types ``_log_event`` writes (asking for these only spares an event per delta).
-_LOGGED = ("link:connected", "link:disconnected", "sync:completed", "link:error", "delta:rejected")
+_LOGGED = (*_INFO, *_WARNING)
+#: The answers to a delta ``put --to`` sends.
+_VERDICTS = (EventType.DELTA_SENT, EventType.DELTA_REJECTED)
+#: The codes of a refused initial sync.
+_SYNC_REFUSED = (ErrorCode.SYNC_ERROR, ErrorCode.SYNC_NOT_SUPPORTED)
 
 
 def _log_event(event: FederationEvent) -> None:
-    if event.type in ("link:connected", "link:disconnected", "sync:completed"):
+    if event.type in _INFO:
         log.info("%s %s%s", event.type, event.link_id, f" ({event.reason})" if event.reason else "")
-    elif event.type in ("link:error", "delta:rejected"):
+    elif event.type in _WARNING:
         log.warning("%s %s: %s", event.type, event.link_id, event.reason)
 
 
@@ -395,29 +418,36 @@ async def _connect(args: argparse.Namespace) -> int:
 
         def on_event(event: FederationEvent) -> None:
             nonlocal connected, failure, received
-            if event.type == "link:connected":
+            kind = event.type
+            if kind is EventType.LINK_CONNECTED:
                 connected = True
-            if event.type == "sync:completed":
+            elif kind is EventType.SYNC_COMPLETED:
                 progress.finish()  # end the bar's line before the log line
-            if event.type in ("link:error", "link:disconnected") and not connected:
-                log.debug("%s: %s", event.type, event.reason)  # summed up if connecting fails
+            if kind in (EventType.LINK_ERROR, EventType.LINK_DISCONNECTED) and not connected:
+                log.debug("%s: %s", kind, event.reason)  # summed up if connecting fails
             else:
                 _log_event(event)
-            if event.type == "sync:started":
+            if kind is EventType.SYNC_STARTED:
                 progress.start(event.total or 0)
-            elif event.type == "sync:progress":
+            elif kind is EventType.SYNC_PROGRESS:
                 progress.advance(event.count or 0)
-            elif event.type == "sync:completed":
+            elif kind is EventType.SYNC_COMPLETED:
                 received = event.count or 0
                 synced.set()
-            elif event.type == "link:error" and connected:
+            elif kind is EventType.LINK_ERROR and connected:
                 link = db.get_federation_link(event.link_id)
-                sync_refused = (event.reason or "").startswith("SYNC_") and not synced.is_set()
-                if (link is not None and link.status == "failed") or sync_refused:
-                    failure = event.reason or "the link failed"
+                sync_refused = event.code in _SYNC_REFUSED and not synced.is_set()
+                if link is not None and link.status == "failed":
+                    what = f"lost the link to {args.url}"
+                    failure = _link_failure(what, db.system_id, link.reconnect, str(event.reason))
+                    failed.set()
+                elif sync_refused:
+                    failure = event.reason or "the initial sync was refused"
                     failed.set()
 
-        db.on_federation_event(on_event, (*_LOGGED, "sync:started", "sync:progress"))
+        db.on_federation_event(
+            on_event, (*_LOGGED, EventType.SYNC_STARTED, EventType.SYNC_PROGRESS)
+        )
         opening = asyncio.ensure_future(_open_link(db, args.url, config, tls))
         await _first(opening, stop.wait())
         if not opening.done():  # interrupted while connecting
@@ -473,17 +503,17 @@ async def _put(args: argparse.Namespace) -> int:
 
             def on_event(event: FederationEvent) -> None:
                 ours = event.delta_id == delta.id or (event.delta and event.delta.id == delta.id)
-                if ours and event.type in ("delta:sent", "delta:rejected"):
+                if ours and event.type in _VERDICTS:
                     verdict.append(event)
                     done.set()
 
-            db.on_federation_event(on_event, ("delta:sent", "delta:rejected"))
+            db.on_federation_event(on_event, _VERDICTS)
             await link.send_delta(delta)
             try:
                 await asyncio.wait_for(done.wait(), args.timeout)
             except TimeoutError:
                 raise CLIError(f"no answer from {args.to} within {args.timeout} s") from None
-            if verdict[0].type == "delta:rejected":
+            if verdict[0].type is EventType.DELTA_REJECTED:
                 raise CLIError(f"rejected by {link.remote_system_id}: {verdict[0].reason}")
         print(delta.id)
     return 0

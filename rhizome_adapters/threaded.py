@@ -43,7 +43,6 @@ from rhizome_proto import (
     Delta,
     FederationConnection,
     LinkConfig,
-    NodeLink,
 )
 
 from ._base import (
@@ -75,7 +74,7 @@ _ACCEPT_POLL = 0.5
 
 @dataclass(eq=False)
 class _Run(LinkRun):
-    settled: threading.Event
+    settled: threading.Event = field(default_factory=threading.Event)
     #: the link's thread: connecting, reading, waiting to retry
     thread: threading.Thread | None = None
     #: ends the wait before a retry
@@ -136,6 +135,7 @@ class FederatedRhizomeDB(DBBase[FederationLink, _Run]):
     """
 
     _coroutine_handlers = False
+    _run_type, _link_type = _Run, FederationLink
 
     def _init_runtime(self) -> None:
         self._lock = threading.Lock()
@@ -144,14 +144,6 @@ class FederatedRhizomeDB(DBBase[FederationLink, _Run]):
 
     def _log(self) -> logging.Logger:
         return log
-
-    def _new_run(self, node_link: NodeLink) -> _Run:
-        run = _Run(node_link, threading.Event())
-        run.disconnect = lambda: self._disconnect(run)
-        return run
-
-    def _new_link(self, run: _Run) -> FederationLink:
-        return FederationLink(run)
 
     def _now(self) -> float:
         return time.monotonic()

@@ -607,6 +607,8 @@ class FederationNode:
     def _connected(self, link: NodeLink, conn: LinkEndpoint, event: HandshakeComplete) -> None:
         link.remote_system_id = event.remote_system_id
         link.stats.connected_at = self._clock()
+        if not conn.is_open:  # closed by the same input as the handshake: nothing to start
+            return
         if conn.role is Role.SERVER:
             remote = event.remote_config
             link.config = LinkConfig.mirror(remote)

@@ -413,6 +413,28 @@ def test_connect_unreachable(tmp_path: Path) -> None:
     assert f"cannot connect to {url}" in line
 
 
+def test_connect_in_the_servers_own_folder_is_refused(tmp_path: Path, spawn: Spawn) -> None:
+    """The same folder is the same ``rhizome.sqlite``, so the same system id: a link to itself,
+    refused at once in one line, not retried (the default allows 5 attempts)."""
+    server, url = serve(spawn)
+    line = fails(tmp_path, "connect", url, "--once")
+    assert f"cannot connect to {url}: the remote system id" in line, line
+    assert "is our own" in line and "not retried" in line and "attempts" not in line, line
+    assert server.popen.poll() is None
+    assert server.stop() == 0
+    assert server.stderr.count("link:disconnected") == 1  # one connection, refused
+    assert f"{url} (" not in line and "synced" not in line
+
+
+def test_connect_to_a_wrong_path_is_not_retried(tmp_path: Path, spawn: Spawn) -> None:
+    server, url = serve(spawn, "--memory")
+    wrong = url.replace("/federation", "/elsewhere")
+    line = fails(tmp_path, "connect", wrong, "--once", "--memory")
+    assert f"cannot connect to {wrong}: " in line and "HTTP 404" in line, line
+    assert "not retried" in line and "attempts" not in line, line
+    assert server.stop() == 0
+
+
 @pytest.mark.parametrize(
     "url", ["http://127.0.0.1:1/federation", "ws://127.0.0.1:notaport/x", "ws://[::1", "nothing"]
 )

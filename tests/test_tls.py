@@ -112,7 +112,7 @@ async def test_untrusted_certificate_is_a_connection_error(
             errors.clear()
             with pytest.raises(ConnectionError, match="certificate verify failed") as info:
                 await client.connect_to_remote(url, ONE_RETRY, ssl=context)
-            assert "after 2 attempt(s)" in str(info.value)
+            assert "after 2 failed attempt(s)" in str(info.value)
             assert len(errors) == 3 and all("CERTIFICATE_VERIFY_FAILED" in e.reason for e in errors)
             assert client.get_federation_links() == []
         assert server.get_federation_links() == []

@@ -29,6 +29,7 @@ TLS (``wss://``) is not offered here yet: use the asyncio or trio adapter for it
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import logging
 import socket
@@ -45,12 +46,13 @@ from rhizome_proto import (
     LinkConfig,
     NodeLink,
 )
+from rhizome_proto._admission import AdmissionLimits, Ticket
+from rhizome_proto._auth import Credentials
 
 from ._base import (
     CLOSE_GRACE,
     DISCONNECT_WAIT,
     READ_SIZE,
-    REFUSAL,
     DBBase,
     EventHandler,
     LinkBase,
@@ -71,6 +73,8 @@ _MAX_WAIT = 1.0
 _CONNECT_TIMEOUT = 10.0
 #: How often the listening thread looks whether the server was stopped.
 _ACCEPT_POLL = 0.5
+#: Connections the kernel queues for ``accept`` (a flood must not fill it before we evict).
+_BACKLOG = 1024
 
 
 @dataclass(eq=False)
@@ -86,9 +90,15 @@ class _Session:
     """One live connection of a link: the core's connection, its socket and two threads."""
 
     def __init__(
-        self, run: _Run, conn: FederationConnection, sock: socket.socket, write_timeout: float
+        self,
+        run: _Run,
+        conn: FederationConnection,
+        sock: socket.socket,
+        write_timeout: float,
+        head: bytes = b"",
     ) -> None:
         self.run, self.conn, self.sock = run, conn, sock
+        self.head = head  # what was read before the connection was made (a server's request)
         self.wsock = sock.dup()  # the writer's: a timeout of its own
         self.wsock.settimeout(write_timeout)
         self.woken = threading.Event()
@@ -205,6 +215,9 @@ class FederatedRhizomeDB(DBBase[FederationLink, _Run]):
 
     def _read_loop(self, session: _Session) -> None:
         conn, sock = session.conn, session.sock
+        if session.head:
+            self._received(session, session.head, time.monotonic())
+            session.head = b""
         while True:
             with self._lock:
                 if conn.closed:
@@ -247,18 +260,26 @@ class FederatedRhizomeDB(DBBase[FederationLink, _Run]):
         host: str = "127.0.0.1",
         port: int = 8080,
         path: str = DEFAULT_PATH,
-        max_connections: int = 100,
+        max_connections: int | None = None,
         auto_broadcast: bool | None = None,
+        limits: AdmissionLimits | None = None,
+        credentials: Credentials | None = None,
     ) -> str:
-        """Listen for federation links on a thread; returns ``ws://host:port/path``."""
+        """Listen for federation links on a thread; returns ``ws://host:port/path``.
+        ``limits``, ``max_connections`` and ``credentials`` are those of the asyncio adapter
+        (defaults: 64 pending connections, 5 s each to complete the upgrade, the oldest closed
+        to make room; 100 open links, 32 from one address; HTTP 503 with ``Retry-After``
+        beyond)."""
         self._start_server(auto_broadcast)
         try:
-            listener = socket.create_server((host, port))
+            listener = socket.create_server((host, port), backlog=_BACKLOG)
         except OSError as exc:
             raise listen_error(exc, host, port) from exc
         listener.settimeout(_ACCEPT_POLL)
         self._listener = listener
-        url = self._serving(host, listener.getsockname()[1], path, max_connections)
+        url = self._serving(
+            host, listener.getsockname()[1], path, False, limits, max_connections, credentials
+        )
         self._server_thread = threading.Thread(
             target=self._serve, args=(listener,), daemon=True, name="rhizome-server"
         )
@@ -278,26 +299,40 @@ class FederatedRhizomeDB(DBBase[FederationLink, _Run]):
                     log.exception("accepting a connection failed")
                     time.sleep(_ACCEPT_POLL)  # out of file descriptors, perhaps
                     continue
+                ticket = self._admit(peer, functools.partial(_shut, sock))
                 thread = threading.Thread(
-                    target=self._accept, args=(sock, peer), daemon=True, name="rhizome-r"
+                    target=self._accept, args=(sock, peer, ticket), daemon=True, name="rhizome-r"
                 )
                 thread.start()
 
-    def _accept(self, sock: socket.socket, peer: object) -> None:
+    def _accept(self, sock: socket.socket, peer: object, ticket: Ticket) -> None:
+        """A new connection: pending (the request head) under admission, then a link, or
+        refused."""
         with sock:
             try:
-                made = self._incoming_link(peer)
+                head = _read_head(sock, ticket.deadline)
+                if head is None:
+                    if not ticket.released and time.monotonic() >= ticket.deadline:
+                        self._pending_expired()
+                    return
+                made = self._upgrade(ticket, peer)
                 if made is None:
-                    _refuse(sock)
+                    return
+                if isinstance(made, bytes):
+                    with contextlib.suppress(OSError):
+                        sock.settimeout(2.0)
+                        sock.sendall(made)
                     return
                 run, conn = made
                 run.thread = threading.current_thread()
                 try:
-                    self._serve_session(_Session(run, conn, sock, self._ping_timeout))
+                    self._serve_session(_Session(run, conn, sock, self._ping_timeout, head))
                 finally:
                     self._forget(run)
             except Exception:
                 log.exception("incoming connection failed")
+            finally:
+                self._release(ticket)
 
     # ---------------------------------------------------------------- outgoing links
 
@@ -309,20 +344,22 @@ class FederatedRhizomeDB(DBBase[FederationLink, _Run]):
         headers: Sequence[tuple[str, str]] = (),
         wait: bool = True,
         timeout: float | None = None,
+        token: str | None = None,
     ) -> FederationLink:
         """Open an outgoing link to ``ws://host[:port]/path``, reconnecting per
         ``config.reconnect`` on a thread of its own (a failed first connect is retried too).
 
         With ``wait`` this blocks until the handshake completed and raises
         :class:`ConnectionError` if the policy gives up first, or :class:`TimeoutError` (the
-        link is closed) after ``timeout`` seconds; without, it returns at once.
+        link is closed) after ``timeout`` seconds; without, it returns at once. ``token`` is
+        sent as ``Authorization: Bearer`` (a refusal, HTTP 401, is the link's failure).
         """
         if parse_url(url)[3]:
             raise ValueError(f"{url!r}: the threaded adapter has no TLS; use asyncio or trio")
         run, host, port, path, _ = self._outgoing_link(url, config, None)
         run.thread = threading.Thread(
             target=self._run_outgoing,
-            args=(run, host, port, path, headers),
+            args=(run, host, port, path, headers, token),
             daemon=True,
             name="rhizome-link",
         )
@@ -335,7 +372,13 @@ class FederatedRhizomeDB(DBBase[FederationLink, _Run]):
         return self._settled_link(run, url)
 
     def _run_outgoing(
-        self, run: _Run, host: str, port: int, path: str, headers: Sequence[tuple[str, str]]
+        self,
+        run: _Run,
+        host: str,
+        port: int,
+        path: str,
+        headers: Sequence[tuple[str, str]],
+        token: str | None = None,
     ) -> None:
         """Connect, run the session, wait per the reconnect policy, repeat until stopped."""
         try:
@@ -349,7 +392,7 @@ class FederatedRhizomeDB(DBBase[FederationLink, _Run]):
                     self._connect_failed(run, exc)
                     continue
                 with sock:
-                    conn = self._client_connection(run, host, port, path, headers)
+                    conn = self._client_connection(run, host, port, path, headers, token)
                     self._serve_session(_Session(run, conn, sock, self._ping_timeout))
         except Exception as exc:
             self._crashed(run, exc)
@@ -400,15 +443,26 @@ class FederatedRhizomeDB(DBBase[FederationLink, _Run]):
         self._close_store()
 
 
-def _refuse(sock: socket.socket) -> None:
-    """Answer a connection over the limit with HTTP 503 (after its request head, so the client
-    reads the answer rather than a reset); the caller closes it."""
-    sock.settimeout(2.0)
+def _shut(sock: socket.socket) -> None:
+    """Close a pending connection (its thread's ``recv`` returns)."""
     with contextlib.suppress(OSError):
-        head = b""
+        sock.shutdown(socket.SHUT_RDWR)
+
+
+def _read_head(sock: socket.socket, deadline: float) -> bytes | None:
+    """The request head (or as much as :func:`head_read` wants), read before ``deadline``
+    (``time.monotonic``); ``None`` when the connection ended or the deadline passed first."""
+    head = b""
+    try:
         while not head_read(head):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            sock.settimeout(left)
             chunk = sock.recv(READ_SIZE)
             if not chunk:
-                return
+                return None
             head += chunk
-        sock.sendall(REFUSAL)
+    except OSError:  # the deadline (TimeoutError), or closed to make room
+        return None
+    return head

@@ -141,16 +141,26 @@ class _TLSChannel(_Channel):
         self.tls, self.incoming, self.outgoing = tls, incoming, outgoing
         self.lock = threading.Lock()
         self.pending = bytearray()  # records the reader's TLS work made, for the writer
+        self.eof = False
 
     def recv(self, timeout: float) -> bytes | None:
+        # records may wait in the BIO already: those that came with the handshake's last ones
+        out = self._decrypt(None)
+        if out or self.eof:
+            return out
         raw = super().recv(timeout)
         if raw is None:
             return None
+        return self._decrypt(raw) or (b"" if not raw or self.eof else None)
+
+    def _decrypt(self, raw: bytes | None) -> bytes:
+        """Feed ``raw`` (``b""``: end of stream; ``None``: nothing new) to TLS; the plaintext
+        it makes. Records TLS makes meanwhile go to the writer."""
         out = bytearray()
         with self.lock:
             if raw:
                 self.incoming.write(raw)
-            else:
+            elif raw is not None:
                 self.incoming.write_eof()
             try:
                 while chunk := self.tls.read(READ_SIZE):
@@ -158,14 +168,12 @@ class _TLSChannel(_Channel):
             except ssl.SSLWantReadError:
                 pass
             except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
-                raw = b""  # closed (with or without close_notify)
+                self.eof = True  # closed (with or without close_notify)
             made = self.outgoing.read()
             self.pending += made
         if made:
             self.wake()
-        if out:
-            return bytes(out)
-        return b"" if not raw else None
+        return bytes(out)
 
     def send(self, data: bytes) -> None:
         with self.lock:

@@ -5,6 +5,7 @@ anyio adapter (asyncio and trio) both ways, and admission still in force over TL
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import ssl
@@ -130,6 +131,42 @@ def test_a_pending_tls_handshake_has_the_pending_deadline(server_tls: ssl.SSLCon
             idle.settimeout(5)
             assert idle.recv(100) == b""
         wait(lambda: server.admission.timed_out == 1 and server.admission.pending == 0)
+
+
+def test_a_request_in_the_same_read_as_the_handshake_s_last_record(
+    server_tls: ssl.SSLContext, client_tls: ssl.SSLContext
+) -> None:
+    """TLS 1.3 lets a client send its request right behind its ``Finished``: the server reads
+    both at once, and must find the request already decrypted-ready in its BIO."""
+    with threaded.FederatedRhizomeDB(system_id="server") as server:
+        url = server.enable_server(
+            port=0, ssl=server_tls, limits=AdmissionLimits(pending_timeout=1)
+        )
+        port = int(url.rsplit(":", 1)[1].split("/")[0])
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        tls = client_tls.wrap_bio(incoming, outgoing, server_hostname="127.0.0.1")
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            while True:
+                try:
+                    tls.do_handshake()
+                    break
+                except ssl.SSLWantReadError:
+                    sock.sendall(outgoing.read())
+                    incoming.write(sock.recv(65536))
+            tls.write(
+                b"GET /federation HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                b"Sec-WebSocket-Version: 13\r\n\r\n"
+            )
+            sock.sendall(outgoing.read())  # the client's Finished and the request, at once
+            answer = b""
+            while b"\r\n\r\n" not in answer:
+                data = sock.recv(65536)
+                assert data, f"closed by the server after {answer!r}"
+                incoming.write(data)
+                with contextlib.suppress(ssl.SSLWantReadError):
+                    answer += tls.read(65536)
+        assert answer.startswith(b"HTTP/1.1 101 ")
 
 
 @deadline(30)

@@ -148,6 +148,18 @@ def test_cli_serve_with_an_auth_file_and_put_with_a_token(tmp_path: Path) -> Non
             assert put("--token-file", str(token_file)).returncode == 0
             both = put("--token", "s3cret", "--token-file", str(token_file))
             assert both.returncode != 0 and "give one of them" in both.stderr
+            connect = [*CLI, "connect", url, "--once", "--memory", "--system-id", "spoke1"]
+            synced = subprocess.run(
+                [*connect, "--token-file", str(token_file)],
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
+            assert synced.returncode == 0, synced.stderr
+            refused = subprocess.run(
+                [*connect, "--max-attempts", "1"], capture_output=True, text=True, timeout=30
+            )
+            assert refused.returncode != 0 and "401" in refused.stderr
         finally:
             server.terminate()
     listed = subprocess.run(

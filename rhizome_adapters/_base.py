@@ -32,7 +32,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from ssl import SSLContext, create_default_context
 from typing import Any, Generic, Literal, Protocol, TypeAlias, TypeVar
 from urllib.parse import urlsplit
@@ -58,6 +58,8 @@ from rhizome_proto import (
     Role,
     TrustPolicy,
 )
+from rhizome_proto._admission import Admission, AdmissionLimits, Ticket
+from rhizome_proto._auth import Credentials
 
 from .storage import Store, open_store
 
@@ -78,6 +80,7 @@ __all__ = [
     "host_port",
     "listen_error",
     "parse_url",
+    "refusal",
 ]
 
 LinkStatus: TypeAlias = Literal[
@@ -95,12 +98,23 @@ SYNC_BUFFER = 256 * 1024
 CLOSE_GRACE = 5.0
 #: Seconds ``disconnect``/``close`` wait for a link to end (the core's close timeout is 10 s).
 DISCONNECT_WAIT = 15.0
-_REFUSAL_BODY = b"Too many connections\n"
-#: The whole answer to a connection beyond ``max_connections``.
-REFUSAL = (
-    b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain; charset=utf-8\r\n"
-    b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(_REFUSAL_BODY), _REFUSAL_BODY)
-)
+#: Seconds a refused client is asked to wait (``Retry-After``) before trying again.
+RETRY_AFTER = 5
+
+
+def refusal(reason: str = "Too many connections") -> bytes:
+    """The whole answer to an upgrade refused for want of an open slot: HTTP 503 with
+    ``Retry-After`` (the connection is closed after it)."""
+    body = f"{reason}\n".encode()
+    return (
+        b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain; charset=utf-8\r\n"
+        b"content-length: %d\r\nretry-after: %d\r\nconnection: close\r\n\r\n%s"
+        % (len(body), RETRY_AFTER, body)
+    )
+
+
+#: The answer to a connection beyond the server's limits (:func:`refusal`'s default).
+REFUSAL = refusal()
 
 
 def parse_url(url: str) -> tuple[str, int, str, bool]:
@@ -121,9 +135,10 @@ def host_port(host: str, port: int) -> str:
 
 
 def head_read(head: bytes) -> bool:
-    """Whether ``head`` holds a whole HTTP request head (or as much as is read of one before a
-    connection over the limit is answered with :data:`REFUSAL`)."""
-    return b"\r\n\r\n" in head or len(head) >= READ_SIZE
+    """Whether a server has read enough of a new connection to make it a link (or refuse it):
+    a whole HTTP request head, ``READ_SIZE`` bytes of one, or a first byte that no HTTP
+    request starts with (a TLS hello to a plain server: the core answers it)."""
+    return b"\r\n\r\n" in head or len(head) >= READ_SIZE or (not head[:1].isalpha() and head != b"")
 
 
 def listen_error(exc: OSError, host: str, port: int) -> OSError:
@@ -364,7 +379,10 @@ class DBBase(abc.ABC, Generic[LinkT, RunT]):
         self._emitting = False
         self._server_url: str | None = None
         self._server_path = DEFAULT_PATH
-        self._max_connections = 100
+        self._admission = Admission()
+        #: how to close each pending connection (to evict it, or at its deadline)
+        self._pending_closers: dict[Ticket, Callable[[], None]] = {}
+        self._credentials: Credentials | None = None
         self._closed = False
         self._store_closed = False
         self._init_runtime()
@@ -532,6 +550,8 @@ class DBBase(abc.ABC, Generic[LinkT, RunT]):
                 supervisor.connected(self._now())
             run.settled.set()
         elif kind is EventType.LINK_DISCONNECTED:
+            if run.state != "connected" and event.reason:  # why it never opened (HTTP 401, 503)
+                run.failure = run.failure or event.reason
             ending = run.stopping or not run.node_link.outgoing
             run.state = "disconnected" if ending else "reconnecting"
             run.end_reason = run.end_reason or event.reason or "the connection closed"
@@ -793,7 +813,13 @@ class DBBase(abc.ABC, Generic[LinkT, RunT]):
         )
 
     def _client_connection(
-        self, run: LinkRun, host: str, port: int, path: str, headers: Sequence[tuple[str, str]]
+        self,
+        run: LinkRun,
+        host: str,
+        port: int,
+        path: str,
+        headers: Sequence[tuple[str, str]],
+        token: str | None = None,
     ) -> FederationConnection:
         return self._new_connection(
             Role.CLIENT,
@@ -801,6 +827,7 @@ class DBBase(abc.ABC, Generic[LinkT, RunT]):
             host=host_port(host, port),
             path=path,
             extra_headers=headers,
+            token=token,
         )
 
     def _add_link(
@@ -839,16 +866,71 @@ class DBBase(abc.ABC, Generic[LinkT, RunT]):
         failure = f": {run.failure}" if run.failure else ""
         return f"link {run.id} to {run.node_link.remote_url} is {run.state}{failure}"
 
-    def _incoming_link(self, peer: object) -> tuple[RunT, FederationConnection] | None:
-        """A link and server connection for a new incoming connection from ``peer`` (a socket
-        address), or ``None`` when it must be refused (closed, or ``max_connections``)."""
-        incoming = sum(1 for run in list(self._runs.values()) if not run.node_link.outgoing)
-        if self._closed or incoming >= self._max_connections:
-            return None
+    # ---------------------------------------------------------------- admission (server)
+
+    def _admit(self, peer: object, close: Callable[[], None]) -> Ticket:
+        """A connection was accepted from ``peer`` (a socket address): its admission ticket,
+        pending until its request head is read (:meth:`_upgrade`) or its deadline
+        (``ticket.deadline``, on :meth:`_now`'s clock) passes. ``close`` ends it if it must
+        make room for a newer one; the oldest pending connection is closed here if this one
+        took its slot."""
+        address = str(peer[0]) if isinstance(peer, tuple) else str(peer)
+        with self._guard():
+            ticket, evicted = self._admission.connected(address, self._now())
+            self._pending_closers[ticket] = close
+            evict = None if evicted is None else self._pending_closers.pop(evicted, None)
+        if evict is not None:
+            evict()
+        return ticket
+
+    def _pending_expired(self) -> None:
+        """A pending connection's deadline passed: close every one past its deadline."""
+        with self._guard():
+            expired = self._admission.expired(self._now())
+            closers = [self._pending_closers.pop(t, None) for t in expired]
+        for close in closers:
+            if close is not None:
+                close()
+
+    def _release(self, ticket: Ticket) -> None:
+        """The connection of ``ticket`` ended (at any stage)."""
+        with self._guard():
+            self._admission.release(ticket)
+            self._pending_closers.pop(ticket, None)
+
+    def _upgrade(
+        self, ticket: Ticket, peer: object
+    ) -> tuple[RunT, FederationConnection] | bytes | None:
+        """The connection's request head is read: a link and server connection to feed it
+        to, or the bytes of a refusal (HTTP 503, then close), or ``None`` when it was closed
+        meanwhile (evicted, or past its deadline)."""
+        with self._guard():
+            self._pending_closers.pop(ticket, None)
+            if ticket.released:
+                return None
+            if self._closed:
+                self._admission.release(ticket)
+                return refusal("Shutting down")
+            why = self._admission.upgrade(ticket)
+        if why is not None:
+            self._logger.info("refused a connection from %s: %s", ticket.address, why)
+            return refusal(f"Service Unavailable: {why}")
         remote = host_port(str(peer[0]), peer[1]) if isinstance(peer, tuple) else None
         run = self._add_link(None, outgoing=False, remote_url=remote)
-        conn = self._new_connection(Role.SERVER, link_id=run.id, path=self._server_path)
+        conn = self._new_connection(
+            Role.SERVER,
+            link_id=run.id,
+            path=self._server_path,
+            open_timeout=self._admission.limits.pending_timeout,
+            credentials=self._credentials,
+        )
         return run, conn
+
+    @property
+    def admission(self) -> Admission:
+        """The server's admission counters and limits (``evicted``, ``timed_out``,
+        ``refused``, ``pending``, ``open``)."""
+        return self._admission
 
     def _outgoing_link(
         self, url: str, config: LinkConfig | None, ssl: SSLContext | None
@@ -875,10 +957,23 @@ class DBBase(abc.ABC, Generic[LinkT, RunT]):
             raise RuntimeError(f"the server is already running at {self._server_url}")
 
     def _serving(
-        self, host: str, port: int, path: str, max_connections: int, secure: bool = False
+        self,
+        host: str,
+        port: int,
+        path: str,
+        secure: bool,
+        limits: AdmissionLimits | None,
+        max_connections: int | None,
+        credentials: Credentials | None,
     ) -> str:
-        """The server listens on ``port``: remember where, return the URL."""
-        self._server_path, self._max_connections = path, max_connections
+        """The server listens on ``port``: remember where, its admission limits
+        (``max_connections``, if given, is their ``max_links``) and credentials; return the
+        URL."""
+        limits = limits or AdmissionLimits()
+        if max_connections is not None:
+            limits = replace(limits, max_links=max_connections)
+        self._server_path, self._credentials = path, credentials
+        self._admission = Admission(limits)
         self._server_url = f"{'wss' if secure else 'ws'}://{host_port(host, port)}{path}"
         return self._server_url
 

@@ -23,7 +23,6 @@ TLS (``wss://``) is ``anyio.streams.tls``; ``ssl=`` takes an :class:`ssl.SSLCont
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import logging
 import math
@@ -39,12 +38,13 @@ from anyio.streams.stapled import MultiListener
 from anyio.streams.tls import TLSStream
 
 from rhizome_proto import DEFAULT_PATH, Delta, FederationConnection, LinkConfig
+from rhizome_proto._admission import AdmissionLimits
+from rhizome_proto._auth import Credentials
 
 from ._base import (
     CLOSE_GRACE,
     DISCONNECT_WAIT,
     READ_SIZE,
-    REFUSAL,
     DBBase,
     EventHandler,
     LinkBase,
@@ -84,8 +84,15 @@ class _Run(LinkRun):
 class _Session:
     """One live connection of a link: the core's connection and its stream."""
 
-    def __init__(self, run: _Run, conn: FederationConnection, stream: anyio.abc.ByteStream):
+    def __init__(
+        self,
+        run: _Run,
+        conn: FederationConnection,
+        stream: anyio.abc.ByteStream,
+        head: bytes = b"",
+    ):
         self.run, self.conn, self.stream = run, conn, stream
+        self.head = head  # what was read before the connection was made (a server's request)
         self.woken, self.rearmed, self.armed = anyio.Event(), anyio.Event(), math.inf
         self.idle = False  # the writer waits to be woken
         self.write_scope = anyio.CancelScope()  # gets the grace deadline once the core is done
@@ -258,10 +265,14 @@ class FederatedRhizomeDB(DBBase[FederationLink, _Run]):
     async def _read_loop(self, session: _Session) -> None:
         try:
             while not session.conn.closed:
-                try:
-                    data: bytes | None = await session.stream.receive(_RECEIVE_SIZE)
-                except anyio.EndOfStream:
-                    data = b""
+                data: bytes | None = session.head
+                if data:
+                    session.head = b""
+                else:
+                    try:
+                        data = await session.stream.receive(_RECEIVE_SIZE)
+                    except anyio.EndOfStream:
+                        data = b""
                 self._reading = session
                 try:
                     self._received(session, data, anyio.current_time())
@@ -320,23 +331,37 @@ class FederatedRhizomeDB(DBBase[FederationLink, _Run]):
         host: str = "127.0.0.1",
         port: int = 8080,
         path: str = DEFAULT_PATH,
-        max_connections: int = 100,
+        max_connections: int | None = None,
         auto_broadcast: bool | None = None,
         ssl: SSLContext | None = None,
+        limits: AdmissionLimits | None = None,
+        credentials: Credentials | None = None,
     ) -> str:
         """Listen for federation links; returns ``ws://host:port/path`` (the actual port), or
         ``wss://...`` when ``ssl`` (a server context holding the certificate) is given.
-        ``auto_broadcast`` (as in the seed's server config) overrides the instance's setting."""
+        ``auto_broadcast`` (as in the seed's server config) overrides the instance's setting.
+
+        ``limits`` are the admission limits (:class:`~rhizome_proto._admission.AdmissionLimits`;
+        defaults: ``max_pending=64`` connections in the TLS handshake or HTTP upgrade at once,
+        the oldest closed to make room; ``pending_timeout=5.0`` seconds to complete it;
+        ``max_links=100`` open links; ``max_links_per_address=32`` from one client address;
+        an upgrade beyond is answered HTTP 503 with ``Retry-After``). ``max_connections``, if
+        given, is ``max_links``. With ``credentials`` (bearer tokens and the system ids each
+        may claim) an upgrade without a valid token is answered 401 and a ``hello`` claiming
+        another system id is refused; without, anyone may connect (v1)."""
         self._running()
         self._start_server(auto_broadcast)
         try:
             listener = await anyio.create_tcp_listener(local_host=host, local_port=port)
         except OSError as exc:
             raise listen_error(exc, host, port) from exc
+        actual_port = listener.extra(SocketAttribute.local_port)
+        url = self._serving(
+            host, actual_port, path, ssl is not None, limits, max_connections, credentials
+        )
         self._server_scope = anyio.CancelScope()
         self._spawn(self._serve, listener, ssl, self._server_scope)
-        actual_port = listener.extra(SocketAttribute.local_port)
-        return self._serving(host, actual_port, path, max_connections, ssl is not None)
+        return url
 
     async def _serve(
         self, listener: MultiListener[Any], ssl: SSLContext | None, scope: anyio.CancelScope
@@ -358,21 +383,36 @@ class FederatedRhizomeDB(DBBase[FederationLink, _Run]):
                 await anyio.sleep(0.5)  # out of file descriptors, perhaps
 
     async def _accept(self, stream: anyio.abc.SocketStream, ssl: SSLContext | None) -> None:
+        """A new connection: pending (TLS handshake, request head) under admission, then a
+        link, or refused."""
         io: anyio.abc.ByteStream = stream
+        peer = stream.extra(SocketAttribute.remote_address, None)
+        pending = anyio.CancelScope()
+        ticket = self._admit(peer, pending.cancel)
+        pending.deadline = ticket.deadline
         try:
-            peer = stream.extra(SocketAttribute.remote_address, None)
-            if ssl is not None:
-                with anyio.fail_after(TLS_HANDSHAKE_TIMEOUT):
+            made = None
+            head = b""
+            with pending:
+                if ssl is not None:
                     io = await TLSStream.wrap(
                         stream, server_side=True, ssl_context=ssl, standard_compatible=False
                     )
-            made = self._incoming_link(peer)
+                while not head_read(head):
+                    head += await io.receive(READ_SIZE)
+                made = self._upgrade(ticket, peer)
             if made is None:
-                return await _refuse(io)
+                if pending.cancelled_caught and not ticket.released:
+                    self._pending_expired()  # its deadline passed (else it was evicted)
+                return
+            if isinstance(made, bytes):
+                with anyio.move_on_after(2.0):
+                    await io.send(made)
+                return
             run, conn = made
             try:
                 with run.scope:
-                    await self._serve_session(_Session(run, conn, io))
+                    await self._serve_session(_Session(run, conn, io, head))
             finally:
                 self._forget(run)
                 run.done.set()
@@ -381,6 +421,7 @@ class FederatedRhizomeDB(DBBase[FederationLink, _Run]):
         except Exception:
             log.exception("incoming connection failed")
         finally:
+            self._release(ticket)
             await anyio.aclose_forcefully(io)
 
     # ---------------------------------------------------------------- outgoing links
@@ -393,18 +434,21 @@ class FederatedRhizomeDB(DBBase[FederationLink, _Run]):
         headers: Sequence[tuple[str, str]] = (),
         wait: bool = True,
         ssl: SSLContext | None = None,
+        token: str | None = None,
     ) -> FederationLink:
         """Open an outgoing link to ``ws://host[:port]/path`` or ``wss://...``, reconnecting per
         ``config.reconnect`` (a failed first connect is retried too). ``wss://`` verifies the
         server's certificate for the URL's host with ``ssl`` (default: the system's trust
-        store); a TLS failure is a connect failure like any other.
+        store); a TLS failure is a connect failure like any other. ``token`` is sent as
+        ``Authorization: Bearer`` (a server that refuses it answers 401: the link's failure
+        says so).
 
         With ``wait`` this returns once the handshake completed and raises
         :class:`ConnectionError` if the policy gives up first; without, it returns at once.
         """
         self._running()
         run, host, port, path, context = self._outgoing_link(url, config, ssl)
-        self._spawn(self._run_outgoing, run, host, port, path, headers, context)
+        self._spawn(self._run_outgoing, run, host, port, path, headers, context, token)
         if not wait:
             return self._view(run)
         try:
@@ -423,6 +467,7 @@ class FederatedRhizomeDB(DBBase[FederationLink, _Run]):
         path: str,
         headers: Sequence[tuple[str, str]],
         ssl: SSLContext | None,
+        token: str | None = None,
     ) -> None:
         """Connect, run the session, wait per the reconnect policy, repeat until stopped."""
         try:
@@ -436,7 +481,7 @@ class FederatedRhizomeDB(DBBase[FederationLink, _Run]):
                     except (*_BROKEN, TimeoutError) as exc:
                         self._connect_failed(run, _cause(exc))
                         continue
-                    conn = self._client_connection(run, host, port, path, headers)
+                    conn = self._client_connection(run, host, port, path, headers, token)
                     await self._serve_session(_Session(run, conn, stream))
         except Exception as exc:
             self._crashed(run, exc)
@@ -491,16 +536,9 @@ async def _open(host: str, port: int, ssl: SSLContext | None) -> anyio.abc.ByteS
             return await TLSStream.wrap(
                 stream, hostname=host, ssl_context=ssl, standard_compatible=False
             )
+    except anyio.EndOfStream as exc:
+        await anyio.aclose_forcefully(stream)
+        raise anyio.BrokenResourceError("closed by the server during the TLS handshake") from exc
     except BaseException:
         await anyio.aclose_forcefully(stream)
         raise
-
-
-async def _refuse(stream: anyio.abc.ByteStream) -> None:
-    """Answer a connection over the limit with HTTP 503 (after its request head, so the client
-    reads the answer rather than a reset); the caller closes it."""
-    with anyio.move_on_after(2.0), contextlib.suppress(*_BROKEN, anyio.EndOfStream):
-        head = b""
-        while not head_read(head):
-            head += await stream.receive(READ_SIZE)
-        await stream.send(REFUSAL)

@@ -47,6 +47,8 @@ from rhizome_proto import (
     public_key_text,
     sign_delta,
 )
+from rhizome_proto._admission import AdmissionLimits
+from rhizome_proto._auth import Credentials, parse_token_file
 
 from .aio import FederatedRhizomeDB, FederationLink
 from .storage import SQLiteStore
@@ -145,7 +147,11 @@ def _reconnect(attempts: int, max_delay: float = 30.0) -> ReconnectPolicy:
 
 
 async def _open_link(
-    db: FederatedRhizomeDB, url: str, config: LinkConfig, tls: ssl.SSLContext | None = None
+    db: FederatedRhizomeDB,
+    url: str,
+    config: LinkConfig,
+    tls: ssl.SSLContext | None = None,
+    token: str | None = None,
 ) -> FederationLink:
     """``connect_to_remote``, with its failure as one line: why the last attempt failed, as
     the link's reconnect supervisor recorded it."""
@@ -158,7 +164,7 @@ async def _open_link(
 
     unsubscribe = db.on_federation_event(on_event, (EventType.LINK_ERROR,))
     try:
-        return await db.connect_to_remote(url, config, ssl=tls)
+        return await db.connect_to_remote(url, config, ssl=tls, token=token)
     except ConnectionError as exc:
         supervisor = ended[-1] if ended else None
         what = f"cannot connect to {url}"
@@ -193,6 +199,48 @@ async def _first(*aws: Awaitable[Any]) -> None:
     finally:
         for task in tasks:
             task.cancel()
+
+
+def _token(args: argparse.Namespace) -> str | None:
+    """The client's bearer token: ``--token`` or the first line of ``--token-file``."""
+    if args.token is not None and args.token_file is not None:
+        raise CLIError("--token and --token-file: give one of them")
+    if args.token_file is None:
+        token: str | None = args.token
+    else:
+        try:
+            with open(args.token_file, encoding="utf-8") as f:
+                token = f.readline().strip()
+        except OSError as exc:
+            raise CLIError(f"cannot read --token-file {args.token_file}: {exc}") from None
+    if token is not None and (not token or any(c.isspace() or not c.isprintable() for c in token)):
+        raise CLIError("the token must be non-empty printable text without spaces")
+    return token
+
+
+def _credentials(args: argparse.Namespace) -> Credentials | None:
+    """The server's accepted tokens from ``--auth-file`` (``TOKEN SYSTEM_ID ...`` per line)."""
+    if args.auth_file is None:
+        return None
+    try:
+        with open(args.auth_file, encoding="utf-8") as f:
+            return parse_token_file(f.read(), args.auth_file)
+    except OSError as exc:
+        raise CLIError(f"cannot read --auth-file {args.auth_file}: {exc}") from None
+    except ValueError as exc:
+        raise CLIError(f"--auth-file: {exc}") from None
+
+
+def _limits(args: argparse.Namespace) -> AdmissionLimits:
+    try:
+        return AdmissionLimits(
+            max_pending=args.max_pending,
+            pending_timeout=args.pending_timeout,
+            max_links=args.max_links,
+            max_links_per_address=args.max_links_per_address,
+        )
+    except ValueError as exc:
+        raise CLIError(str(exc)) from None
 
 
 def _read_key(text: str, what: str) -> bytes:
@@ -372,6 +420,7 @@ def _log_event(event: FederationEvent) -> None:
 
 async def _serve(args: argparse.Namespace) -> int:
     tls = _server_tls(args)
+    credentials, limits = _credentials(args), _limits(args)
     stop = _install_stop()  # before "listening on": a signal right after it must stop cleanly
     async with FederatedRhizomeDB(
         system_id=_system_id(args),
@@ -381,7 +430,14 @@ async def _serve(args: argparse.Namespace) -> int:
     ) as db:
         db.on_federation_event(_log_event, _LOGGED)
         try:
-            url = await db.enable_server(host=args.host, port=args.port, path=args.path, ssl=tls)
+            url = await db.enable_server(
+                host=args.host,
+                port=args.port,
+                path=args.path,
+                ssl=tls,
+                limits=limits,
+                credentials=credentials,
+            )
         except OSError as exc:  # the message names the address and the reason
             raise CLIError(exc.strerror or str(exc)) from None
         print(f"listening on {url}", flush=True)
@@ -394,6 +450,7 @@ async def _serve(args: argparse.Namespace) -> int:
 async def _connect(args: argparse.Namespace) -> int:
     _check_url(args.url)
     tls = _client_tls(args.url, args.tls_ca)
+    token = _token(args)
     initial_sync: InitialSync = args.initial_sync or (
         "full" if args.since is None else "from_timestamp"
     )
@@ -448,7 +505,7 @@ async def _connect(args: argparse.Namespace) -> int:
         db.on_federation_event(
             on_event, (*_LOGGED, EventType.SYNC_STARTED, EventType.SYNC_PROGRESS)
         )
-        opening = asyncio.ensure_future(_open_link(db, args.url, config, tls))
+        opening = asyncio.ensure_future(_open_link(db, args.url, config, tls, token))
         await _first(opening, stop.wait())
         if not opening.done():  # interrupted while connecting
             await asyncio.wait({opening})
@@ -475,6 +532,9 @@ async def _connect(args: argparse.Namespace) -> int:
 async def _put(args: argparse.Namespace) -> int:
     pointers = [_parse_pointer(p) for p in args.pointer]
     tls = None
+    token = _token(args)
+    if token is not None and not args.to:
+        raise CLIError("--token goes with --to URL")
     if args.to:
         _check_url(args.to)
         tls = _client_tls(args.to, args.tls_ca)
@@ -497,7 +557,7 @@ async def _put(args: argparse.Namespace) -> int:
         await db.persist_delta(delta)
         if args.to:
             config = LinkConfig(mode="push", initial_sync="none", reconnect=_reconnect(1))
-            link = await _open_link(db, args.to, config, tls)
+            link = await _open_link(db, args.to, config, tls, token)
             done = asyncio.Event()
             verdict: list[FederationEvent] = []
 
@@ -686,6 +746,18 @@ def _add_trust(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_token(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--token", help="bearer token for the server (visible in the process list)")
+    p.add_argument("--token-file", metavar="FILE", help="bearer token: the first line of FILE")
+
+
+def _positive(text: str) -> int:
+    value = _count(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive number, not {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rhizome", description="RhizomeDB federation: serve, connect, put, ls, keygen, demo."
@@ -703,6 +775,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-broadcast", action="store_true", help="do not relay between links")
     p.add_argument("--tls-cert", metavar="FILE", help="serve wss://: certificate chain (PEM)")
     p.add_argument("--tls-key", metavar="FILE", help="serve wss://: private key (PEM)")
+    p.add_argument(
+        "--auth-file",
+        metavar="FILE",
+        help="accept only clients with a token of FILE: 'TOKEN SYSTEM_ID [SYSTEM_ID ...]' per "
+        "line ('*': any system id); a client may say hello only as one of its token's ids",
+    )
+    defaults = AdmissionLimits()
+    p.add_argument(
+        "--max-links",
+        type=_positive,
+        default=defaults.max_links,
+        metavar="N",
+        help="open links in all (default: %(default)s)",
+    )
+    p.add_argument(
+        "--max-links-per-address",
+        type=_positive,
+        default=defaults.max_links_per_address,
+        metavar="N",
+        help="open links from one client address (default: %(default)s)",
+    )
+    p.add_argument(
+        "--max-pending",
+        type=_positive,
+        default=defaults.max_pending,
+        metavar="N",
+        help="connections still in their upgrade at once, the oldest closed for a new one "
+        "(default: %(default)s)",
+    )
+    p.add_argument(
+        "--pending-timeout",
+        type=_seconds,
+        default=defaults.pending_timeout,
+        metavar="S",
+        help="seconds a connection may take to complete its upgrade (default: %(default)s)",
+    )
 
     p = sub.add_parser("connect", help="connect to a federation server and sync")
     p.add_argument("url", help="ws://HOST:PORT/PATH or wss://HOST:PORT/PATH")
@@ -721,6 +829,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--max-delay", type=_seconds, default=30.0, help="longest retry delay, seconds")
     p.add_argument("--tls-ca", metavar="FILE", help=TLS_CA_HELP)
+    _add_token(p)
     _add_trust(p)
 
     p = sub.add_parser("put", help="author a delta into a database, or send it to a URL")
@@ -734,6 +843,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--signing-key", metavar="FILE", help="sign the delta with this key")
     p.add_argument("--timeout", type=_seconds, default=10.0, help="seconds to wait for the ack")
     p.add_argument("--tls-ca", metavar="FILE", help=TLS_CA_HELP)
+    _add_token(p)
 
     p = sub.add_parser("ls", help="list, count or show the deltas of a database")
     p.add_argument("--db", default=DEFAULT_DB)

@@ -23,19 +23,24 @@ connect thread) or from the thread that called ``disconnect``/``close``: one at 
 order the node produced the events, never under the lock, so they may call the instance's
 methods. A slow handler delays that thread's connection. Coroutine handlers are refused.
 
-TLS (``wss://``) is not offered here yet: use the asyncio or trio adapter for it.
+TLS (``wss://``): ``enable_server(ssl=...)`` and ``connect_to_remote(..., ssl=...)`` take an
+:class:`ssl.SSLContext`, as in the async adapter. The TLS work runs on memory BIOs under a lock
+of the connection's own, held only around it, so the reader still never waits for the writer.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import logging
 import socket
+import ssl
 import threading
 import time
-from collections.abc import Awaitable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from ssl import SSLContext
 from typing import Any
 
 from rhizome_proto import (
@@ -44,12 +49,13 @@ from rhizome_proto import (
     FederationConnection,
     LinkConfig,
 )
+from rhizome_proto._admission import AdmissionLimits, Ticket
+from rhizome_proto._auth import Credentials
 
 from ._base import (
     CLOSE_GRACE,
     DISCONNECT_WAIT,
     READ_SIZE,
-    REFUSAL,
     DBBase,
     EventHandler,
     LinkBase,
@@ -57,7 +63,6 @@ from ._base import (
     LinkStatus,
     head_read,
     listen_error,
-    parse_url,
 )
 
 __all__ = ["EventHandler", "FederatedRhizomeDB", "FederationLink", "LinkStatus"]
@@ -68,8 +73,12 @@ log = logging.getLogger(__name__)
 _MAX_WAIT = 1.0
 #: Seconds a TCP connect may take.
 _CONNECT_TIMEOUT = 10.0
+#: Seconds a client's TLS handshake may take.
+_TLS_HANDSHAKE_TIMEOUT = 60.0
 #: How often the listening thread looks whether the server was stopped.
 _ACCEPT_POLL = 0.5
+#: Connections the kernel queues for ``accept`` (a flood must not fill it before we evict).
+_BACKLOG = 1024
 
 
 @dataclass(eq=False)
@@ -81,23 +90,151 @@ class _Run(LinkRun):
     wakeup: threading.Event = field(default_factory=threading.Event)
 
 
-class _Session:
-    """One live connection of a link: the core's connection, its socket and two threads."""
+class _Channel:
+    """A connection's byte stream over its socket: the reader's ``recv`` and, on a ``dup()``
+    of the socket with a timeout of its own, the writer's ``send``."""
+
+    def __init__(self, sock: socket.socket, write_timeout: float) -> None:
+        self.sock = sock
+        self.wsock = sock.dup()
+        self.wsock.settimeout(write_timeout)
+        #: the writer must look (TLS: records to send that the reader made)
+        self.wake: Callable[[], None] = lambda: None
+
+    def recv(self, timeout: float) -> bytes | None:
+        """Bytes read (``b""``: end of stream), or ``None`` when none came within
+        ``timeout``."""
+        self.sock.settimeout(timeout)
+        try:
+            return self.sock.recv(READ_SIZE)
+        except TimeoutError:
+            return None
+
+    def send(self, data: bytes) -> None:
+        """Write ``data`` (blocks until the kernel has it; ``b""``: what is pending)."""
+        if data:
+            self.wsock.sendall(data)
+
+    def abort(self) -> None:
+        """End both directions now (a blocked ``recv`` or ``send`` returns)."""
+        _shut(self.sock)
+
+    def close(self) -> None:
+        self.wsock.close()
+
+
+class _TLSChannel(_Channel):
+    """TLS over a socket through memory BIOs: the reader and the writer use one
+    :class:`ssl.SSLObject` under a lock held only for the TLS work (never while a socket
+    blocks), so reading never waits for writing, as over plain TCP."""
 
     def __init__(
-        self, run: _Run, conn: FederationConnection, sock: socket.socket, write_timeout: float
+        self,
+        sock: socket.socket,
+        write_timeout: float,
+        tls: ssl.SSLObject,
+        incoming: ssl.MemoryBIO,
+        outgoing: ssl.MemoryBIO,
     ) -> None:
-        self.run, self.conn, self.sock = run, conn, sock
-        self.wsock = sock.dup()  # the writer's: a timeout of its own
-        self.wsock.settimeout(write_timeout)
+        super().__init__(sock, write_timeout)
+        self.tls, self.incoming, self.outgoing = tls, incoming, outgoing
+        self.lock = threading.Lock()
+        self.pending = bytearray()  # records the reader's TLS work made, for the writer
+        self.eof = False
+
+    def recv(self, timeout: float) -> bytes | None:
+        # records may wait in the BIO already: those that came with the handshake's last ones
+        out = self._decrypt(None)
+        if out or self.eof:
+            return out
+        raw = super().recv(timeout)
+        if raw is None:
+            return None
+        return self._decrypt(raw) or (b"" if not raw or self.eof else None)
+
+    def _decrypt(self, raw: bytes | None) -> bytes:
+        """Feed ``raw`` (``b""``: end of stream; ``None``: nothing new) to TLS; the plaintext
+        it makes. Records TLS makes meanwhile go to the writer."""
+        out = bytearray()
+        with self.lock:
+            if raw:
+                self.incoming.write(raw)
+            elif raw is not None:
+                self.incoming.write_eof()
+            try:
+                while chunk := self.tls.read(READ_SIZE):
+                    out += chunk
+            except ssl.SSLWantReadError:
+                pass
+            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                self.eof = True  # closed (with or without close_notify)
+            made = self.outgoing.read()
+            self.pending += made
+        if made:
+            self.wake()
+        return bytes(out)
+
+    def send(self, data: bytes) -> None:
+        with self.lock:
+            view = memoryview(data)
+            while view:
+                view = view[self.tls.write(view) :]
+            out = bytes(self.pending) + self.outgoing.read()
+            self.pending.clear()
+        super().send(out)
+
+
+def _tls_channel(
+    sock: socket.socket,
+    context: ssl.SSLContext,
+    write_timeout: float,
+    deadline: float,
+    hostname: str | None = None,
+) -> _TLSChannel:
+    """The TLS handshake over ``sock`` (a server's when ``hostname`` is ``None``, else a
+    client's, checking the certificate for ``hostname``), done before ``deadline``
+    (``time.monotonic``; else :class:`TimeoutError`)."""
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = context.wrap_bio(
+        incoming, outgoing, server_side=hostname is None, server_hostname=hostname
+    )
+    while True:
+        try:
+            tls.do_handshake()
+            done = True
+        except ssl.SSLWantReadError:
+            done = False
+        out = outgoing.read()
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the TLS handshake took too long")
+        sock.settimeout(left)
+        if out:
+            sock.sendall(out)
+        if done:
+            return _TLSChannel(sock, write_timeout, tls, incoming, outgoing)
+        data = sock.recv(READ_SIZE)
+        if not data:
+            raise ConnectionError("closed during the TLS handshake")
+        incoming.write(data)
+
+
+class _Session:
+    """One live connection of a link: the core's connection, its channel and two threads."""
+
+    def __init__(
+        self, run: _Run, conn: FederationConnection, channel: _Channel, head: bytes = b""
+    ) -> None:
+        self.run, self.conn, self.channel = run, conn, channel
+        self.head = head  # what was read before the connection was made (a server's request)
         self.woken = threading.Event()
+        channel.wake = self.wake
 
     def wake(self) -> None:
         self.woken.set()
 
     def abort(self) -> None:
-        with contextlib.suppress(OSError):
-            self.sock.shutdown(socket.SHUT_RDWR)
+        self.channel.abort()
 
     def rearm(self) -> None:
         """The reader looks at the deadline before every ``recv``."""
@@ -192,22 +329,22 @@ class FederatedRhizomeDB(DBBase[FederationLink, _Run]):
             writer.join(CLOSE_GRACE)
             session.abort()  # the writer is stuck in sendall: end it
             writer.join(CLOSE_GRACE)
-            session.wsock.close()
+            session.channel.close()
             self._detach(session)
 
     def _read_loop(self, session: _Session) -> None:
-        conn, sock = session.conn, session.sock
+        conn, channel = session.conn, session.channel
+        if session.head:
+            self._received(session, session.head, time.monotonic())
+            session.head = b""
         while True:
             with self._lock:
                 if conn.closed:
                     return
                 deadline = conn.get_timer()
             wait = _MAX_WAIT if deadline is None else deadline - time.monotonic()
-            sock.settimeout(min(max(wait, 0.001), _MAX_WAIT))
             try:
-                data: bytes | None = sock.recv(READ_SIZE)
-            except TimeoutError:
-                data = None
+                data = channel.recv(min(max(wait, 0.001), _MAX_WAIT))
             except OSError as exc:
                 self._fail(session, exc)
                 return
@@ -220,7 +357,8 @@ class FederatedRhizomeDB(DBBase[FederationLink, _Run]):
                 session.woken.wait()
                 session.woken.clear()
                 while data := self._output(session):
-                    session.wsock.sendall(data)
+                    session.channel.send(data)
+                session.channel.send(b"")  # what the reader's TLS work left to send
                 if session.conn.should_close:
                     break
         except OSError as exc:
@@ -239,25 +377,41 @@ class FederatedRhizomeDB(DBBase[FederationLink, _Run]):
         host: str = "127.0.0.1",
         port: int = 8080,
         path: str = DEFAULT_PATH,
-        max_connections: int = 100,
+        max_connections: int | None = None,
         auto_broadcast: bool | None = None,
+        limits: AdmissionLimits | None = None,
+        credentials: Credentials | None = None,
+        ssl: SSLContext | None = None,
     ) -> str:
-        """Listen for federation links on a thread; returns ``ws://host:port/path``."""
+        """Listen for federation links on a thread; returns ``ws://host:port/path``, or
+        ``wss://...`` when ``ssl`` (a server context holding the certificate) is given.
+        ``limits``, ``max_connections`` and ``credentials`` are those of the asyncio adapter
+        (defaults: 64 pending connections, 5 s each to complete the TLS handshake and the
+        upgrade, the oldest closed to make room; 100 open links, 32 from one address; HTTP 503
+        with ``Retry-After`` beyond)."""
         self._start_server(auto_broadcast)
         try:
-            listener = socket.create_server((host, port))
+            listener = socket.create_server((host, port), backlog=_BACKLOG)
         except OSError as exc:
             raise listen_error(exc, host, port) from exc
         listener.settimeout(_ACCEPT_POLL)
         self._listener = listener
-        url = self._serving(host, listener.getsockname()[1], path, max_connections)
+        url = self._serving(
+            host,
+            listener.getsockname()[1],
+            path,
+            ssl is not None,
+            limits,
+            max_connections,
+            credentials,
+        )
         self._server_thread = threading.Thread(
-            target=self._serve, args=(listener,), daemon=True, name="rhizome-server"
+            target=self._serve, args=(listener, ssl), daemon=True, name="rhizome-server"
         )
         self._server_thread.start()
         return url
 
-    def _serve(self, listener: socket.socket) -> None:
+    def _serve(self, listener: socket.socket, context: SSLContext | None) -> None:
         with listener:
             while not self._closed:
                 try:
@@ -270,26 +424,60 @@ class FederatedRhizomeDB(DBBase[FederationLink, _Run]):
                     log.exception("accepting a connection failed")
                     time.sleep(_ACCEPT_POLL)  # out of file descriptors, perhaps
                     continue
+                ticket = self._admit(peer, functools.partial(_shut, sock))
                 thread = threading.Thread(
-                    target=self._accept, args=(sock, peer), daemon=True, name="rhizome-r"
+                    target=self._accept,
+                    args=(sock, peer, ticket, context),
+                    daemon=True,
+                    name="rhizome-r",
                 )
                 thread.start()
 
-    def _accept(self, sock: socket.socket, peer: object) -> None:
+    def _accept(
+        self, sock: socket.socket, peer: object, ticket: Ticket, context: SSLContext | None
+    ) -> None:
+        """A new connection: pending (the TLS handshake, the request head) under admission,
+        then a link, or refused."""
         with sock:
             try:
-                made = self._incoming_link(peer)
-                if made is None:
-                    _refuse(sock)
-                    return
-                run, conn = made
-                run.thread = threading.current_thread()
+                if context is None:
+                    channel = _Channel(sock, self._ping_timeout)
+                else:
+                    try:
+                        channel = _tls_channel(sock, context, self._ping_timeout, ticket.deadline)
+                    except OSError:  # a failed handshake, evicted, or its deadline
+                        self._pending_expired()
+                        return
                 try:
-                    self._serve_session(_Session(run, conn, sock, self._ping_timeout))
+                    self._serve_pending(channel, peer, ticket)
                 finally:
-                    self._forget(run)
+                    channel.close()
             except Exception:
                 log.exception("incoming connection failed")
+            finally:
+                self._release(ticket)
+
+    def _serve_pending(self, channel: _Channel, peer: object, ticket: Ticket) -> None:
+        """Read the request head before the deadline, then serve the link or refuse it."""
+        head = _read_head(channel, ticket.deadline)
+        if head is None:
+            if not ticket.released and time.monotonic() >= ticket.deadline:
+                self._pending_expired()
+            return
+        made = self._upgrade(ticket, peer)
+        if made is None:
+            return
+        if isinstance(made, bytes):
+            with contextlib.suppress(OSError):
+                channel.wsock.settimeout(2.0)
+                channel.send(made)
+            return
+        run, conn = made
+        run.thread = threading.current_thread()
+        try:
+            self._serve_session(_Session(run, conn, channel, head))
+        finally:
+            self._forget(run)
 
     # ---------------------------------------------------------------- outgoing links
 
@@ -301,20 +489,23 @@ class FederatedRhizomeDB(DBBase[FederationLink, _Run]):
         headers: Sequence[tuple[str, str]] = (),
         wait: bool = True,
         timeout: float | None = None,
+        token: str | None = None,
+        ssl: SSLContext | None = None,
     ) -> FederationLink:
-        """Open an outgoing link to ``ws://host[:port]/path``, reconnecting per
-        ``config.reconnect`` on a thread of its own (a failed first connect is retried too).
+        """Open an outgoing link to ``ws://host[:port]/path`` or ``wss://...``, reconnecting
+        per ``config.reconnect`` on a thread of its own (a failed first connect is retried
+        too). ``wss://`` verifies the server's certificate for the URL's host with ``ssl``
+        (default: the system's trust store); a TLS failure is a connect failure like any other.
 
         With ``wait`` this blocks until the handshake completed and raises
         :class:`ConnectionError` if the policy gives up first, or :class:`TimeoutError` (the
-        link is closed) after ``timeout`` seconds; without, it returns at once.
+        link is closed) after ``timeout`` seconds; without, it returns at once. ``token`` is
+        sent as ``Authorization: Bearer`` (a refusal, HTTP 401, is the link's failure).
         """
-        if parse_url(url)[3]:
-            raise ValueError(f"{url!r}: the threaded adapter has no TLS; use asyncio or trio")
-        run, host, port, path, _ = self._outgoing_link(url, config, None)
+        run, host, port, path, context = self._outgoing_link(url, config, ssl)
         run.thread = threading.Thread(
             target=self._run_outgoing,
-            args=(run, host, port, path, headers),
+            args=(run, host, port, path, headers, token, context),
             daemon=True,
             name="rhizome-link",
         )
@@ -327,7 +518,14 @@ class FederatedRhizomeDB(DBBase[FederationLink, _Run]):
         return self._settled_link(run, url)
 
     def _run_outgoing(
-        self, run: _Run, host: str, port: int, path: str, headers: Sequence[tuple[str, str]]
+        self,
+        run: _Run,
+        host: str,
+        port: int,
+        path: str,
+        headers: Sequence[tuple[str, str]],
+        token: str | None = None,
+        context: SSLContext | None = None,
     ) -> None:
         """Connect, run the session, wait per the reconnect policy, repeat until stopped."""
         try:
@@ -341,8 +539,23 @@ class FederatedRhizomeDB(DBBase[FederationLink, _Run]):
                     self._connect_failed(run, exc)
                     continue
                 with sock:
-                    conn = self._client_connection(run, host, port, path, headers)
-                    self._serve_session(_Session(run, conn, sock, self._ping_timeout))
+                    channel: _Channel
+                    try:
+                        if context is None:
+                            channel = _Channel(sock, self._ping_timeout)
+                        else:
+                            deadline = time.monotonic() + _TLS_HANDSHAKE_TIMEOUT
+                            channel = _tls_channel(
+                                sock, context, self._ping_timeout, deadline, host
+                            )
+                    except OSError as exc:
+                        self._connect_failed(run, exc)
+                        continue
+                    try:
+                        conn = self._client_connection(run, host, port, path, headers, token)
+                        self._serve_session(_Session(run, conn, channel))
+                    finally:
+                        channel.close()
         except Exception as exc:
             self._crashed(run, exc)
         finally:
@@ -392,15 +605,25 @@ class FederatedRhizomeDB(DBBase[FederationLink, _Run]):
         self._close_store()
 
 
-def _refuse(sock: socket.socket) -> None:
-    """Answer a connection over the limit with HTTP 503 (after its request head, so the client
-    reads the answer rather than a reset); the caller closes it."""
-    sock.settimeout(2.0)
+def _shut(sock: socket.socket) -> None:
+    """Close a pending connection (its thread's ``recv`` returns)."""
     with contextlib.suppress(OSError):
-        head = b""
+        sock.shutdown(socket.SHUT_RDWR)
+
+
+def _read_head(channel: _Channel, deadline: float) -> bytes | None:
+    """The request head (or as much as :func:`head_read` wants), read before ``deadline``
+    (``time.monotonic``); ``None`` when the connection ended or the deadline passed first."""
+    head = b""
+    try:
         while not head_read(head):
-            chunk = sock.recv(READ_SIZE)
-            if not chunk:
-                return
-            head += chunk
-        sock.sendall(REFUSAL)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            chunk = channel.recv(left)
+            if chunk == b"":
+                return None
+            head += chunk or b""
+    except OSError:  # the deadline (TimeoutError), or closed to make room
+        return None
+    return head

@@ -844,7 +844,10 @@ class FederationNode:
                     if not self._conflict(link, conn, delta) and live:
                         conn.ack(delta.id)
                     continue
-                reason = self._verdict(link, delta)
+                try:
+                    reason = self._verdict(link, delta)
+                except Exception as exc:  # a policy failing on what a peer sent: refused
+                    reason = f"trust policy failed on this delta: {type(exc).__name__}"
                 if reason is None:
                     keep.append(delta)
                     continue

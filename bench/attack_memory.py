@@ -8,7 +8,8 @@ closes its socket. ``dup-ack-4k``: the same with an id of 4,000 characters (with
 cap), 20,000 times: 80 MB of acknowledgements the client never reads.
 
 ``parked`` (finding 3): 20 clients with made-up system ids connect, ``pause`` and leave, while
-a 21st pushes 10,000 deltas of about 1 KB.
+a 21st pushes 10,000 deltas of about 1 KB. ``parked-unread``: the same, but the 20 do not pause:
+they never read what is relayed to them.
 
 For each attack, the server's RSS (``VmRSS`` of the ``rhizome serve`` process, MB) is printed
 before, at the peak during the attack, and 2 s after the attackers left. The server runs in a
@@ -99,13 +100,16 @@ def dup_ack(url: str, id_size: int = MIB, times: int = 600) -> None:
     sock.close()
 
 
-def parked(url: str, clients: int = 20, deltas: int = 10_000) -> None:
-    """Finding 3: clients with made-up ids pause and leave while deltas are pushed."""
+def parked(url: str, clients: int = 20, deltas: int = 10_000, pause: bool = True) -> None:
+    """Finding 3: clients with made-up ids pause (or just never read) and leave while deltas
+    are pushed."""
     socks = []
     for i in range(clients):
         sock, _, _ = client_upgrade(url, 30)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         sock.sendall(client_frame(hello(f"made-up-{i}")))
-        sock.sendall(client_frame(dumps({"type": "pause", "timestamp": T0})))
+        if pause:
+            sock.sendall(client_frame(dumps({"type": "pause", "timestamp": T0})))
         socks.append(sock)
     pusher, _, _ = client_upgrade(url, 30)
     pusher.sendall(client_frame(hello("pusher")))
@@ -124,12 +128,22 @@ def dup_ack_4k(url: str) -> None:
     dup_ack(url, 4000, 20_000)
 
 
-ATTACKS = {"dup-ack": dup_ack, "dup-ack-4k": dup_ack_4k, "parked": parked}
+def parked_unread(url: str) -> None:
+    """Finding 3 with clients that do not pause but never read what is relayed to them."""
+    parked(url, pause=False)
+
+
+ATTACKS = {
+    "dup-ack": dup_ack,
+    "dup-ack-4k": dup_ack_4k,
+    "parked": parked,
+    "parked-unread": parked_unread,
+}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--attack", default="dup-ack,dup-ack-4k,parked")
+    parser.add_argument("--attack", default=",".join(ATTACKS))
     parser.add_argument("--memory", action="store_true", help="a memory store (else SQLite)")
     args = parser.parse_args()
     for name in args.attack.split(","):

@@ -4,6 +4,7 @@ connection ends, without the cyclic garbage collector."""
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import socket
@@ -11,11 +12,13 @@ import time
 import tracemalloc
 from collections.abc import Iterator
 
+import anyio
 import pytest
 
 from bench.wire import client_frame, client_upgrade
 from rhizome_adapters.threaded import FederatedRhizomeDB
 from rhizome_proto import CloseCode, ErrorCode, FederationNode
+from tests.aio_support import deadline, instance, wait_until
 from tests.hostile_peers import T0, HostileServer, delta_dict
 
 MIB = 1024 * 1024
@@ -203,3 +206,57 @@ def test_finding_2_over_sockets_memory_is_released_without_the_gc(no_gc: None) -
     assert peak > 4 * MIB  # it did hold what the peer did not read, for a while
     assert after < 2 * MIB
     assert db.get_delta_by_id("i" * 4000) is not None
+
+
+def _attack(url: str) -> socket.socket:
+    """Finding 2's client: hello, then the same delta 6,000 times without reading (blocking;
+    returns once the server stopped reading it or closed it)."""
+    sock, _, _ = client_upgrade(url, 10)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    hello = {
+        "type": "hello",
+        "timestamp": T0,
+        "systemId": "attacker",
+        "protocol": "rhizomedb-federation-v1",
+        "config": {"mode": "bidirectional", "initialSync": "none"},
+    }
+    sock.sendall(client_frame(json.dumps(hello).encode()))
+    frame = client_frame(
+        json.dumps({"type": "delta", "timestamp": T0, "delta": delta_dict("i" * 4000)}).encode()
+    )
+    sock.settimeout(10)
+    with contextlib.suppress(OSError):
+        for _ in range(6000):
+            sock.sendall(frame)
+    return sock
+
+
+@deadline(40)
+async def test_finding_2_over_sockets_async_memory_is_released_without_the_gc() -> None:
+    """The same on the async adapter (asyncio and trio), whose cancelled tasks leave reference
+    cycles behind: the buffers are not in them."""
+    gc.collect()
+    gc.disable()
+    tracemalloc.start()
+    try:
+        async with instance(system_id="victim") as db:
+            db.node.max_connection_memory = 4 * MIB
+            errors: list[str] = []
+            db.on_federation_event(
+                lambda e: errors.append(e.code or "") if e.type == "link:error" else None
+            )
+            url = await db.enable_server(port=0)
+            base = tracemalloc.get_traced_memory()[0]
+            sock = await anyio.to_thread.run_sync(_attack, url)
+            await wait_until(lambda: ErrorCode.FLOW_CONTROL in errors, 20)
+            sock.close()
+            await wait_until(lambda: db.get_federation_links() == [], 20)
+            await anyio.sleep(0.2)
+            after = tracemalloc.get_traced_memory()[0] - base
+            peak = tracemalloc.get_traced_memory()[1] - base
+            assert db.get_delta_by_id("i" * 4000) is not None
+    finally:
+        tracemalloc.stop()
+        gc.enable()
+    assert peak > 4 * MIB
+    assert after < 2 * MIB

@@ -556,7 +556,7 @@ class FederationNode:
         for link, size in sorted(queued, key=lambda item: -item[1]):
             if total <= self.memory_budget:
                 return
-            if size <= cap and link.conn is not None and not link.conn.closed:
+            if 0 < size <= cap and link.conn is not None and not link.conn.closed:
                 self._shed(
                     link,
                     f"the server's memory budget of {self.memory_budget} bytes "

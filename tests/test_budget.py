@@ -82,6 +82,23 @@ def test_finding_2_a_peer_that_does_not_read_is_disconnected() -> None:
     assert server.store.count() == 1
 
 
+def test_past_the_total_budget_the_connection_holding_the_most_goes() -> None:
+    """Each peer within its own cap, together over the budget (nothing parked to drop): the
+    one holding the most is disconnected, the other goes on."""
+    server = HostileServer(memory_budget=100 * 1024, max_connection_memory=MIB)
+    big, small = server.connect("big", "big"), server.connect("small", "small")
+    message = {"type": "delta", "timestamp": T0, "delta": delta_dict("i" * 4000)}
+    for _ in range(20):
+        server.send("big", message)
+    for _ in range(10):
+        server.send("small", message)
+    assert big.closed and big.close_code == CloseCode.POLICY_VIOLATION
+    assert small.is_open
+    assert server.node.memory_held <= 100 * 1024
+    [error] = server.of_type("link:error")
+    assert error.link_id == "big" and "memory budget" in error.reason
+
+
 def test_relay_to_a_peer_that_does_not_read_falls_back_to_the_store() -> None:
     """Stored deltas relayed to a v1 peer that does not read stop being queued past its cap:
     the link catches up from the store instead (nothing lost, memory bounded)."""

@@ -630,6 +630,8 @@ class DBBase(abc.ABC, Generic[LinkT, RunT]):
         """Something may have been queued on any connection: let every writer look."""
         for session in list(self._sessions):
             session.wake()
+            if session.conn.should_close:  # the node ended it (a peer that does not read)
+                session.closing()
 
     def _received(self, session: Session, data: bytes | None, now: float) -> None:
         """What a read returned (``b""``: end of stream; ``None``: nothing, the time has come)

@@ -282,6 +282,9 @@ class FederatedRhizomeDB(DBBase[FederationLink, _Run]):
                     session.wake()
                 else:
                     self._wake_committer()
+                if delay := session.conn.read_delay(anyio.current_time()):  # rate limit
+                    session.wake()
+                    await anyio.sleep(delay)
         except _BROKEN as exc:
             self._fail(session, _cause(exc))
         except Exception as exc:
@@ -307,6 +310,7 @@ class FederatedRhizomeDB(DBBase[FederationLink, _Run]):
             log.exception("link %s failed while writing", session.run.id)
             self._fail(session, exc)
         finally:
+            data = b""  # not kept by this frame if a traceback outlives it (a cycle)
             if session.scope is not None:
                 session.scope.cancel()  # the reader and the timer
             await anyio.aclose_forcefully(session.stream)

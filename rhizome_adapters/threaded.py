@@ -349,6 +349,11 @@ class FederatedRhizomeDB(DBBase[FederationLink, _Run]):
                 self._fail(session, exc)
                 return
             self._received(session, data, time.monotonic())
+            with self._lock:
+                delay = conn.read_delay(time.monotonic())
+            if delay > 0:  # over the rate limit: stop reading this link for a while
+                session.wake()
+                time.sleep(delay)
 
     def _write_loop(self, session: _Session) -> None:
         """The one place that writes; shuts the socket down once the core is done."""

@@ -58,6 +58,7 @@ from ._messages import FederationConfig
 from ._protocol import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_MAX_BATCH,
+    DEFAULT_MAX_ID_LENGTH,
     DEFAULT_RECEIVE_WINDOW,
     FederationProtocol,
     LinkEndpoint,
@@ -193,6 +194,7 @@ class FederationConnection:
         max_batch: int = DEFAULT_MAX_BATCH,
         credentials: Credentials | None = None,
         token: str | None = None,
+        max_id_length: int = DEFAULT_MAX_ID_LENGTH,
     ) -> None:
         self._proto = FederationProtocol(
             role,
@@ -205,6 +207,7 @@ class FederationConnection:
             extensions=extensions,
             receive_window=receive_window,
             max_batch=max_batch,
+            max_id_length=max_id_length,
         )
         if max_message_size < 1:
             raise ValueError("max_message_size must be positive")
@@ -248,6 +251,9 @@ class FederationConnection:
         self._reject_body = bytearray()
         #: wsproto hit a framing error: its input is dead, no close reply can be read
         self._ws_failed = False
+        # the ``now`` of the last call given one: a close begun by a call without a time
+        # (``fail_input``, from the node acting on our events) times out from there
+        self._last_now: float | None = None
 
     # ---------------------------------------------------------------- the protocol's view
 
@@ -489,9 +495,18 @@ class FederationConnection:
             raise ValueError("receive_data needs bytes; call receive_eof() at end of stream")
         if self._proto.state is State.CLOSED:
             return
+        self._last_now = now
         self._proto.heard_from_peer(now)
         try:
             self._receive(data, now)
+        except RemoteProtocolError:
+            raise
+        except Exception as exc:  # a bug of ours or below us: never a bare drop of the link
+            reason = f"internal error handling the peer's input: {type(exc).__name__}"
+            self._proto.fail_input(ErrorCode.MESSAGE_ERROR, reason)
+            raise RemoteProtocolError(
+                reason, code=ErrorCode.MESSAGE_ERROR, close_code=CloseCode.INTERNAL_ERROR
+            ) from exc
         finally:
             self._closing_began(now)
 
@@ -541,7 +556,9 @@ class FederationConnection:
         self.connection_lost(now, "connection closed by peer")
 
     def connection_lost(self, now: float, reason: str = "connection lost") -> None:
-        """The transport ended under us: :class:`Closed` with code 1006 unless already closed."""
+        """The transport ended under us: :class:`Closed` with code 1006 unless already closed.
+        What was queued for it is dropped (nothing can carry it any more)."""
+        self._out = bytearray()
         self._abort(reason)
 
     def get_timer(self) -> float | None:
@@ -559,6 +576,7 @@ class FederationConnection:
         """Fire what is due: opening/closing handshake timeouts, pings, the heartbeat timeout."""
         if self._proto.state is State.CLOSED:
             return
+        self._last_now = now
         if self._open_deadline is not None and now >= self._open_deadline:
             self._abort("opening handshake timed out")
             return
@@ -583,6 +601,36 @@ class FederationConnection:
         deltas committed to the next ``deltas`` message of extension ``batch`` are not encoded
         yet and not counted)."""
         return len(self._out) + self._proto.outbox_size
+
+    def limit_rate(self, rate: float, burst: float | None = None) -> None:
+        """Hold the peer to a rate (:meth:`FederationProtocol.limit_rate`)."""
+        self._proto.limit_rate(rate, burst)
+
+    def read_delay(self, now: float) -> float:
+        """Seconds not to read the transport from ``now`` (the rate limit; 0: read on). An
+        adapter asks after handing over each read, and writes what this may have queued."""
+        return self._proto.read_delay(now)
+
+    def fail_input(self, code: ErrorCode, text: str) -> None:
+        """Handling the peer's input failed on our side: a fatal ``error`` and the close
+        (1011); the close timeout runs from the last time this connection was given."""
+        self._proto.fail_input(code, text)
+        if self._last_now is not None:
+            self._closing_began(self._last_now)
+
+    def shed(self, reason: str) -> None:
+        """The peer does not read what is queued for it beyond our bound: it is dropped and
+        the link ends at once (:class:`Closed`, 1008; the transport is to be closed)."""
+        self._out = bytearray()
+        self._rx.clear()
+        self.should_close = True
+        self._open_deadline = None
+        self._proto.shed(reason)
+
+    @property
+    def max_id_length(self) -> int:
+        """The longest id, author or system id accepted from the peer (characters)."""
+        return self._proto.max_id_length
 
     @property
     def reject_status(self) -> int | None:

@@ -63,13 +63,16 @@ from ._events import (
 )
 from ._filter import DeltaFilter
 from ._protocol import DEFAULT_BATCH_SIZE, LinkEndpoint, Role, State
+from ._ratelimit import TokenBucket
 from ._serving import PushCatchUp, PushState, ServeState, SyncServer
 from ._store import DeltaStore
 from ._trust import PermissiveTrustPolicy, TrustPolicy
 
 __all__ = [
+    "DEFAULT_CONNECTION_MEMORY",
     "DEFAULT_EXTENSIONS",
     "DEFAULT_MAX_BATCH_BYTES",
+    "DEFAULT_MEMORY_BUDGET",
     "PUSH_CURSOR_KEY",
     "PUSH_WINDOW",
     "SYNC_CURSOR_KEY",
@@ -105,6 +108,10 @@ _NO_BARRIER = (DeltaReceived, SyncBatchReceived, DeltaAcked, DeltaRejected)
 STORE_ID_KEY = "store_id"
 #: The extensions a node speaks unless told otherwise.
 DEFAULT_EXTENSIONS: tuple[str, ...] = ("cursor", "batch", "credit")
+#: Default ``memory_budget``: bytes held for peers in all (queued output, parked deltas).
+DEFAULT_MEMORY_BUDGET = 256 * 1024 * 1024
+#: Default floor of ``max_connection_memory`` (bytes queued for one connection).
+DEFAULT_CONNECTION_MEMORY = 16 * 1024 * 1024
 #: Most deltas of a push catch-up in flight (sent, not yet acknowledged) at once.
 PUSH_WINDOW = 1000
 #: Milliseconds between two saves of a push cursor (a stale cursor only means resending more).
@@ -221,6 +228,24 @@ class FederationNode:
         max_parked: how many undelivered deltas are kept per remote system id when an incoming
             link closes, for its next connection (the oldest go first beyond that; a client
             that reconnects with an initial sync recovers them anyway).
+        memory_budget: one bound, in bytes, over what the node holds for peers: the bytes
+            queued on every connection (:attr:`LinkEndpoint.outbound_size`) and the parked
+            deltas (their JSON size). Past it, parked deltas go first, the oldest parked
+            first (their remotes are gone: the store keeps them, and a client that comes back
+            with an initial sync, or is offered catch-up, gets them again), then the
+            connection holding the most is ended (as below). Checked at every commit.
+        max_connection_memory: the most bytes queued for one connection (default: 16 MiB or
+            twice ``max_message_size``, whichever is more): a peer that does not read past it
+            is disconnected at once (close code 1008, ``link:error`` then
+            ``link:disconnected``); what it had not settled stays in the store (and in the
+            link's outbox or parking) and is offered again when it returns. Relayed stored
+            deltas beyond half of it go through the link's catch-up from the store instead.
+        rate_limit: ``(rate, burst)``: hold each link to ``rate`` units a second (a unit is a
+            message, or a delta of a ``deltas`` message) with bursts of ``burst``; a peer over
+            it is told once per excursion (a non-fatal ``RATE_LIMITED`` error) and slowed: the
+            adapter waits :meth:`FederationConnection.read_delay` before reading it again.
+            Other links are read as usual. Incoming links only (peers connecting to us).
+            ``None`` (the default): no limit.
     """
 
     def __init__(
@@ -237,6 +262,9 @@ class FederationNode:
         max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
         max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
         max_queued: int = 10_000,
+        memory_budget: int = DEFAULT_MEMORY_BUDGET,
+        max_connection_memory: int | None = None,
+        rate_limit: tuple[float, float] | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
@@ -248,6 +276,15 @@ class FederationNode:
         self._max_delta_bytes = max_message_size - min(_ENVELOPE, max_message_size // 2)
         if max_parked < 0:
             raise ValueError("max_parked must be >= 0")
+        if max_connection_memory is None:
+            max_connection_memory = max(DEFAULT_CONNECTION_MEMORY, 2 * max_message_size)
+        if memory_budget < 1 or max_connection_memory < 1:
+            raise ValueError("memory_budget and max_connection_memory must be >= 1")
+        if rate_limit is not None:
+            TokenBucket(*rate_limit)  # checks it
+        self.memory_budget = memory_budget
+        self.max_connection_memory = max_connection_memory
+        self.rate_limit = rate_limit
         self.system_id = system_id
         self.store = store
         self.trust_policy: TrustPolicy = trust_policy or PermissiveTrustPolicy()
@@ -259,10 +296,16 @@ class FederationNode:
         self.extensions = tuple(extensions)
         self._store_id_cache: str | None = None
         self.max_parked = max_parked
-        #: undelivered deltas of closed incoming links, by remote system id
-        self._parked: dict[str, deque[Delta]] = {}
-        #: parked deltas dropped because ``max_parked`` was reached
+        #: undelivered deltas of closed incoming links (each with its JSON size), by remote
+        #: system id, the remote parked least recently first
+        self._parked: dict[str, deque[tuple[Delta, int]]] = {}
+        #: bytes of JSON of the parked deltas
+        self.parked_bytes = 0
+        #: parked deltas dropped because ``max_parked`` or ``memory_budget`` was reached
         self.parked_dropped = 0
+        #: connections ended because their peer did not read (``max_connection_memory`` or
+        #: ``memory_budget``)
+        self.connections_shed = 0
         #: whether received deltas are reported one by one (``delta:received``); an application
         #: that does not ask for them gets ``sync:progress`` per batch and nothing per delta
         self.report_received = True
@@ -313,12 +356,19 @@ class FederationNode:
                 f"link {link_id!r} already has a live connection", code=ErrorCode.UNEXPECTED_MESSAGE
             )
         link.conn = conn
+        if self.rate_limit is not None and conn.role is Role.SERVER:  # what peers send us
+            conn.limit_rate(*self.rate_limit)
         if link._serving is not None:
             link._serving.abort()
 
     def remove_link(self, link_id: str) -> NodeLink | None:
-        """Forget a link (after its connection closed); returns its record."""
-        return self._links.pop(link_id, None)
+        """Forget a link (after its connection closed); returns its record, which lets go of
+        its connection once it is closed (so that nothing the record is still referenced by
+        keeps the connection's buffers alive)."""
+        link = self._links.pop(link_id, None)
+        if link is not None and link.conn is not None and link.conn.closed:
+            link.conn = None
+        return link
 
     # ---------------------------------------------------------------- local deltas
 
@@ -427,9 +477,35 @@ class FederationNode:
                 except BaseException:
                     self._deferred[link_id] = event
                     raise
-            self._handle(link, conn, event, self._out)
+            try:
+                self._handle(link, conn, event, self._out)
+            except Exception as exc:
+                if isinstance(event, Closed):  # not the peer's input: the caller's to handle
+                    raise
+                self._input_failed(link, conn, event, exc)
             event = conn.next_event()
         self._save_cursor_if_settled(link)
+
+    def _input_failed(
+        self, link: NodeLink, conn: LinkEndpoint, event: Event, exc: Exception
+    ) -> None:
+        """Acting on what the peer sent raised: the peer gets a fatal ``error`` and the link
+        closes (1011); the application gets ``link:error`` with the exception. Never a bare
+        drop of the link."""
+        what = f"{type(exc).__name__}: {exc}"[:300]
+        conn.fail_input(
+            ErrorCode.MESSAGE_ERROR,
+            f"could not handle {type(event).__name__}: {type(exc).__name__}",
+        )
+        self._out.append(
+            FederationEvent(
+                type=EventType.LINK_ERROR,
+                link_id=link.id,
+                code=ErrorCode.MESSAGE_ERROR,
+                reason=f"handling {type(event).__name__} from the peer failed: {what}",
+                fatal=True,
+            )
+        )
 
     def commit(self) -> list[FederationEvent]:
         """Store everything staged, in one durable transaction, then acknowledge it, relay it
@@ -438,8 +514,88 @@ class FederationNode:
         (nothing was acknowledged)."""
         if self._staged or self._staged_meta:
             self._store_staged()
+        self._bound_memory()
         out, self._out = self._out, []
         return out
+
+    # ---------------------------------------------------------------- memory
+
+    @property
+    def memory_held(self) -> int:
+        """Bytes held for peers, as :attr:`memory_budget` counts them: what is queued on every
+        live connection and the parked deltas."""
+        return self.parked_bytes + sum(size for _, size in self._queued())
+
+    def _queued(self) -> list[tuple[NodeLink, int]]:
+        """Every link with a live connection and the bytes queued on it."""
+        return [
+            (link, link.conn.outbound_size)
+            for link in self._links.values()
+            if link.conn is not None and not link.conn.closed
+        ]
+
+    def _bound_memory(self) -> None:
+        """Keep to ``max_connection_memory`` per connection and to ``memory_budget`` in all:
+        shed connections whose peer does not read past their cap, drop parked deltas (the
+        oldest first), then shed the connections holding the most."""
+        cap = self.max_connection_memory
+        queued = self._queued()
+        total = self.parked_bytes
+        for link, size in queued:
+            if size > cap:
+                self._shed(
+                    link, f"{size} bytes queued for a peer that does not read them (at most {cap})"
+                )
+            else:
+                total += size
+        if total <= self.memory_budget:
+            return
+        total -= self._evict_parked(total - self.memory_budget)
+        if total <= self.memory_budget:
+            return
+        for link, size in sorted(queued, key=lambda item: -item[1]):
+            if total <= self.memory_budget:
+                return
+            if 0 < size <= cap and link.conn is not None and not link.conn.closed:
+                self._shed(
+                    link,
+                    f"the server's memory budget of {self.memory_budget} bytes "
+                    f"is spent; {size} bytes were queued for this peer",
+                )
+                total -= size
+
+    def _shed(self, link: NodeLink, reason: str) -> None:
+        """End the link's connection now (its peer does not read) and act on its end."""
+        conn = link.conn
+        assert conn is not None
+        self.connections_shed += 1
+        conn.shed(reason)
+        self._out.append(
+            FederationEvent(
+                type=EventType.LINK_ERROR,
+                link_id=link.id,
+                code=ErrorCode.FLOW_CONTROL,
+                reason=reason,
+                fatal=True,
+            )
+        )
+        self.stage(link.id)  # its Closed: unsettled deltas to the outbox / parking
+
+    def _evict_parked(self, excess: int) -> int:
+        """Drop parked deltas, the remote parked least recently first and its oldest deltas
+        first, until ``excess`` bytes are freed (or none is left); returns the bytes freed."""
+        freed = 0
+        parked = self._parked
+        while freed < excess and parked:
+            system_id = next(iter(parked))
+            queue = parked[system_id]
+            while queue and freed < excess:
+                freed += queue.popleft()[1]
+                self.parked_dropped += 1
+            if not queue:
+                del parked[system_id]
+        self.parked_bytes -= freed
+        return freed
 
     @property
     def staged(self) -> int:
@@ -595,14 +751,19 @@ class FederationNode:
                         self._send(other, delta)
                 link.outbox.clear()
                 return
-        parked = self._parked.setdefault(link.remote_system_id or "", deque())
-        parked.extend(link.outbox)
+        system_id = link.remote_system_id or ""
+        parked = self._parked.pop(system_id, None) or deque()
+        self._parked[system_id] = parked  # the remote parked most recently goes last
+        added = [(delta, len(encode_value(delta))) for delta in link.outbox]
+        parked.extend(added)
+        self.parked_bytes += sum(size for _, size in added)
         link.outbox.clear()
         while len(parked) > self.max_parked:
-            parked.popleft()
+            self.parked_bytes -= parked.popleft()[1]
             self.parked_dropped += 1
         if not parked:
-            del self._parked[link.remote_system_id or ""]
+            del self._parked[system_id]
+        self._bound_memory()
 
     def _connected(self, link: NodeLink, conn: LinkEndpoint, event: HandshakeComplete) -> None:
         link.remote_system_id = event.remote_system_id
@@ -614,7 +775,8 @@ class FederationNode:
             link.config = LinkConfig.mirror(remote)
             link.remote_pull_filter = remote.pull_filter if remote else None
             parked = self._parked.pop(event.remote_system_id, ())
-            link.outbox.extend(d for d in parked if self._wants(link, d))
+            self.parked_bytes -= sum(size for _, size in parked)
+            link.outbox.extend(d for d, _ in parked if self._wants(link, d))
         else:
             cfg = link.config
             if cfg.receives and cfg.initial_sync != "none":
@@ -684,7 +846,10 @@ class FederationNode:
                     if not self._conflict(link, conn, delta) and live:
                         conn.ack(delta.id)
                     continue
-                reason = self._verdict(link, delta)
+                try:
+                    reason = self._verdict(link, delta)
+                except Exception as exc:  # a policy failing on what a peer sent: refused
+                    reason = f"trust policy failed on this delta: {type(exc).__name__}"
                 if reason is None:
                     keep.append(delta)
                     continue
@@ -782,7 +947,10 @@ class FederationNode:
             if push.state is _CATCHING_UP:  # the store has it, in order
                 push.extend(seq)
                 return
-            if conn.pending_count >= self.max_queued:
+            if (
+                conn.pending_count >= self.max_queued
+                or conn.outbound_size >= self.max_connection_memory // 2  # never shed for it
+            ):
                 push.overflow(seq)
                 link.stats.overflows += 1
                 return

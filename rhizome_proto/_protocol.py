@@ -74,10 +74,12 @@ from ._messages import (
     SyncRequest,
     SyncStart,
 )
+from ._ratelimit import TokenBucket
 
 __all__ = [
     "DEFAULT_BATCH_SIZE",
     "DEFAULT_MAX_BATCH",
+    "DEFAULT_MAX_ID_LENGTH",
     "DEFAULT_RECEIVE_WINDOW",
     "INPUTS",
     "TRANSITIONS",
@@ -94,6 +96,10 @@ DEFAULT_BATCH_SIZE = 100
 DEFAULT_MAX_BATCH = 1000
 #: extension ``credit``: the most unacknowledged live deltas we accept from the peer
 DEFAULT_RECEIVE_WINDOW = 10_000
+#: The longest id, author, system id or link id accepted from a peer (characters): a delta
+#: with a longer one is refused (``delta_nack`` naming the rule, or an ``INVALID_DELTA`` error
+#: when the id itself is the long one), a ``hello`` / ``hello_ack`` with one is fatal.
+DEFAULT_MAX_ID_LENGTH = 4096
 
 
 class Role(Enum):
@@ -236,6 +242,8 @@ class LinkEndpoint(Protocol):
     @property
     def pending_count(self) -> int: ...
     @property
+    def outbound_size(self) -> int: ...
+    @property
     def extensions_agreed(self) -> frozenset[str]: ...
     def is_pending(self, delta_id: str) -> bool: ...
     def next_event(self) -> Event | None: ...
@@ -257,6 +265,9 @@ class LinkEndpoint(Protocol):
     ) -> None: ...
     def complete_sync(self, cursor: str | None = None) -> None: ...
     def reject_sync(self, message: str, code: ErrorCode = ErrorCode.SYNC_ERROR) -> None: ...
+    def limit_rate(self, rate: float, burst: float | None = None) -> None: ...
+    def fail_input(self, code: ErrorCode, text: str) -> None: ...
+    def shed(self, reason: str) -> None: ...
 
 
 class FederationProtocol:
@@ -279,6 +290,8 @@ class FederationProtocol:
             from the peer (announced in the handshake; a peer beyond it is reported as a
             :class:`ProtocolViolation` with ``FLOW_CONTROL``, its deltas still delivered).
         max_batch: extension ``batch``: the most deltas in one ``deltas`` message we send.
+        max_id_length: the longest delta id, author, system id (of a delta or a ``hello``)
+            and link id accepted from the peer, in characters (see ``DEFAULT_MAX_ID_LENGTH``).
     """
 
     def __init__(
@@ -294,6 +307,7 @@ class FederationProtocol:
         extensions: Iterable[str] = (),
         receive_window: int = DEFAULT_RECEIVE_WINDOW,
         max_batch: int = DEFAULT_MAX_BATCH,
+        max_id_length: int = DEFAULT_MAX_ID_LENGTH,
     ) -> None:
         if not system_id:
             raise ValueError("system_id must be a non-empty string")
@@ -301,8 +315,10 @@ class FederationProtocol:
             raise ValueError("a server connection needs a link_id")
         if ping_interval <= 0 or ping_timeout <= 0:
             raise ValueError("ping_interval and ping_timeout must be positive")
-        if receive_window < 1 or max_batch < 1:
-            raise ValueError("receive_window and max_batch must be at least 1")
+        if receive_window < 1 or max_batch < 1 or max_id_length < 1:
+            raise ValueError("receive_window, max_batch and max_id_length must be at least 1")
+        #: the longest id, author or system id accepted from the peer (characters)
+        self.max_id_length = max_id_length
         self.role = role
         self.system_id = system_id
         self.config = config or FederationConfig()
@@ -339,6 +355,12 @@ class FederationProtocol:
         self.close_code: int | None = None
         self.close_reason = ""
         self._outbox: list[str] = []
+        self._outbox_size = 0  # characters in _outbox
+        # rate limit (``limit_rate``): the bucket, units read since the last ``read_delay``,
+        # and whether the peer was told it is over its rate in this excursion
+        self._bucket: TokenBucket | None = None
+        self._rx_units = 0
+        self._limited = False
         self._events: deque[Event] = deque()
         self._unacked: dict[str, Delta] = {}
         self._held: deque[Message] = deque()
@@ -432,7 +454,12 @@ class FederationProtocol:
     def outbox_size(self) -> int:
         """Characters of the messages queued for :meth:`messages_to_send` (the live deltas
         committed to the next ``deltas`` message are not encoded yet and not counted)."""
-        return sum(len(m) for m in self._outbox)
+        return self._outbox_size
+
+    @property
+    def outbound_size(self) -> int:
+        """What is queued for the peer, in characters of messages (:attr:`outbox_size`)."""
+        return self._outbox_size
 
     def messages_to_send(self) -> list[str]:
         """Take the queued outgoing messages (JSON text, one per WebSocket text frame).
@@ -446,6 +473,7 @@ class FederationProtocol:
             self._rx_acked = self._rx_done
             self._outbox.append(encode(DeltasAck(timestamp=self._clock(), up_to=self._rx_done)))
         out, self._outbox = self._outbox, []
+        self._outbox_size = 0
         return out
 
     def events(self) -> list[Event]:
@@ -541,10 +569,14 @@ class FederationProtocol:
             self.heard_from_peer(now)
         if self._deaf:
             return
+        if self._bucket is not None:
+            self._rx_units += 1
         try:
             message = decode(text)
         except CodecError as exc:
             self._codec_error(exc)
+            return
+        if len(text) > self.max_id_length and self._over_length(message):
             return
         self._dispatch(message)
 
@@ -684,6 +716,54 @@ class FederationProtocol:
         reports it with :meth:`connection_closed`. A no-op once closing."""
         self._call(CLOSE, code, reason)
 
+    def limit_rate(self, rate: float, burst: float | None = None) -> None:
+        """Hold the peer to ``rate`` units a second (a unit: one message, or one delta of a
+        ``deltas`` message), bursts of ``burst``: past it :meth:`read_delay` says how long
+        the transport must not be read, and the peer is told once per excursion with a
+        non-fatal ``RATE_LIMITED`` error (``rhizome_proto._ratelimit``)."""
+        self._bucket = TokenBucket(rate, burst)
+
+    def read_delay(self, now: float) -> float:
+        """Seconds the adapter must wait from ``now`` before reading the peer again (0: read
+        on). Counts what arrived since the last call against the rate limit, if any."""
+        bucket = self._bucket
+        if bucket is None:
+            return 0.0
+        units, self._rx_units = self._rx_units, 0
+        delay = bucket.spend(units, now) if units else bucket.delay(now)
+        if delay <= 0:
+            self._limited = False
+        elif not self._limited:
+            self._limited = True
+            row = self._rows.get(SEND_ERROR)
+            if row is not None and row.handler is not None:
+                self._call_row(
+                    row,
+                    ErrorCode.RATE_LIMITED,
+                    f"over the rate limit of {bucket.rate:g} messages/s "
+                    f"(burst {bucket.burst:g}): reading paused for {delay:.3f} s",
+                    False,
+                )
+        return delay
+
+    def fail_input(self, code: ErrorCode, text: str) -> None:
+        """Handling the peer's input failed on our side (an exception where none should be):
+        a fatal ``error`` saying so and closing (close code 1011). A no-op once closing."""
+        if self.state in (State.CLOSING, State.CLOSED):
+            return
+        self._send(ErrorMessage(timestamp=self._clock(), code=code, message=text, fatal=True))
+        self._fatal(CloseCode.INTERNAL_ERROR, f"{code}: {text}")
+
+    def shed(self, reason: str) -> None:
+        """The peer does not read what we queue for it beyond our memory bound: what is queued
+        is dropped and the link ends now (:class:`Closed`, close code 1008, its unsettled
+        deltas in it: the store has them, the peer gets them again when it returns)."""
+        self._outbox.clear()
+        self._outbox_size = 0
+        if self.state is not State.CLOSED:
+            self.close_code, self.close_reason = CloseCode.POLICY_VIOLATION, reason
+            self.connection_closed(CloseCode.POLICY_VIOLATION, reason)
+
     def _call(self, action: str, *args: object) -> None:
         self._call_row(self._allow(action), *args)
 
@@ -743,6 +823,13 @@ class FederationProtocol:
         self._batch.clear()
         self._inflight.clear()
         self._seq_of.clear()
+        # nothing more is sent or answered: what was kept for that goes now
+        self._outbox.clear()
+        self._outbox_size = 0
+        self._unanswered.clear()
+        self._rx_pending.clear()
+        self._rx_dups.clear()
+        self._rx_ahead.clear()
         self._events.append(Closed(code=code, reason=reason, unsettled=unsettled))
 
     def _hold_live(self, delta: Delta) -> None:
@@ -854,18 +941,24 @@ class FederationProtocol:
     def _send(self, message: Message) -> None:
         if self._batch:  # committed deltas go first: the wire keeps the order of the calls
             self._flush_batch()
-        self._outbox.append(encode(message))
+        text = encode(message)
+        self._outbox_size += len(text)
+        self._outbox.append(text)
 
     def _flush_batch(self) -> None:
         batch, self._batch = self._batch, []
         timestamp = self._clock()
         size = self.max_batch
         if len(batch) <= size:
-            self._outbox.append(encode(DeltasMessage(timestamp=timestamp, deltas=tuple(batch))))
+            text = encode(DeltasMessage(timestamp=timestamp, deltas=tuple(batch)))
+            self._outbox_size += len(text)
+            self._outbox.append(text)
             return
         for start in range(0, len(batch), size):
             chunk = tuple(batch[start : start + size])
-            self._outbox.append(encode(DeltasMessage(timestamp=timestamp, deltas=chunk)))
+            text = encode(DeltasMessage(timestamp=timestamp, deltas=chunk))
+            self._outbox_size += len(text)
+            self._outbox.append(text)
 
     def _commit(self, delta: Delta, message: DeltaMessage | None = None) -> None:
         """Put a live delta on the wire (now, or with ``batch`` at the next output) and track
@@ -1017,6 +1110,70 @@ class FederationProtocol:
         if row.handler is not None:
             row.handler(self, message)
 
+    def _too_long(self, delta: Delta) -> str | None:
+        """Which of the delta's ids is over ``max_id_length``, as a reason, or ``None``."""
+        cap = self.max_id_length
+        for name, value in (("id", delta.id), ("author", delta.author), ("system", delta.system)):
+            if len(value) > cap:
+                return f"delta {name} of {len(value)} characters: longer than {cap}"
+        return None
+
+    def _refuse_long(self, delta: Delta, reason: str) -> CodecError:
+        """The error answering a delta with a too-long id: a ``delta_nack`` naming the rule,
+        unless the id itself is too long to echo (then an ``INVALID_DELTA`` error)."""
+        delta_id = delta.id if len(delta.id) <= self.max_id_length else None
+        return CodecError(
+            f"invalid delta: {reason}", code=ErrorCode.INVALID_DELTA, delta_id=delta_id
+        )
+
+    def _over_length(self, message: Message) -> bool:
+        """A message longer than ``max_id_length`` may carry an id over it: a ``hello`` or
+        ``hello_ack`` with one is refused (fatal), a delta with one is answered and not
+        delivered (the others of its message are). Returns whether the message was handled
+        here (nothing more to do)."""
+        cap = self.max_id_length
+        if isinstance(message, Hello | HelloAck):
+            link_id = message.link_id if isinstance(message, HelloAck) else ""
+            for name, value in (("systemId", message.system_id), ("linkId", link_id)):
+                if len(value) > cap and self.state in HANDSHAKE_STATES:
+                    self._refuse_peer(
+                        ErrorCode.MESSAGE_ERROR,
+                        f"{_input_of(message)} {name} of {len(value)} characters: "
+                        f"longer than {cap}",
+                    )
+            return False
+        if isinstance(message, DeltaMessage):
+            reason = self._too_long(message.delta)
+            if reason is None or "delta" not in self._rows:
+                return False
+            error = self._refuse_long(message.delta, reason)
+            self._violation(error.code, str(error), delta_id=error.delta_id)
+            return True
+        if isinstance(message, DeltasMessage):
+            reasons = [self._too_long(d) for d in message.deltas]
+            if not any(reasons) or not self._batching or "deltas" not in self._rows:
+                return False
+            self._receive_items(
+                tuple(
+                    d if r is None else self._refuse_long(d, r)
+                    for d, r in zip(message.deltas, reasons, strict=True)
+                )
+            )
+            return True
+        if isinstance(message, SyncBatch):
+            keep: list[Delta] = []
+            for delta in message.deltas:
+                reason = self._too_long(delta)
+                if reason is None:
+                    keep.append(delta)
+                elif self.state is State.OPEN:
+                    error = self._refuse_long(delta, reason)
+                    self._violation(error.code, str(error), delta_id=error.delta_id)
+            if len(keep) < len(message.deltas):
+                self._dispatch(msgspec.structs.replace(message, deltas=tuple(keep)))
+                return True
+        return False
+
     def _not_agreed(self, mtype: str) -> None:
         extension = _TABLE_EXTENSION.get(mtype, "")
         self._violation(
@@ -1132,6 +1289,8 @@ class FederationProtocol:
 
     def _on_deltas(self, message: DeltasMessage) -> None:
         deltas = message.deltas
+        if self._bucket is not None:
+            self._rx_units += len(deltas) - 1
         self._check_window(len(deltas))
         number = self._rx_seq
         pending = self._rx_pending

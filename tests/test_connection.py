@@ -45,6 +45,7 @@ from rhizome_proto import (
     LocalProtocolError,
     Paused,
     PingTimeout,
+    Pointer,
     ProtocolViolation,
     RemoteProtocolError,
     Resumed,
@@ -938,7 +939,7 @@ def test_compression_on_both_sides() -> None:
     assert pair.server.request is not None
     assert any("permessage-deflate" in str(e) for e in pair.server.request.extensions)
     assert b"permessage-deflate" in bytes(pair.received["client"]).split(b"\r\n\r\n")[0]
-    big = make_delta("z", author="a" * 5000)
+    big = make_delta("z", pointers=(Pointer(role="text", target="a" * 5000),))
     before = len(pair.received["server"])
     pair.client.send_delta(big)
     pair.transfer()

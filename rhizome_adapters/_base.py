@@ -39,7 +39,9 @@ from urllib.parse import urlsplit
 
 from rhizome_proto import (
     DEFAULT_EXTENSIONS,
+    DEFAULT_MAX_ID_LENGTH,
     DEFAULT_MAX_MESSAGE_SIZE,
+    DEFAULT_MEMORY_BUDGET,
     DEFAULT_PATH,
     Delta,
     DeltaFilter,
@@ -349,6 +351,10 @@ class DBBase(abc.ABC, Generic[LinkT, RunT]):
         ping_timeout: float = 90.0,
         max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
         extensions: Iterable[str] = DEFAULT_EXTENSIONS,
+        memory_budget: int = DEFAULT_MEMORY_BUDGET,
+        max_connection_memory: int | None = None,
+        rate_limit: tuple[float, float] | None = None,
+        max_id_length: int = DEFAULT_MAX_ID_LENGTH,
     ) -> None:
         if ping_interval <= 0 or ping_timeout <= 0 or max_message_size < 1:
             raise ValueError("ping_interval, ping_timeout and max_message_size must be positive")
@@ -364,7 +370,13 @@ class DBBase(abc.ABC, Generic[LinkT, RunT]):
             batch_size=batch_size,
             extensions=extensions,
             max_message_size=max_message_size,
+            memory_budget=memory_budget,
+            max_connection_memory=max_connection_memory,
+            rate_limit=rate_limit,
         )
+        if max_id_length < 1:
+            raise ValueError("max_id_length must be positive")
+        self._max_id_length = max_id_length
         # until a handler asks for them, no event per received or acknowledged delta
         self._node.report_received = self._node.report_sent = False
         self._ping_interval = ping_interval
@@ -811,6 +823,7 @@ class DBBase(abc.ABC, Generic[LinkT, RunT]):
             ping_interval=self._ping_interval,
             ping_timeout=self._ping_timeout,
             extensions=self._node.extensions,
+            max_id_length=self._max_id_length,
             **options,
         )
 

@@ -23,6 +23,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from rhizome_proto import (
+    DEFAULT_MAX_ID_LENGTH,
+    DEFAULT_MEMORY_BUDGET,
     Delta,
     DeltaFilter,
     ErrorCode,
@@ -422,10 +424,15 @@ async def _serve(args: argparse.Namespace) -> int:
     tls = _server_tls(args)
     credentials, limits = _credentials(args), _limits(args)
     stop = _install_stop()  # before "listening on": a signal right after it must stop cleanly
+    connection_memory = args.max_connection_memory
     async with FederatedRhizomeDB(
         system_id=_system_id(args),
         trust_policy=_trust(args),
         auto_broadcast=not args.no_broadcast,
+        memory_budget=args.memory_budget * 2**20,
+        max_connection_memory=connection_memory * 2**20 if connection_memory else None,
+        rate_limit=args.rate_limit,
+        max_id_length=args.max_id_length,
         **_storage_kwargs(args),
     ) as db:
         db.on_federation_event(_log_event, _LOGGED)
@@ -758,6 +765,19 @@ def _positive(text: str) -> int:
     return value
 
 
+def _rate(text: str) -> tuple[float, float]:
+    """``RATE`` or ``RATE,BURST`` (BURST defaults to RATE)."""
+    rate_text, _, burst_text = text.partition(",")
+    try:
+        rate = float(rate_text)
+        burst = float(burst_text) if burst_text else rate
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected RATE or RATE,BURST, not {text!r}") from None
+    if not (math.isfinite(rate) and math.isfinite(burst) and rate > 0 and burst >= 1):
+        raise argparse.ArgumentTypeError(f"expected a positive RATE and a BURST >= 1: {text!r}")
+    return rate, burst
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rhizome", description="RhizomeDB federation: serve, connect, put, ls, keygen, demo."
@@ -810,6 +830,34 @@ def build_parser() -> argparse.ArgumentParser:
         default=defaults.pending_timeout,
         metavar="S",
         help="seconds a connection may take to complete its upgrade (default: %(default)s)",
+    )
+    p.add_argument(
+        "--memory-budget",
+        type=_positive,
+        default=DEFAULT_MEMORY_BUDGET // 2**20,
+        metavar="MIB",
+        help="MiB held for peers in all: queued output, parked deltas (default: %(default)s)",
+    )
+    p.add_argument(
+        "--max-connection-memory",
+        type=_positive,
+        metavar="MIB",
+        help="MiB queued for one connection before its peer is dropped for not reading "
+        "(default: 16, or twice the largest message)",
+    )
+    p.add_argument(
+        "--rate-limit",
+        type=_rate,
+        metavar="RATE[,BURST]",
+        help="hold each client to RATE messages or deltas a second, bursts of BURST "
+        "(default: no limit)",
+    )
+    p.add_argument(
+        "--max-id-length",
+        type=_positive,
+        default=DEFAULT_MAX_ID_LENGTH,
+        metavar="N",
+        help="longest id, author or system id accepted, in characters (default: %(default)s)",
     )
 
     p = sub.add_parser("connect", help="connect to a federation server and sync")

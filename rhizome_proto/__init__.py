@@ -69,6 +69,7 @@ from ._messages import (
 )
 from ._node import (
     DEFAULT_EXTENSIONS,
+    DEFAULT_MEMORY_BUDGET,
     PUSH_CURSOR_KEY,
     SYNC_CURSOR_KEY,
     FederationNode,
@@ -78,6 +79,7 @@ from ._node import (
 from ._protocol import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_MAX_BATCH,
+    DEFAULT_MAX_ID_LENGTH,
     DEFAULT_RECEIVE_WINDOW,
     FederationProtocol,
     Role,
@@ -117,7 +119,9 @@ __all__ = [
     "DEFAULT_BATCH_SIZE",
     "DEFAULT_EXTENSIONS",
     "DEFAULT_MAX_BATCH",
+    "DEFAULT_MAX_ID_LENGTH",
     "DEFAULT_MAX_MESSAGE_SIZE",
+    "DEFAULT_MEMORY_BUDGET",
     "DEFAULT_PATH",
     "DEFAULT_RECEIVE_WINDOW",
     "MAX_NEGATION_DEPTH",

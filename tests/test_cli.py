@@ -325,6 +325,21 @@ def test_serve_trust_author(tmp_path: Path, spawn: Spawn) -> None:
 
 
 @pytest.mark.slow
+def test_serve_limits_for_untrusted_peers(tmp_path: Path, spawn: Spawn) -> None:
+    server, url = serve(
+        spawn, "--memory", "--max-id-length", "40", "--rate-limit", "1000,5000",
+        "--memory-budget", "64", "--max-connection-memory", "8",
+    )  # fmt: skip
+    ok(tmp_path, "put", "n:=1", "--author", "alice", "--to", url)
+    line = fails(tmp_path, "put", "n:=1", "--author", "a" * 60, "--to", url)
+    assert "rejected" in line and "author of 60 characters: longer than 40" in line, line
+    assert server.stop() == 0
+    for bad in ("0", "x", "5,0", "inf"):
+        proc = run(tmp_path, "serve", "--rate-limit", bad)
+        assert proc.returncode == 2 and "--rate-limit" in proc.stderr
+
+
+@pytest.mark.slow
 def test_keygen_and_signed_deltas_with_trust_key(tmp_path: Path, spawn: Spawn) -> None:
     public = ok(tmp_path, "keygen", "spoke1.pem").strip()
     assert len(public) == 43 and (tmp_path / "spoke1.pem").stat().st_mode & 0o777 == 0o600

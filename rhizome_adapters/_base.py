@@ -37,6 +37,8 @@ from ssl import SSLContext, create_default_context
 from typing import Any, Generic, Literal, Protocol, TypeAlias, TypeVar
 from urllib.parse import urlsplit
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
 from rhizome_proto import (
     DEFAULT_EXTENSIONS,
     DEFAULT_MAX_ID_LENGTH,
@@ -355,6 +357,7 @@ class DBBase(abc.ABC, Generic[LinkT, RunT]):
         max_connection_memory: int | None = None,
         rate_limit: tuple[float, float] | None = None,
         max_id_length: int = DEFAULT_MAX_ID_LENGTH,
+        signing_key: Ed25519PrivateKey | None = None,
     ) -> None:
         if ping_interval <= 0 or ping_timeout <= 0 or max_message_size < 1:
             raise ValueError("ping_interval, ping_timeout and max_message_size must be positive")
@@ -373,6 +376,7 @@ class DBBase(abc.ABC, Generic[LinkT, RunT]):
             memory_budget=memory_budget,
             max_connection_memory=max_connection_memory,
             rate_limit=rate_limit,
+            signing_key=signing_key,
         )
         if max_id_length < 1:
             raise ValueError("max_id_length must be positive")

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeAlias
 
 import msgspec
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from ._codec import encode_value
 from ._config import LinkConfig
@@ -65,6 +66,7 @@ from ._filter import DeltaFilter
 from ._protocol import DEFAULT_BATCH_SIZE, LinkEndpoint, Role, State
 from ._ratelimit import TokenBucket
 from ._serving import PushCatchUp, PushState, ServeState, SyncServer
+from ._signing import sign_delta
 from ._store import DeltaStore
 from ._trust import PermissiveTrustPolicy, TrustPolicy
 
@@ -246,6 +248,9 @@ class FederationNode:
             adapter waits :meth:`FederationConnection.read_delay` before reading it again.
             Other links are read as usual. Incoming links only (peers connecting to us).
             ``None`` (the default): no limit.
+        signing_key: an Ed25519 private key: :meth:`create_delta` signs every delta it makes
+            with it (see ``rhizome_proto._signing``; peers check it with
+            ``SignatureTrustPolicy``).
     """
 
     def __init__(
@@ -265,6 +270,7 @@ class FederationNode:
         memory_budget: int = DEFAULT_MEMORY_BUDGET,
         max_connection_memory: int | None = None,
         rate_limit: tuple[float, float] | None = None,
+        signing_key: Ed25519PrivateKey | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
@@ -285,6 +291,8 @@ class FederationNode:
         self.memory_budget = memory_budget
         self.max_connection_memory = max_connection_memory
         self.rate_limit = rate_limit
+        #: signs the deltas :meth:`create_delta` makes (``None``: unsigned)
+        self.signing_key = signing_key
         self.system_id = system_id
         self.store = store
         self.trust_policy: TrustPolicy = trust_policy or PermissiveTrustPolicy()
@@ -407,6 +415,7 @@ class FederationNode:
         target is a string, number, boolean or ``{"id": ..., "context"?: ...}``. The id comes from
         the caller (the core has no randomness); the timestamp defaults to the node's clock.
         Raises :class:`InvalidDeltaError`. Nothing is stored: see :meth:`persist_delta`.
+        Signed with :attr:`signing_key` when one is set.
         """
         built: list[Pointer] = []
         for i, pointer in enumerate(pointers):
@@ -417,11 +426,12 @@ class FederationNode:
             except msgspec.ValidationError as exc:
                 raise InvalidDeltaError(f"pointers[{i}]: {exc}", id or None) from None
         when = self._clock() if timestamp is None else timestamp
-        return validate_delta(
+        delta = validate_delta(
             Delta(
                 id=id, timestamp=when, author=author, system=self.system_id, pointers=tuple(built)
             )
         )
+        return delta if self.signing_key is None else sign_delta(delta, self.signing_key)
 
     def pause(self, link_id: str) -> None:
         """Ask the link's peer to stop sending live deltas, now and after reconnects."""

@@ -211,3 +211,32 @@ def test_signature_travels_every_hop_live_and_by_sync(
         assert net.store("hub").scan_raw()  # the hub kept them too
     finally:
         net.close()
+
+
+def test_a_node_with_a_signing_key_signs_what_it_creates() -> None:
+    policy = SignatureTrustPolicy({"alice-sys": ALICE_KEY.public_key()})
+    net = Network()
+    try:
+        net.add_node("alice-sys", signing_key=ALICE_KEY)
+        net.add_node("bob", trust_policy=policy)
+        net.add_node("mallory")
+        for name in ("alice-sys", "mallory"):
+            net.connect(name, "bob", LinkConfig(mode="push", initial_sync="none"))
+        net.deliver()
+        good = net.author("alice-sys", delta_id="a1")
+        assert verify_delta(good, ALICE_KEY.public_key())
+        net.author("mallory", delta_id="m1")  # unsigned, and no key for mallory
+        net.deliver()
+        assert net.ids("bob") == {"a1"}
+    finally:
+        net.close()
+
+
+def test_adapters_pass_the_signing_key_on() -> None:
+    from rhizome_adapters import anyio_adapter, threaded
+
+    for cls in (anyio_adapter.FederatedRhizomeDB, threaded.FederatedRhizomeDB):
+        db = cls(system_id="alice-sys", signing_key=ALICE_KEY)
+        delta = db.create_delta("alice", [{"role": "n", "target": 1}])
+        assert verify_delta(delta, ALICE_KEY.public_key())
+        assert cls(system_id="x").create_delta("a", []).signature is msgspec.UNSET

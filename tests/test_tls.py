@@ -33,26 +33,6 @@ TIMEOUT = 30.0  # seconds, for any single command
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 
 
-@pytest.fixture(scope="module")
-def ca() -> trustme.CA:
-    return trustme.CA()
-
-
-@pytest.fixture(scope="module")
-def server_tls(ca: trustme.CA) -> ssl.SSLContext:
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ca.issue_cert("127.0.0.1", "localhost").configure_cert(context)
-    return context
-
-
-@pytest.fixture(scope="module")
-def client_tls(ca: trustme.CA) -> ssl.SSLContext:
-    """A client context that trusts the test CA only."""
-    context = ssl.create_default_context()
-    ca.configure_trust(context)
-    return context
-
-
 async def put(db: FederatedRhizomeDB, author: str, n: int) -> list[Delta]:
     deltas = [db.create_delta(author, [{"role": "n", "target": i}]) for i in range(n)]
     for delta in deltas:

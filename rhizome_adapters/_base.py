@@ -45,6 +45,9 @@ from rhizome_proto import (
     DEFAULT_MAX_MESSAGE_SIZE,
     DEFAULT_MEMORY_BUDGET,
     DEFAULT_PATH,
+    Admission,
+    AdmissionLimits,
+    Credentials,
     Delta,
     DeltaFilter,
     ErrorCode,
@@ -60,10 +63,9 @@ from rhizome_proto import (
     ReconnectSupervisor,
     RemoteProtocolError,
     Role,
+    Ticket,
     TrustPolicy,
 )
-from rhizome_proto._admission import Admission, AdmissionLimits, Ticket
-from rhizome_proto._auth import Credentials
 
 from .storage import Store, open_store
 

@@ -37,9 +37,14 @@ from anyio.abc import SocketAttribute
 from anyio.streams.stapled import MultiListener
 from anyio.streams.tls import TLSStream
 
-from rhizome_proto import DEFAULT_PATH, Delta, FederationConnection, LinkConfig
-from rhizome_proto._admission import AdmissionLimits
-from rhizome_proto._auth import Credentials
+from rhizome_proto import (
+    DEFAULT_PATH,
+    AdmissionLimits,
+    Credentials,
+    Delta,
+    FederationConnection,
+    LinkConfig,
+)
 
 from ._base import (
     CLOSE_GRACE,
@@ -345,7 +350,7 @@ class FederatedRhizomeDB(DBBase[FederationLink, _Run]):
         ``wss://...`` when ``ssl`` (a server context holding the certificate) is given.
         ``auto_broadcast`` (as in the seed's server config) overrides the instance's setting.
 
-        ``limits`` are the admission limits (:class:`~rhizome_proto._admission.AdmissionLimits`;
+        ``limits`` are the admission limits (:class:`~rhizome_proto.AdmissionLimits`;
         defaults: ``max_pending=64`` connections in the TLS handshake or HTTP upgrade at once,
         the oldest closed to make room; ``pending_timeout=5.0`` seconds to complete it;
         ``max_links=100`` open links; ``max_links_per_address=32`` from one client address;

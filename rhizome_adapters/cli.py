@@ -25,6 +25,8 @@ from urllib.parse import urlsplit
 from rhizome_proto import (
     DEFAULT_MAX_ID_LENGTH,
     DEFAULT_MEMORY_BUDGET,
+    AdmissionLimits,
+    Credentials,
     Delta,
     DeltaFilter,
     ErrorCode,
@@ -46,11 +48,10 @@ from rhizome_proto import (
     generate_signing_key,
     load_signing_key,
     load_verify_key,
+    parse_token_file,
     public_key_text,
     sign_delta,
 )
-from rhizome_proto._admission import AdmissionLimits
-from rhizome_proto._auth import Credentials, parse_token_file
 
 from .aio import FederatedRhizomeDB, FederationLink
 from .storage import SQLiteStore

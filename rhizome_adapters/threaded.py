@@ -45,12 +45,13 @@ from typing import Any
 
 from rhizome_proto import (
     DEFAULT_PATH,
+    AdmissionLimits,
+    Credentials,
     Delta,
     FederationConnection,
     LinkConfig,
+    Ticket,
 )
-from rhizome_proto._admission import AdmissionLimits, Ticket
-from rhizome_proto._auth import Credentials
 
 from ._base import (
     CLOSE_GRACE,

@@ -3,6 +3,8 @@
 No sockets, threads, event loops or clock reads: bytes and time go in, bytes and events come out.
 """
 
+from ._admission import Admission, AdmissionLimits, Ticket
+from ._auth import Credentials, Principal, parse_token_file, token_from_request
 from ._codec import MESSAGE_TYPES, decode, encode
 from ._config import LinkConfig, ReconnectPolicy
 from ._connection import DEFAULT_MAX_MESSAGE_SIZE, DEFAULT_PATH, FederationConnection
@@ -133,12 +135,15 @@ __all__ = [
     "PROTOCOL_VERSION",
     "PUSH_CURSOR_KEY",
     "SYNC_CURSOR_KEY",
+    "Admission",
+    "AdmissionLimits",
     "AuthorTrustPolicy",
     "CloseCode",
     "Closed",
     "CodecError",
     "CombinedTrustPolicy",
     "ConnectFailure",
+    "Credentials",
     "CustomTrustPolicy",
     "Delta",
     "DeltaAck",
@@ -180,6 +185,7 @@ __all__ = [
     "PingTimeout",
     "Pointer",
     "Pong",
+    "Principal",
     "ProtocolError",
     "ProtocolViolation",
     "ReconnectConfig",
@@ -203,6 +209,7 @@ __all__ = [
     "SyncStart",
     "SyncStarted",
     "SystemTrustPolicy",
+    "Ticket",
     "TimestampRange",
     "TrustPolicy",
     "combine_trust_policies",
@@ -215,9 +222,11 @@ __all__ = [
     "load_signing_key",
     "load_verify_key",
     "negated_targets",
+    "parse_token_file",
     "public_key_text",
     "resolve_negation",
     "sign_delta",
+    "token_from_request",
     "validate_delta",
     "verify_delta",
 ]

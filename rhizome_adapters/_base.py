@@ -65,6 +65,7 @@ from rhizome_proto import (
     Role,
     Ticket,
     TrustPolicy,
+    server_path,
 )
 
 from .storage import Store, open_store
@@ -968,14 +969,16 @@ class DBBase(abc.ABC, Generic[LinkT, RunT]):
         run.reconnect = ReconnectSupervisor(config.reconnect)
         return run, host, port, path, context
 
-    def _start_server(self, auto_broadcast: bool | None) -> None:
-        """``enable_server``'s checks and its ``auto_broadcast`` (which overrides the instance's
-        setting, as the seed's server config does)."""
+    def _start_server(self, auto_broadcast: bool | None, path: str) -> str:
+        """``enable_server``'s checks, its ``auto_broadcast`` (which overrides the instance's
+        setting, as the seed's server config does), and the path to serve (checked)."""
         self._check_open()
-        if auto_broadcast is not None:
-            self._node.auto_broadcast = auto_broadcast
         if self._server_url is not None:
             raise RuntimeError(f"the server is already running at {self._server_url}")
+        checked = server_path(path)
+        if auto_broadcast is not None:
+            self._node.auto_broadcast = auto_broadcast
+        return checked
 
     def _serving(
         self,

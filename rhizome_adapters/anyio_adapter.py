@@ -359,7 +359,7 @@ class FederatedRhizomeDB(DBBase[FederationLink, _Run]):
         may claim) an upgrade without a valid token is answered 401 and a ``hello`` claiming
         another system id is refused; without, anyone may connect (v1)."""
         self._running()
-        self._start_server(auto_broadcast)
+        path = self._start_server(auto_broadcast, path)
         try:
             listener = await anyio.create_tcp_listener(local_host=host, local_port=port)
         except OSError as exc:

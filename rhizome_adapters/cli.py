@@ -50,6 +50,7 @@ from rhizome_proto import (
     load_verify_key,
     parse_token_file,
     public_key_text,
+    server_path,
     sign_delta,
 )
 
@@ -727,14 +728,11 @@ def _seconds(text: str) -> float:
 
 
 def _url_path(text: str) -> str:
-    """``--path``: a URL path; ``federation`` means ``/federation`` (a path without its leading
-    slash would make ``ws://host:portfederation``)."""
-    path = text if text.startswith("/") else "/" + text
-    if any(c in path for c in "?# ") or any(ord(c) < 0x21 or ord(c) > 0x7E for c in path):
-        raise argparse.ArgumentTypeError(
-            f"not a URL path: {text!r} (printable ASCII, no '?', '#' or spaces)"
-        )
-    return path
+    """``--path``, checked as ``enable_server`` checks it (``federation``: ``/federation``)."""
+    try:
+        return server_path(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _add_storage(p: argparse.ArgumentParser, default_db: str | None = DEFAULT_DB) -> None:

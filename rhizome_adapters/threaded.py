@@ -395,7 +395,7 @@ class FederatedRhizomeDB(DBBase[FederationLink, _Run]):
         (defaults: 64 pending connections, 5 s each to complete the TLS handshake and the
         upgrade, the oldest closed to make room; 100 open links, 32 from one address; HTTP 503
         with ``Retry-After`` beyond)."""
-        self._start_server(auto_broadcast)
+        path = self._start_server(auto_broadcast, path)
         try:
             listener = socket.create_server((host, port), backlog=_BACKLOG)
         except OSError as exc:

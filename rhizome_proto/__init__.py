@@ -7,7 +7,7 @@ from ._admission import Admission, AdmissionLimits, Ticket
 from ._auth import Credentials, Principal, parse_token_file, token_from_request
 from ._codec import MESSAGE_TYPES, decode, encode
 from ._config import LinkConfig, ReconnectPolicy
-from ._connection import DEFAULT_MAX_MESSAGE_SIZE, DEFAULT_PATH, FederationConnection
+from ._connection import DEFAULT_MAX_MESSAGE_SIZE, DEFAULT_PATH, FederationConnection, server_path
 from ._delta import MAX_TIMESTAMP, Delta, InvalidDeltaError, Pointer, Reference, validate_delta
 from ._errors import (
     CloseCode,
@@ -225,6 +225,7 @@ __all__ = [
     "parse_token_file",
     "public_key_text",
     "resolve_negation",
+    "server_path",
     "sign_delta",
     "token_from_request",
     "validate_delta",

@@ -66,9 +66,21 @@ from ._protocol import (
     State,
 )
 
-__all__ = ["DEFAULT_MAX_MESSAGE_SIZE", "DEFAULT_PATH", "FederationConnection"]
+__all__ = ["DEFAULT_MAX_MESSAGE_SIZE", "DEFAULT_PATH", "FederationConnection", "server_path"]
 
 DEFAULT_PATH = "/federation"
+
+
+def server_path(path: str) -> str:
+    """The URL path a server serves, checked: ``federation`` means ``/federation`` (without its
+    slash the URL would read ``ws://host:portfederation``). Raises ``ValueError`` for a path
+    with spaces, ``?``, ``#`` or anything but printable ASCII."""
+    checked = path if path.startswith("/") else "/" + path
+    if any(c in checked for c in "?#") or any(not 0x21 <= ord(c) <= 0x7E for c in checked):
+        raise ValueError(f"not a URL path: {path!r} (printable ASCII, no '?', '#' or spaces)")
+    return checked
+
+
 #: Messages larger than this (in bytes of UTF-8) close the connection with 1009.
 DEFAULT_MAX_MESSAGE_SIZE = 16 * 1024 * 1024
 _MAX_REJECT_BODY = 4096

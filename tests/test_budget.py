@@ -187,25 +187,7 @@ def test_finding_2_over_sockets_memory_is_released_without_the_gc(no_gc: None) -
     try:
         url = db.enable_server(port=0)
         base = tracemalloc.get_traced_memory()[0]
-        sock, _, _ = client_upgrade(url, 10)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        hello = {
-            "type": "hello",
-            "timestamp": T0,
-            "systemId": "attacker",
-            "protocol": "rhizomedb-federation-v1",
-            "config": {"mode": "bidirectional", "initialSync": "none"},
-        }
-        sock.sendall(client_frame(json.dumps(hello).encode()))
-        frame = client_frame(
-            json.dumps({"type": "delta", "timestamp": T0, "delta": delta_dict("i" * 4000)}).encode()
-        )
-        sock.settimeout(10)
-        try:
-            for _ in range(6000):
-                sock.sendall(frame)
-        except OSError:
-            pass  # disconnected, as it should be
+        sock = _attack(url)  # returns once disconnected, as it should be
         deadline = time.monotonic() + 20
         while ErrorCode.FLOW_CONTROL not in errors and time.monotonic() < deadline:
             time.sleep(0.05)

@@ -52,6 +52,7 @@ from rhizome_proto import (
     public_key_text,
     server_path,
     sign_delta,
+    signing_key_pem,
 )
 
 from .aio import FederatedRhizomeDB, FederationLink
@@ -591,12 +592,8 @@ async def _put(args: argparse.Namespace) -> int:
 def _keygen(args: argparse.Namespace) -> int:
     """Write a new Ed25519 private key (PEM, readable by its owner only); print the public key
     (what ``--trust-key SYSTEM=KEY`` takes on the instances that trust it)."""
-    from cryptography.hazmat.primitives import serialization
-
     key = generate_signing_key()
-    pem = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
+    pem = signing_key_pem(key)
     try:
         fd = os.open(args.key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:

@@ -94,6 +94,7 @@ from ._signing import (
     load_verify_key,
     public_key_text,
     sign_delta,
+    signing_key_pem,
     verify_delta,
 )
 from ._store import DeltaStore, ScanOrder
@@ -227,6 +228,7 @@ __all__ = [
     "resolve_negation",
     "server_path",
     "sign_delta",
+    "signing_key_pem",
     "token_from_request",
     "validate_delta",
     "verify_delta",

@@ -39,6 +39,7 @@ __all__ = [
     "public_key_text",
     "sign_delta",
     "signed_bytes",
+    "signing_key_pem",
     "verify_delta",
 ]
 
@@ -93,6 +94,13 @@ def verify_delta(delta: Delta, key: Ed25519PublicKey) -> bool:
 def generate_signing_key() -> Ed25519PrivateKey:
     """A new random Ed25519 private key."""
     return Ed25519PrivateKey.generate()
+
+
+def signing_key_pem(key: Ed25519PrivateKey) -> bytes:
+    """The private key as unencrypted PKCS#8 PEM (what :func:`load_signing_key` reads)."""
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
 
 
 def public_key_text(key: Ed25519PrivateKey | Ed25519PublicKey) -> str:

@@ -23,6 +23,7 @@ from rhizome_proto._signing import (
     public_key_text,
     sign_delta,
     signed_bytes,
+    signing_key_pem,
     verify_delta,
 )
 from tests.harness import make_delta
@@ -63,9 +64,7 @@ def test_malformed_signatures_do_not_verify() -> None:
 
 
 def test_keys_load_from_pem_raw_base64_and_hex(tmp_path: Path) -> None:
-    pem_private = ALICE_KEY.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
+    pem_private = signing_key_pem(ALICE_KEY)
     raw_private = ALICE_KEY.private_bytes(
         serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
     )

@@ -21,6 +21,7 @@ Invariants (:func:`check_node`), after every step:
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from rhizome_adapters.storage import MemoryStore
@@ -83,6 +84,41 @@ def _message(kind: int, arg: int) -> str:
     return message if isinstance(message, str) else json.dumps(message)
 
 
+def open_incoming(
+    node: FederationNode,
+    link_id: str,
+    system_id: str,
+    clock: Callable[[], int | float],
+    *,
+    extensions: Sequence[str] | None = None,
+    window: int = 100_000,
+    **options: Any,
+) -> tuple[FederationProtocol, str]:
+    """An incoming link of ``node`` with a started server endpoint, as an adapter makes one,
+    and the ``hello`` its peer opens with as ``system_id`` (offering ``extensions``, if any)."""
+    node.add_link(link_id, outgoing=False)
+    conn = FederationProtocol(
+        Role.SERVER,
+        system_id=node.system_id,
+        clock=clock,
+        link_id=link_id,
+        extensions=node.extensions,
+        **options,
+    )
+    node.attach(link_id, conn)
+    conn.start(0.0)
+    hello: dict[str, Any] = {
+        "type": "hello",
+        "timestamp": T0,
+        "systemId": system_id,
+        "protocol": "rhizomedb-federation-v1",
+        "config": {"mode": "bidirectional", "initialSync": "none"},
+    }
+    if extensions is not None:
+        hello.update(extensions=list(extensions), window=window)
+    return conn, json.dumps(hello)
+
+
 class NodeChecker:
     """The node under test, its links' endpoints, and what the node acknowledged."""
 
@@ -107,27 +143,17 @@ class NodeChecker:
             return
         if old is not None:
             self.node.remove_link(name)
-        self.node.add_link(name, outgoing=False)
-        conn = FederationProtocol(
-            Role.SERVER,
-            system_id="server",
-            clock=lambda: T0,
-            link_id=name,
-            extensions=self.node.extensions,
+        conn, hello = open_incoming(
+            self.node,
+            name,
+            system_id,
+            lambda: T0,
+            extensions=("batch", "cursor", "credit") if extensions else None,
+            window=5,
             max_id_length=CAP,
         )
         self.conns[name] = conn
-        self.node.attach(name, conn)
-        conn.start(0.0)
-        hello: dict[str, Any] = {
-            "type": "hello",
-            "timestamp": T0,
-            "systemId": system_id,
-            "config": {"mode": "bidirectional", "initialSync": "none"},
-        }
-        if extensions:
-            hello.update(extensions=["batch", "cursor", "credit"], window=5)
-        self.receive(name, json.dumps(hello))
+        self.receive(name, hello)
 
     def receive(self, name: str, text: str) -> None:
         conn = self.conns[name]

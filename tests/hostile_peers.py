@@ -7,8 +7,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from fuzz.node_harness import open_incoming
 from rhizome_adapters.storage import MemoryStore
-from rhizome_proto import FederationNode, FederationProtocol, Role
+from rhizome_proto import FederationNode, FederationProtocol
 from tests.harness import FakeClock
 
 T0 = 1_795_624_086_443
@@ -46,26 +47,13 @@ class HostileServer:
         max_id_length: int | None = None,
     ) -> FederationProtocol:
         """A peer connects and says ``hello`` as ``system_id``."""
-        self.node.add_link(link_id, outgoing=False)
-        options: dict[str, Any] = {"extensions": self.node.extensions}
+        options: dict[str, Any] = {}
         if max_id_length is not None:
             options["max_id_length"] = max_id_length
-        conn = FederationProtocol(
-            Role.SERVER, system_id="server", clock=self.clock, link_id=link_id, **options
+        conn, hello = open_incoming(
+            self.node, link_id, system_id, self.clock, extensions=extensions, **options
         )
         self.conns[link_id] = conn
-        self.node.attach(link_id, conn)
-        conn.start(0)
-        hello: dict[str, Any] = {
-            "type": "hello",
-            "timestamp": T0,
-            "systemId": system_id,
-            "protocol": "rhizomedb-federation-v1",
-            "config": {"mode": "bidirectional", "initialSync": "none"},
-        }
-        if extensions is not None:
-            hello["extensions"] = list(extensions)
-            hello["window"] = 100_000
         self.send(link_id, hello)
         return conn
 

@@ -359,6 +359,11 @@ class FederationConnection:
         """How many of our deltas are held or awaiting the peer's answer."""
         return self._proto.pending_count
 
+    @property
+    def pending_bytes(self) -> int:
+        """The bytes of JSON of our deltas held or awaiting the peer's answer."""
+        return self._proto.pending_bytes
+
     def is_pending(self, delta_id: str) -> bool:
         """Whether our delta with this id is held or awaiting the peer's answer."""
         return self._proto.is_pending(delta_id)

@@ -162,6 +162,9 @@ class NodeLink:
     _push: PushCatchUp = field(default_factory=PushCatchUp, repr=False)
     #: client side: the store meta key of its sync cursor for this remote and pull filter
     _cursor_key: str | None = field(default=None, repr=False)
+    #: the bytes queued and pending on a connection past which stored deltas for it wait in
+    #: the store (half the node's ``max_connection_memory``)
+    _byte_room: int = field(default=8 * 1024 * 1024, repr=False)
 
     @property
     def connected(self) -> bool:
@@ -204,7 +207,14 @@ class NodeLink:
             return False
         if self.syncing:
             return True
-        return self._push.state is _CATCHING_UP and conn.pending_count < PUSH_WINDOW
+        return self._push.state is _CATCHING_UP and not self._full(conn, PUSH_WINDOW)
+
+    def _full(self, conn: LinkEndpoint, most: int) -> bool:
+        """No more stored deltas go to the connection now: ``most`` of ours are pending on
+        it, or its queued and pending bytes reached :attr:`_byte_room`."""
+        return (
+            conn.pending_count >= most or conn.pending_bytes + conn.outbound_size >= self._byte_room
+        )
 
 
 class FederationNode:
@@ -226,22 +236,26 @@ class FederationNode:
         max_message_size: the largest message the peers accept (ours: the connections'
             limit, 16 MiB by default); a stored delta that cannot fit is never sent.
         max_queued: the most deltas queued on one connection (held or unacknowledged); a link
-            past it catches up from the store instead (memory bounded, nothing lost).
+            past it, or past half of ``max_connection_memory`` in their bytes, catches up from
+            the store instead (memory bounded, nothing lost).
         max_parked: how many undelivered deltas are kept per remote system id when an incoming
             link closes, for its next connection (the oldest go first beyond that; a client
             that reconnects with an initial sync recovers them anyway).
         memory_budget: one bound, in bytes, over what the node holds for peers: the bytes
-            queued on every connection (:attr:`LinkEndpoint.outbound_size`) and the parked
-            deltas (their JSON size). Past it, parked deltas go first, the oldest parked
-            first (their remotes are gone: the store keeps them, and a client that comes back
-            with an initial sync, or is offered catch-up, gets them again), then the
-            connection holding the most is ended (as below). Checked at every commit.
+            queued on every connection (:attr:`LinkEndpoint.outbound_size`), our deltas held
+            for or unacknowledged by each peer (:attr:`LinkEndpoint.pending_bytes`) and the
+            parked deltas (their JSON size, as for pending deltas). Past it, parked deltas go
+            first, the oldest parked first (their remotes are gone: the store keeps them, and
+            a client that comes back with an initial sync, or is offered catch-up, gets them
+            again), then the connection holding the most is ended (as below).
+            Checked at every commit.
         max_connection_memory: the most bytes queued for one connection (default: 16 MiB or
             twice ``max_message_size``, whichever is more): a peer that does not read past it
             is disconnected at once (close code 1008, ``link:error`` then
             ``link:disconnected``); what it had not settled stays in the store (and in the
-            link's outbox or parking) and is offered again when it returns. Relayed stored
-            deltas beyond half of it go through the link's catch-up from the store instead.
+            link's outbox or parking) and is offered again when it returns. Stored deltas
+            for a link that holds half of it (queued and pending bytes together) go through
+            the link's catch-up from the store instead.
         rate_limit: ``(rate, burst)``: hold each link to ``rate`` units a second (a unit is a
             message, or a delta of a ``deltas`` message) with bursts of ``burst``; a peer over
             it is told once per excursion (a non-fatal ``RATE_LIMITED`` error) and slowed: the
@@ -351,7 +365,11 @@ class FederationNode:
                 f"link {link_id!r} already exists", code=ErrorCode.UNEXPECTED_MESSAGE
             )
         link = NodeLink(
-            id=link_id, config=config or LinkConfig(), outgoing=outgoing, remote_url=remote_url
+            id=link_id,
+            config=config or LinkConfig(),
+            outgoing=outgoing,
+            remote_url=remote_url,
+            _byte_room=self._byte_room(len(self._links) + 1),
         )
         self._links[link_id] = link
         return link
@@ -533,44 +551,57 @@ class FederationNode:
     @property
     def memory_held(self) -> int:
         """Bytes held for peers, as :attr:`memory_budget` counts them: what is queued on every
-        live connection and the parked deltas."""
-        return self.parked_bytes + sum(size for _, size in self._queued())
+        live connection, our deltas pending on it, and the parked deltas."""
+        return self.parked_bytes + sum(out + pending for _, out, pending in self._queued())
 
-    def _queued(self) -> list[tuple[NodeLink, int]]:
-        """Every link with a live connection and the bytes queued on it."""
+    def _queued(self) -> list[tuple[NodeLink, int, int]]:
+        """Every link with a live connection, the bytes queued on it and those of our
+        deltas pending on it."""
         return [
-            (link, link.conn.outbound_size)
+            (link, link.conn.outbound_size, link.conn.pending_bytes)
             for link in self._links.values()
             if link.conn is not None and not link.conn.closed
         ]
 
+    def _byte_room(self, live: int) -> int:
+        """The bytes queued and pending on one of ``live`` connections past which stored
+        deltas for it wait in the store: half its cap, and a fair share of half the budget,
+        so that slow peers together cannot spend it."""
+        return min(self.max_connection_memory, self.memory_budget // max(1, live)) // 2
+
     def _bound_memory(self) -> None:
         """Keep to ``max_connection_memory`` per connection and to ``memory_budget`` in all:
         shed connections whose peer does not read past their cap, drop parked deltas (the
-        oldest first), then shed the connections holding the most."""
+        oldest first), then shed the connections holding the most. Each link's share for
+        stored deltas (:meth:`_byte_room`) follows the number of connections."""
         cap = self.max_connection_memory
-        queued = self._queued()
+        held: list[tuple[NodeLink, int]] = []
         total = self.parked_bytes
-        for link, size in queued:
-            if size > cap:
+        queued = self._queued()
+        room = self._byte_room(len(queued))
+        for link in self._links.values():
+            link._byte_room = room
+        for link, out, pending in queued:
+            if out > cap:
                 self._shed(
-                    link, f"{size} bytes queued for a peer that does not read them (at most {cap})"
+                    link, f"{out} bytes queued for a peer that does not read them (at most {cap})"
                 )
             else:
-                total += size
+                total += out + pending
+                held.append((link, out + pending))
         if total <= self.memory_budget:
             return
         total -= self._evict_parked(total - self.memory_budget)
         if total <= self.memory_budget:
             return
-        for link, size in sorted(queued, key=lambda item: -item[1]):
+        for link, size in sorted(held, key=lambda item: -item[1]):
             if total <= self.memory_budget:
                 return
-            if 0 < size <= cap and link.conn is not None and not link.conn.closed:
+            if size > 0 and link.conn is not None and not link.conn.closed:
                 self._shed(
                     link,
                     f"the server's memory budget of {self.memory_budget} bytes "
-                    f"is spent; {size} bytes were queued for this peer",
+                    f"is spent; {size} bytes were held for this peer",
                 )
                 total -= size
 
@@ -957,10 +988,7 @@ class FederationNode:
             if push.state is _CATCHING_UP:  # the store has it, in order
                 push.extend(seq)
                 return
-            if (
-                conn.pending_count >= self.max_queued
-                or conn.outbound_size >= self.max_connection_memory // 2  # never shed for it
-            ):
+            if link._full(conn, self.max_queued):  # never shed for it
                 push.overflow(seq)
                 link.stats.overflows += 1
                 return
@@ -1074,7 +1102,7 @@ class FederationNode:
         push = link._push
         if not conn.is_open or push.state is not _CATCHING_UP:
             return False
-        if conn.peer_paused or conn.pending_count >= PUSH_WINDOW:
+        if conn.peer_paused or link._full(conn, PUSH_WINDOW):
             return True
         room = min(self.batch_size, PUSH_WINDOW - conn.pending_count)
         for delta in push.take(self.store, room):

@@ -222,6 +222,12 @@ class Row:
 # to skip: these events have one field and no __post_init__).
 _new = object.__new__
 _set = object.__setattr__
+_encoder = msgspec.json.Encoder()
+
+
+def _as_deltas(batch: Sequence[Delta | msgspec.Raw]) -> tuple[Delta, ...]:
+    """A ``deltas`` message's deltas, some as their JSON already (msgspec writes it as is)."""
+    return cast(tuple[Delta, ...], tuple(batch))
 
 
 class LinkEndpoint(Protocol):
@@ -241,6 +247,8 @@ class LinkEndpoint(Protocol):
     def peer_paused(self) -> bool: ...
     @property
     def pending_count(self) -> int: ...
+    @property
+    def pending_bytes(self) -> int: ...
     @property
     def outbound_size(self) -> int: ...
     @property
@@ -363,6 +371,9 @@ class FederationProtocol:
         self._limited = False
         self._events: deque[Event] = deque()
         self._unacked: dict[str, Delta] = {}
+        # the JSON size of each of our pending deltas (held, waiting or unacknowledged)
+        self._sizes: dict[str, int] = {}
+        self._pending_bytes = 0
         self._held: deque[Message] = deque()
         self._held_ids: set[str] = set()
         self._unanswered: set[str] = set()
@@ -379,8 +390,9 @@ class FederationProtocol:
         self._send_window: int | None = None
         # sending, "credit": live deltas waiting for room in the peer's window (ids in _held_ids)
         self._waiting: deque[Delta] = deque()
-        # sending, "batch": deltas committed (in _unacked, numbered) not yet in a message
-        self._batch: list[Delta] = []
+        # sending, "batch": deltas committed (in _unacked, numbered) not yet in a message,
+        # as their JSON when it was at hand
+        self._batch: list[Delta | msgspec.Raw] = []
         self._tx_seq = 0  # the number of our last committed delta
         self._tx_acked = 0  # the highest ``upTo`` the peer acknowledged
         self._inflight: deque[str] = deque()  # ids by number, from _inflight_base + 1
@@ -418,6 +430,12 @@ class FederationProtocol:
     def pending_count(self) -> int:
         """How many of our deltas are held or awaiting the peer's answer."""
         return len(self._unacked) + len(self._held_ids)
+
+    @property
+    def pending_bytes(self) -> int:
+        """The bytes of JSON of our deltas held or awaiting the peer's answer (the memory
+        they keep is about proportional): what a node bounds per link and in all."""
+        return self._pending_bytes
 
     def is_pending(self, delta_id: str) -> bool:
         """Whether our delta with this id is held or awaiting the peer's answer."""
@@ -817,6 +835,8 @@ class FederationProtocol:
             self.close_code, self.close_reason = code, reason
         unsettled = (*self._unacked.values(), *self.held)
         self._unacked.clear()
+        self._sizes.clear()
+        self._pending_bytes = 0
         self._held.clear()
         self._held_ids.clear()
         self._waiting.clear()
@@ -832,11 +852,23 @@ class FederationProtocol:
         self._rx_ahead.clear()
         self._events.append(Closed(code=code, reason=reason, unsettled=unsettled))
 
+    def _pending(self, delta: Delta) -> bytes:
+        """Our ``delta`` becomes pending: count its size; returns its JSON."""
+        raw = _encoder.encode(delta)
+        self._sizes[delta.id] = size = len(raw)
+        self._pending_bytes += size
+        return raw
+
+    def _settle_size(self, delta_id: str) -> None:
+        self._pending_bytes -= self._sizes.pop(delta_id, 0)
+
     def _hold_live(self, delta: Delta) -> None:
+        self._pending(delta)
         self._held.append(DeltaMessage(timestamp=self._clock(), delta=delta))
         self._held_ids.add(delta.id)
 
     def _send_live(self, delta: Delta) -> None:
+        raw = self._pending(delta)
         if self.peer_paused or self._held:
             self._held.append(DeltaMessage(timestamp=self._clock(), delta=delta))
             self._held_ids.add(delta.id)
@@ -851,9 +883,10 @@ class FederationProtocol:
             self._tx_seq = number = self._tx_seq + 1
             self._seq_of[delta_id] = number
             self._inflight.append(delta_id)
-            self._batch.append(delta)
+            self._batch.append(msgspec.Raw(raw))  # encoded once: for its size and the wire
         else:
-            self._commit(delta)
+            wire = cast(Delta, msgspec.Raw(raw))
+            self._commit(delta, DeltaMessage(timestamp=self._clock(), delta=wire))
 
     def _ack(self, delta_id: str) -> None:
         number = self._rx_pending.pop(delta_id, 0)
@@ -950,12 +983,12 @@ class FederationProtocol:
         timestamp = self._clock()
         size = self.max_batch
         if len(batch) <= size:
-            text = encode(DeltasMessage(timestamp=timestamp, deltas=tuple(batch)))
+            text = encode(DeltasMessage(timestamp=timestamp, deltas=_as_deltas(batch)))
             self._outbox_size += len(text)
             self._outbox.append(text)
             return
         for start in range(0, len(batch), size):
-            chunk = tuple(batch[start : start + size])
+            chunk = _as_deltas(batch[start : start + size])
             text = encode(DeltasMessage(timestamp=timestamp, deltas=chunk))
             self._outbox_size += len(text)
             self._outbox.append(text)
@@ -1277,6 +1310,7 @@ class FederationProtocol:
         if self._unacked.pop(message.delta_id, None) is None:
             self.stray_acks += 1
         else:
+            self._settle_size(message.delta_id)
             self._events.append(DeltaAcked(delta_id=message.delta_id))
             self._settled(message.delta_id)
 
@@ -1284,6 +1318,7 @@ class FederationProtocol:
         if self._unacked.pop(message.delta_id, None) is None:
             self.stray_acks += 1
         else:
+            self._settle_size(message.delta_id)
             self._events.append(DeltaRejected(delta_id=message.delta_id, reason=message.reason))
             self._settled(message.delta_id)
 
@@ -1328,6 +1363,7 @@ class FederationProtocol:
             if up_to <= self._tx_acked:
                 return
         inflight, seq_of, unacked = self._inflight, self._seq_of, self._unacked
+        sizes, freed = self._sizes, 0
         append = self._events.append
         number = self._inflight_base
         while inflight and number < up_to:
@@ -1336,9 +1372,11 @@ class FederationProtocol:
             if seq_of.get(delta_id) == number:  # not settled by id meanwhile
                 del seq_of[delta_id]
                 del unacked[delta_id]
+                freed += sizes.pop(delta_id, 0)
                 event = _new(DeltaAcked)  # DeltaAcked(delta_id=delta_id), at half the cost
                 _set(event, "delta_id", delta_id)
                 append(event)
+        self._pending_bytes -= freed
         self._inflight_base = max(number, up_to)
         self._tx_acked = up_to
         if self._waiting:

@@ -114,12 +114,15 @@ def test_relay_to_a_peer_that_does_not_read_falls_back_to_the_store() -> None:
     assert server.store.count() == 300
 
 
-def test_finding_3_parked_deltas_are_bounded_in_all() -> None:
+def test_finding_3_what_is_held_for_peers_is_bounded_in_all() -> None:
     """Peers with made-up system ids connect, pause and leave while deltas are pushed: what
-    is parked for them stays within the budget, the remotes parked least recently lose theirs
-    first, the store keeps everything, and a remote that returns gets what is left."""
+    is held for them (pending while they are paused, then parked) stays within the budget at
+    every step, because past its share of the budget a link catches up from the store
+    instead of holding more; the store keeps everything, and a remote that returns gets
+    what was parked for it."""
     budget = 2 * MIB
     server = HostileServer(memory_budget=budget)
+    node = server.node
     made_up = [f"made-up-{i}" for i in range(10)]
     for i, system_id in enumerate(made_up):
         server.connect(f"l{i}", system_id)
@@ -129,19 +132,52 @@ def test_finding_3_parked_deltas_are_bounded_in_all() -> None:
     for i in range(n):
         message = {"type": "delta", "timestamp": T0, "delta": delta_dict(f"p{i}", text="y" * 900)}
         server.send("pusher", message)
+        assert node.memory_held <= budget
+    share = budget // 11 // 2  # 11 connections, half the budget for pending deltas
+    held = [server.conns[f"l{i}"].pending_bytes for i in range(len(made_up))]
+    assert all(abs(size - share) < 1100 for size in held)  # within one delta of the share
+    counts = [server.conns[f"l{i}"].pending_count for i in range(len(made_up))]
+    for i in range(len(made_up)):
+        link = node.link(f"l{i}")
+        assert link is not None and link.catching_up and link.stats.overflows == 1
     for i in range(len(made_up)):
         server.leave(f"l{i}")
-    node = server.node
     assert server.store.count() == n
-    assert 0 < node.parked_bytes <= budget
-    assert node.memory_held <= budget
-    assert node.parked_dropped > 0
-    # the last to leave kept its parked deltas, the first lost them
+    assert node.parked_bytes == sum(held) and node.memory_held <= budget
+    assert node.connections_shed == 0 and node.parked_dropped == 0
+    server.connect("back", made_up[-1])
+    server.send("back")
+    returned = [m for m in server.read("back") if m["type"] == "delta"]
+    assert [m["delta"]["id"] for m in returned] == [f"p{i}" for i in range(counts[-1])]
+
+
+def test_parked_deltas_beyond_the_budget_go_the_least_recently_parked_first() -> None:
+    """The budget lowered below what is parked: the remotes parked least recently lose
+    theirs first (the store keeps them), and a remote that returns gets what is left."""
+    server = HostileServer(memory_budget=2 * MIB)
+    node = server.node
+    made_up = [f"made-up-{i}" for i in range(4)]
+    for i, system_id in enumerate(made_up):
+        server.connect(f"l{i}", system_id)
+        server.send(f"l{i}", {"type": "pause", "timestamp": T0})
+    server.connect("pusher", "pusher")
+    for i in range(100):
+        message = {"type": "delta", "timestamp": T0, "delta": delta_dict(f"p{i}", text="y" * 900)}
+        server.send("pusher", message)
+    for i in range(len(made_up)):
+        server.leave(f"l{i}")
+    parked = node.parked_bytes
+    assert parked > 0 and node.parked_dropped == 0
+    node.memory_budget = parked // 2
+    server.send("pusher")  # the next commit keeps to the new budget
+    assert 0 < node.parked_bytes <= parked // 2 and node.parked_dropped > 0
+    assert server.store.count() == 100
+    node.memory_budget = 2 * MIB  # room again for what is left to be delivered
     last = server.connect("back-last", made_up[-1])
     first = server.connect("back-first", made_up[0])
     server.send("back-last")
     server.send("back-first")
-    assert len([m for m in server.read("back-last") if m["type"] == "delta"]) == n
+    assert len([m for m in server.read("back-last") if m["type"] == "delta"]) == 100
     assert [m for m in server.read("back-first") if m["type"] == "delta"] == []
     assert last.is_open and first.is_open
 

@@ -482,6 +482,43 @@ def test_closed_unsettled_holds_batched_waiting_and_held_deltas_in_order() -> No
     assert p.client.pending_count == 0 and p.client.held == ()
 
 
+def size(*ids: str) -> int:
+    """The bytes of JSON of ``make_delta`` deltas."""
+    return sum(len(msgspec.json.encode(make_delta(i))) for i in ids)
+
+
+def test_pending_bytes_count_batched_waiting_and_held_deltas_until_settled() -> None:
+    p = opened(server_window=2)
+    for i in (1, 2):
+        p.client.send_delta(make_delta(f"u{i}"))
+    assert p.client.pending_bytes == size("u1", "u2")
+    deliver(p, "client")
+    p.client.send_delta(make_delta("w1"))  # no room: waits
+    inject(p, "client", {"type": "pause"})
+    p.client.send_delta(make_delta("h1"))  # paused: held
+    assert p.client.pending_bytes == size("u1", "u2", "w1", "h1")
+    inject(p, "client", {"type": "deltas_ack", "upTo": 1})
+    assert p.client.pending_bytes == size("u2", "w1", "h1")
+    inject(p, "client", {"type": "resume"})  # w1 and h1 committed: still pending
+    assert p.client.pending_bytes == size("u2", "w1", "h1")
+    p.client.close(1001, "bye")
+    p.client.connection_closed(1001, "bye")
+    assert p.client.pending_bytes == 0
+
+
+@pytest.mark.parametrize("answer", ["delta_ack", "delta_nack"])
+def test_pending_bytes_of_v1_deltas_go_with_their_answer(answer: str) -> None:
+    p = opened((), ())
+    p.client.send_delta(make_delta("a"))
+    p.client.send_delta(make_delta("bb"))
+    assert p.client.pending_bytes == size("a", "bb")
+    deliver(p, "client")
+    inject(p, "client", {"type": answer, "deltaId": "bb", "reason": "no"})
+    assert p.client.pending_bytes == size("a")
+    inject(p, "client", {"type": answer, "deltaId": "bb", "reason": "no"})  # stray
+    assert p.client.pending_bytes == size("a")
+
+
 def test_deltas_committed_before_close_still_go_out_with_the_answers() -> None:
     p = opened(("batch",), ("batch",))
     p.client.send_delta(make_delta("d1"))

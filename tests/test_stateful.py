@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
+import msgspec
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -215,6 +216,13 @@ class PairMachine(RuleBasedStateMachine):
             assert not missing, f"{side} lost {sorted(missing)}"
             if self.closed[side]:
                 assert not pending
+
+    @invariant()
+    def pending_bytes_are_the_json_of_what_is_pending(self) -> None:
+        for side in SIDES:
+            conn = self.pair.conn(side)
+            pending = (*conn.unacknowledged, *conn.held)
+            assert conn.pending_bytes == sum(len(msgspec.json.encode(d)) for d in pending)
 
     @invariant()
     def within_the_window(self) -> None:

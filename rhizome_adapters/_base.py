@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import abc
 import contextlib
-import errno
 import functools
 import inspect
 import logging
@@ -31,9 +30,9 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
-from ssl import SSLContext, create_default_context
+from ssl import create_default_context
 from typing import Any, Generic, Literal, Protocol, TypeAlias, TypeVar
 from urllib.parse import urlsplit
 
@@ -68,6 +67,7 @@ from rhizome_proto import (
     server_path,
 )
 
+from ._options import ConnectOptions, ServerOptions, Target
 from .storage import Store, open_store
 
 __all__ = [
@@ -85,7 +85,6 @@ __all__ = [
     "Session",
     "head_read",
     "host_port",
-    "listen_error",
     "parse_url",
     "refusal",
 ]
@@ -146,12 +145,6 @@ def head_read(head: bytes) -> bool:
     a whole HTTP request head, ``READ_SIZE`` bytes of one, or a first byte that no HTTP
     request starts with (a TLS hello to a plain server: the core answers it)."""
     return b"\r\n\r\n" in head or len(head) >= READ_SIZE or (not head[:1].isalpha() and head != b"")
-
-
-def listen_error(exc: OSError, host: str, port: int) -> OSError:
-    """A failure to listen, saying where and why."""
-    why = "the address is in use" if exc.errno == errno.EADDRINUSE else exc.strerror
-    return OSError(exc.errno, f"cannot listen on {host}:{port}: {why or exc}")
 
 
 class EventHandlers:
@@ -834,22 +827,14 @@ class DBBase(abc.ABC, Generic[LinkT, RunT]):
             **options,
         )
 
-    def _client_connection(
-        self,
-        run: LinkRun,
-        host: str,
-        port: int,
-        path: str,
-        headers: Sequence[tuple[str, str]],
-        token: str | None = None,
-    ) -> FederationConnection:
+    def _client_connection(self, run: LinkRun, target: Target) -> FederationConnection:
         return self._new_connection(
             Role.CLIENT,
             config=run.node_link.config.to_wire(),
-            host=host_port(host, port),
-            path=path,
-            extra_headers=headers,
-            token=token,
+            host=host_port(target.host, target.port),
+            path=target.path,
+            extra_headers=target.headers,
+            token=target.token,
         )
 
     def _add_link(
@@ -954,51 +939,41 @@ class DBBase(abc.ABC, Generic[LinkT, RunT]):
         ``refused``, ``pending``, ``open``)."""
         return self._admission
 
-    def _outgoing_link(
-        self, url: str, config: LinkConfig | None, ssl: SSLContext | None
-    ) -> tuple[RunT, str, int, str, SSLContext | None]:
-        """``connect_to_remote``'s checks, then the new link, the URL's host, port and path and
-        the TLS context to use (``ssl``, or the system's trust store, for ``wss://``)."""
+    def _outgoing_link(self, link: ConnectOptions) -> tuple[RunT, Target]:
+        """``connect_to_remote``'s checks, then the new link and where it connects (with the
+        TLS context to use for ``wss://``: ``ssl``, or the system's trust store)."""
         self._check_open()
-        host, port, path, secure = parse_url(url)
-        if ssl is not None and not secure:
-            raise ValueError(f"an ssl context needs a wss:// URL, not {url!r}")
-        context = (ssl or create_default_context()) if secure else None
-        config = config or LinkConfig()
-        run = self._add_link(config, outgoing=True, remote_url=url)
+        host, port, path, secure = parse_url(link.url)
+        if link.ssl is not None and not secure:
+            raise ValueError(f"an ssl context needs a wss:// URL, not {link.url!r}")
+        context = (link.ssl or create_default_context()) if secure else None
+        config = link.config or LinkConfig()
+        run = self._add_link(config, outgoing=True, remote_url=link.url)
         run.reconnect = ReconnectSupervisor(config.reconnect)
-        return run, host, port, path, context
+        return run, Target(host, port, path, context, link.headers, link.token)
 
-    def _start_server(self, auto_broadcast: bool | None, path: str) -> str:
-        """``enable_server``'s checks, its ``auto_broadcast`` (which overrides the instance's
-        setting, as the seed's server config does), and the path to serve (checked)."""
+    def _start_server(self, server: ServerOptions) -> ServerOptions:
+        """``enable_server``'s checks and its ``auto_broadcast`` (which overrides the instance's
+        setting, as the seed's server config does); the options with the path checked."""
         self._check_open()
         if self._server_url is not None:
             raise RuntimeError(f"the server is already running at {self._server_url}")
-        checked = server_path(path)
-        if auto_broadcast is not None:
-            self._node.auto_broadcast = auto_broadcast
-        return checked
+        checked = server_path(server.path)
+        if server.auto_broadcast is not None:
+            self._node.auto_broadcast = server.auto_broadcast
+        return replace(server, path=checked)
 
-    def _serving(
-        self,
-        host: str,
-        port: int,
-        path: str,
-        secure: bool,
-        limits: AdmissionLimits | None,
-        max_connections: int | None,
-        credentials: Credentials | None,
-    ) -> str:
+    def _serving(self, server: ServerOptions, port: int) -> str:
         """The server listens on ``port``: remember where, its admission limits
         (``max_connections``, if given, is their ``max_links``) and credentials; return the
         URL."""
-        limits = limits or AdmissionLimits()
-        if max_connections is not None:
-            limits = replace(limits, max_links=max_connections)
-        self._server_path, self._credentials = path, credentials
+        limits = server.limits or AdmissionLimits()
+        if server.max_connections is not None:
+            limits = replace(limits, max_links=server.max_connections)
+        self._server_path, self._credentials = server.path, server.credentials
         self._admission = Admission(limits)
-        self._server_url = f"{'wss' if secure else 'ws'}://{host_port(host, port)}{path}"
+        scheme = "ws" if server.ssl is None else "wss"
+        self._server_url = f"{scheme}://{host_port(server.host, port)}{server.path}"
         return self._server_url
 
     def _forget(self, run: LinkRun) -> None:

@@ -260,7 +260,7 @@ class LinkRun:
         return self.node_link.id
 
 
-class LinkBase:
+class LinkBase(abc.ABC):
     """A view over one link: the node's :class:`~rhizome_proto.NodeLink` and its live connection.
 
     ``status``: ``"connecting"`` (before the first handshake), ``"connected"``, ``"paused"``
@@ -314,6 +314,24 @@ class LinkBase:
 
     def __repr__(self) -> str:
         return f"<FederationLink {self.id} {self.remote_url} {self.status}>"
+
+    # the actions, blocking or ``async`` as the adapter's API is (documented once, here)
+
+    @abc.abstractmethod
+    def pause(self) -> Any:
+        """Ask the peer to send no live deltas until :meth:`resume` (also after reconnects)."""
+
+    @abc.abstractmethod
+    def resume(self) -> Any:
+        """Let the peer send again."""
+
+    @abc.abstractmethod
+    def disconnect(self) -> Any:
+        """Close the link with the close handshake (an outgoing link stops reconnecting)."""
+
+    @abc.abstractmethod
+    def send_delta(self, delta: Delta) -> Any:
+        """Send one delta on this link only (kept in the link's outbox while it is down)."""
 
 
 LinkT = TypeVar("LinkT", bound=LinkBase)
@@ -432,6 +450,26 @@ class DBBase(abc.ABC, Generic[LinkT, RunT]):
     def _guard(self) -> contextlib.AbstractContextManager[object]:
         """Held around every call into the node (the threaded adapter's lock)."""
         return contextlib.nullcontext()
+
+    # the public methods whose form is the adapter's, blocking or ``async`` (documented once,
+    # here; ``enable_server`` and ``connect_to_remote`` take :mod:`._options`)
+
+    @abc.abstractmethod
+    def persist_delta(self, delta: Delta) -> Any:
+        """Store a delta and send it to every link that should get it; ``False`` if known."""
+
+    @abc.abstractmethod
+    def persist_deltas(self, deltas: Iterable[Delta]) -> Any:
+        """Store several deltas in one transaction (one fsync with SQLite) and send each to
+        every link that should get it; ``False`` for each one already stored."""
+
+    @abc.abstractmethod
+    def disconnect_from_remote(self, link_id: str) -> Any:
+        """Close a link (outgoing or incoming) with the close handshake and forget it."""
+
+    @abc.abstractmethod
+    def close(self) -> Any:
+        """Close every link (close handshake), stop the server, close the store we opened."""
 
     @staticmethod
     def _clock() -> int:

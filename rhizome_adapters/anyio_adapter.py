@@ -105,21 +105,17 @@ class FederationLink(_base.LinkBase):
     __doc__ = _base.LinkBase.__doc__
 
     async def pause(self) -> None:
-        """Ask the peer to send no live deltas until :meth:`resume` (also after reconnects)."""
         self._run.pause(True)
         await anyio.lowlevel.checkpoint()
 
     async def resume(self) -> None:
-        """Let the peer send again."""
         self._run.pause(False)
         await anyio.lowlevel.checkpoint()
 
     async def disconnect(self) -> None:
-        """Close the link with the close handshake (an outgoing link stops reconnecting)."""
         await self._run.disconnect()
 
     async def send_delta(self, delta: Delta) -> None:
-        """Send one delta on this link only (kept in the link's outbox while it is down)."""
         self._run.send(delta)
         await anyio.lowlevel.checkpoint()
 
@@ -181,12 +177,9 @@ class FederatedRhizomeDB(_base.DBBase[FederationLink, _Run]):
                 self._close_store()
 
     async def persist_delta(self, delta: Delta) -> bool:
-        """Store a delta and send it to every link that should get it; ``False`` if known."""
         return (await self.persist_deltas((delta,)))[0]
 
     async def persist_deltas(self, deltas: Iterable[Delta]) -> list[bool]:
-        """Store several deltas in one transaction (one fsync with SQLite) and send each to
-        every link that should get it; ``False`` for each one already stored."""
         stored = self._persist(deltas)
         await anyio.lowlevel.checkpoint()
         return stored
@@ -433,7 +426,6 @@ class FederatedRhizomeDB(_base.DBBase[FederationLink, _Run]):
             run.done.set()
 
     async def disconnect_from_remote(self, link_id: str) -> None:
-        """Close a link (outgoing or incoming) with the close handshake and forget it."""
         await self._disconnect(self._run_of(link_id))
 
     async def _disconnect(self, run: _Run) -> None:
@@ -448,7 +440,6 @@ class FederatedRhizomeDB(_base.DBBase[FederationLink, _Run]):
     # ---------------------------------------------------------------- closing
 
     async def close(self) -> None:
-        """Close every link (close handshake), stop the server, close the store we opened."""
         if self._closed:
             return
         self._closed = True

@@ -240,19 +240,15 @@ class FederationLink(_base.LinkBase):
     __doc__ = _base.LinkBase.__doc__
 
     def pause(self) -> None:
-        """Ask the peer to send no live deltas until :meth:`resume` (also after reconnects)."""
         self._run.pause(True)
 
     def resume(self) -> None:
-        """Let the peer send again."""
         self._run.pause(False)
 
     def disconnect(self) -> None:
-        """Close the link with the close handshake (an outgoing link stops reconnecting)."""
         self._run.disconnect()
 
     def send_delta(self, delta: Delta) -> None:
-        """Send one delta on this link only (kept in the link's outbox while it is down)."""
         self._run.send(delta)
 
 
@@ -288,12 +284,9 @@ class FederatedRhizomeDB(_base.DBBase[FederationLink, _Run]):
         self.close()
 
     def persist_delta(self, delta: Delta) -> bool:
-        """Store a delta and send it to every link that should get it; ``False`` if known."""
         return self._persist((delta,))[0]
 
     def persist_deltas(self, deltas: Iterable[Delta]) -> list[bool]:
-        """Store several deltas in one transaction (one fsync with SQLite) and send each to
-        every link that should get it; ``False`` for each one already stored."""
         return self._persist(deltas)
 
     # ---------------------------------------------------------------- events
@@ -507,7 +500,6 @@ class FederatedRhizomeDB(_base.DBBase[FederationLink, _Run]):
             run.settled.set()
 
     def disconnect_from_remote(self, link_id: str) -> None:
-        """Close a link (outgoing or incoming) with the close handshake and forget it."""
         self._disconnect(self._run_of(link_id))
 
     def _disconnect(self, run: _Run) -> None:

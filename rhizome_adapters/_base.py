@@ -12,11 +12,13 @@ the callables the instance put there.
 
 An adapter subclasses both and adds only what its runtime decides: sockets, tasks or threads,
 waking writers, the core's timer, running coroutine handlers, and the ``async`` (or blocking)
-surface of the API. It talks to the base through the methods below (its own, by inheritance)
-and to a live connection through :class:`Session`; it reads no private attribute of another
-object. The abstract methods and the classes ``_run_type`` and ``_link_type`` are what it must
-supply; the threaded adapter also overrides :meth:`DBBase._guard` (its lock around the node),
-the anyio adapter :meth:`DBBase._commit_soon` and :meth:`DBBase._commit_if_due` (group commit).
+form of the public methods declared (and documented) here; ``enable_server`` and
+``connect_to_remote`` take their parameters from :mod:`._options`. It talks to the base through
+the methods below (its own, by inheritance) and to a live connection through :class:`Session`;
+it reads no private attribute of another object. The abstract methods and the class attributes
+``_run_type``, ``_link_type`` and ``_logger`` are what it must supply; the threaded adapter also
+overrides :meth:`DBBase._guard` (its lock around the node), the anyio adapter
+:meth:`DBBase._commit_soon` and :meth:`DBBase._commit_if_due` (group commit).
 """
 
 from __future__ import annotations
@@ -402,7 +404,6 @@ class DBBase(abc.ABC, Generic[LinkT, RunT]):
         self._max_message_size = max_message_size
         self._runs: dict[str, RunT] = {}
         self._sessions: set[Session] = set()
-        self._logger = self._log()
         self._handlers = EventHandlers(self._logger)
         self._events: deque[FederationEvent] = deque()
         self._events_lock = threading.Lock()
@@ -422,14 +423,10 @@ class DBBase(abc.ABC, Generic[LinkT, RunT]):
     def _init_runtime(self) -> None:
         """Set up the adapter's own state (called at the end of ``__init__``)."""
 
-    @abc.abstractmethod
-    def _log(self) -> logging.Logger:
-        """The adapter's logger (handler failures are logged there)."""
-        ...
-
-    #: the adapter's record of a link, and the link view users hold
+    #: the adapter's record of a link, the link view users hold, and the adapter's logger
     _run_type: type[RunT]
     _link_type: type[LinkT]
+    _logger: logging.Logger
 
     @abc.abstractmethod
     def _disconnect(self, run: RunT) -> Any:
@@ -731,6 +728,15 @@ class DBBase(abc.ABC, Generic[LinkT, RunT]):
             while conn.outbound_size < SYNC_BUFFER and self._sync_ready(session):
                 self._node.sync_step(link_id)
             return self._node.has_events
+
+    def _read_delay(self, session: Session) -> float:
+        """Seconds the reader of ``session`` must wait before its next read (the rate limit);
+        when it must, its writer is woken (the core may have queued output)."""
+        with self._guard():
+            delay = session.conn.read_delay(self._now())
+        if delay > 0:
+            session.wake()
+        return delay
 
     def _fail(self, session: Session, exc: BaseException) -> None:
         """A transport failure: report it (``link:error``); the core sees the connection lost."""
@@ -1041,6 +1047,12 @@ class DBBase(abc.ABC, Generic[LinkT, RunT]):
             if self._owns_store and not self._store_closed:
                 self._store_closed = True
                 self._store.close()
+
+    def _begin_close(self) -> bool:
+        """``close()`` begins: whether this is the first; the instance is closed from now on."""
+        with self._guard():
+            first, self._closed = not self._closed, True
+        return first
 
     def _check_open(self) -> None:
         if self._closed:

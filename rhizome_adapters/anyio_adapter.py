@@ -128,7 +128,7 @@ class FederatedRhizomeDB(_base.DBBase[FederationLink, _Run]):
     ``store`` is given; a store passed in is not closed by :meth:`close`.
     """
 
-    _run_type, _link_type = _Run, FederationLink
+    _run_type, _link_type, _logger = _Run, FederationLink, log
 
     def _init_runtime(self) -> None:
         self._tasks: anyio.abc.TaskGroup | None = None
@@ -138,9 +138,6 @@ class FederatedRhizomeDB(_base.DBBase[FederationLink, _Run]):
         self._reading: _Session | None = None  # the reader running the pump, if one is
         self._commit_wanted: anyio.Event | None = None  # wakes the committer
         self._committer: anyio.CancelScope | None = None
-
-    def _log(self) -> logging.Logger:
-        return log
 
     def _now(self) -> float:
         return anyio.current_time()
@@ -264,8 +261,7 @@ class FederatedRhizomeDB(_base.DBBase[FederationLink, _Run]):
                     session.wake()
                 else:
                     self._wake_committer()
-                if delay := session.conn.read_delay(anyio.current_time()):  # rate limit
-                    session.wake()
+                if delay := self._read_delay(session):  # over the rate limit
                     await anyio.sleep(delay)
         except _BROKEN as exc:
             self._fail(session, _cause(exc))
@@ -440,9 +436,8 @@ class FederatedRhizomeDB(_base.DBBase[FederationLink, _Run]):
     # ---------------------------------------------------------------- closing
 
     async def close(self) -> None:
-        if self._closed:
+        if not self._begin_close():
             return
-        self._closed = True
         if self._server_scope is not None:
             self._server_scope.cancel()
         async with anyio.create_task_group() as tasks:

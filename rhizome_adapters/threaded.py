@@ -261,15 +261,12 @@ class FederatedRhizomeDB(_base.DBBase[FederationLink, _Run]):
     """
 
     _coroutine_handlers = False
-    _run_type, _link_type = _Run, FederationLink
+    _run_type, _link_type, _logger = _Run, FederationLink, log
 
     def _init_runtime(self) -> None:
         self._lock = threading.Lock()
         self._listener: socket.socket | None = None
         self._server_thread: threading.Thread | None = None
-
-    def _log(self) -> logging.Logger:
-        return log
 
     def _now(self) -> float:
         return time.monotonic()
@@ -335,10 +332,7 @@ class FederatedRhizomeDB(_base.DBBase[FederationLink, _Run]):
                 self._fail(session, exc)
                 return
             self._received(session, data, time.monotonic())
-            with self._lock:
-                delay = conn.read_delay(time.monotonic())
-            if delay > 0:  # over the rate limit: stop reading this link for a while
-                session.wake()
+            if delay := self._read_delay(session):  # over the rate limit
                 time.sleep(delay)
 
     def _write_loop(self, session: _Session) -> None:
@@ -525,10 +519,8 @@ class FederatedRhizomeDB(_base.DBBase[FederationLink, _Run]):
     def close(self) -> None:
         """Close every link (close handshake), stop the server, join the threads, close the
         store we opened."""
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
+        if not self._begin_close():
+            return
         if self._listener is not None:
             with contextlib.suppress(OSError):
                 self._listener.shutdown(socket.SHUT_RDWR)  # wakes accept() where it can

@@ -98,10 +98,10 @@ class ServerOptions:
 class ConnectOptions:
     """``url`` is ``ws://host[:port]/path`` or ``wss://...``; the link reconnects per
     ``config.reconnect`` (a failed first connect is retried too). ``wss://`` verifies the
-    server's certificate for the URL's host with ``ssl`` (default: the system's trust store); a
-    TLS failure is a connect failure like any other. ``headers`` go with the upgrade request;
-    ``token`` is sent as ``Authorization: Bearer`` (a server that refuses it answers 401: the
-    link's failure says so).
+    server's certificate for the URL's host with ``ssl`` (default: the system's trust
+    store); a TLS failure is a connect failure like any other. ``headers`` go with the
+    upgrade request; ``token`` is sent as ``Authorization: Bearer`` (a server that refuses
+    it answers 401: the link's failure says so).
 
     With ``wait`` this returns once the handshake completed and raises
     :class:`ConnectionError` if the policy gives up first; without, it returns at once."""

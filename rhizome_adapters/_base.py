@@ -12,18 +12,19 @@ the callables the instance put there.
 
 An adapter subclasses both and adds only what its runtime decides: sockets, tasks or threads,
 waking writers, the core's timer, running coroutine handlers, and the ``async`` (or blocking)
-surface of the API. It talks to the base through the methods below (its own, by inheritance)
-and to a live connection through :class:`Session`; it reads no private attribute of another
-object. The abstract methods and the classes ``_run_type`` and ``_link_type`` are what it must
-supply; the threaded adapter also overrides :meth:`DBBase._guard` (its lock around the node),
-the anyio adapter :meth:`DBBase._commit_soon` and :meth:`DBBase._commit_if_due` (group commit).
+form of the public methods declared (and documented) here; ``enable_server`` and
+``connect_to_remote`` take their parameters from :mod:`._options`. It talks to the base through
+the methods below (its own, by inheritance) and to a live connection through :class:`Session`;
+it reads no private attribute of another object. The abstract methods and the class attributes
+``_run_type``, ``_link_type`` and ``_logger`` are what it must supply; the threaded adapter also
+overrides :meth:`DBBase._guard` (its lock around the node), the anyio adapter
+:meth:`DBBase._commit_soon` and :meth:`DBBase._commit_if_due` (group commit).
 """
 
 from __future__ import annotations
 
 import abc
 import contextlib
-import errno
 import functools
 import inspect
 import logging
@@ -31,9 +32,9 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
-from ssl import SSLContext, create_default_context
+from ssl import create_default_context
 from typing import Any, Generic, Literal, Protocol, TypeAlias, TypeVar
 from urllib.parse import urlsplit
 
@@ -68,6 +69,7 @@ from rhizome_proto import (
     server_path,
 )
 
+from ._options import ConnectOptions, ServerOptions, Target
 from .storage import Store, open_store
 
 __all__ = [
@@ -85,7 +87,6 @@ __all__ = [
     "Session",
     "head_read",
     "host_port",
-    "listen_error",
     "parse_url",
     "refusal",
 ]
@@ -146,12 +147,6 @@ def head_read(head: bytes) -> bool:
     a whole HTTP request head, ``READ_SIZE`` bytes of one, or a first byte that no HTTP
     request starts with (a TLS hello to a plain server: the core answers it)."""
     return b"\r\n\r\n" in head or len(head) >= READ_SIZE or (not head[:1].isalpha() and head != b"")
-
-
-def listen_error(exc: OSError, host: str, port: int) -> OSError:
-    """A failure to listen, saying where and why."""
-    why = "the address is in use" if exc.errno == errno.EADDRINUSE else exc.strerror
-    return OSError(exc.errno, f"cannot listen on {host}:{port}: {why or exc}")
 
 
 class EventHandlers:
@@ -267,7 +262,7 @@ class LinkRun:
         return self.node_link.id
 
 
-class LinkBase:
+class LinkBase(abc.ABC):
     """A view over one link: the node's :class:`~rhizome_proto.NodeLink` and its live connection.
 
     ``status``: ``"connecting"`` (before the first handshake), ``"connected"``, ``"paused"``
@@ -321,6 +316,24 @@ class LinkBase:
 
     def __repr__(self) -> str:
         return f"<FederationLink {self.id} {self.remote_url} {self.status}>"
+
+    # the actions, blocking or ``async`` as the adapter's API is (documented once, here)
+
+    @abc.abstractmethod
+    def pause(self) -> Any:
+        """Ask the peer to send no live deltas until :meth:`resume` (also after reconnects)."""
+
+    @abc.abstractmethod
+    def resume(self) -> Any:
+        """Let the peer send again."""
+
+    @abc.abstractmethod
+    def disconnect(self) -> Any:
+        """Close the link with the close handshake (an outgoing link stops reconnecting)."""
+
+    @abc.abstractmethod
+    def send_delta(self, delta: Delta) -> Any:
+        """Send one delta on this link only (kept in the link's outbox while it is down)."""
 
 
 LinkT = TypeVar("LinkT", bound=LinkBase)
@@ -391,7 +404,6 @@ class DBBase(abc.ABC, Generic[LinkT, RunT]):
         self._max_message_size = max_message_size
         self._runs: dict[str, RunT] = {}
         self._sessions: set[Session] = set()
-        self._logger = self._log()
         self._handlers = EventHandlers(self._logger)
         self._events: deque[FederationEvent] = deque()
         self._events_lock = threading.Lock()
@@ -411,14 +423,10 @@ class DBBase(abc.ABC, Generic[LinkT, RunT]):
     def _init_runtime(self) -> None:
         """Set up the adapter's own state (called at the end of ``__init__``)."""
 
-    @abc.abstractmethod
-    def _log(self) -> logging.Logger:
-        """The adapter's logger (handler failures are logged there)."""
-        ...
-
-    #: the adapter's record of a link, and the link view users hold
+    #: the adapter's record of a link, the link view users hold, and the adapter's logger
     _run_type: type[RunT]
     _link_type: type[LinkT]
+    _logger: logging.Logger
 
     @abc.abstractmethod
     def _disconnect(self, run: RunT) -> Any:
@@ -439,6 +447,26 @@ class DBBase(abc.ABC, Generic[LinkT, RunT]):
     def _guard(self) -> contextlib.AbstractContextManager[object]:
         """Held around every call into the node (the threaded adapter's lock)."""
         return contextlib.nullcontext()
+
+    # the public methods whose form is the adapter's, blocking or ``async`` (documented once,
+    # here; ``enable_server`` and ``connect_to_remote`` take :mod:`._options`)
+
+    @abc.abstractmethod
+    def persist_delta(self, delta: Delta) -> Any:
+        """Store a delta and send it to every link that should get it; ``False`` if known."""
+
+    @abc.abstractmethod
+    def persist_deltas(self, deltas: Iterable[Delta]) -> Any:
+        """Store several deltas in one transaction (one fsync with SQLite) and send each to
+        every link that should get it; ``False`` for each one already stored."""
+
+    @abc.abstractmethod
+    def disconnect_from_remote(self, link_id: str) -> Any:
+        """Close a link (outgoing or incoming) with the close handshake and forget it."""
+
+    @abc.abstractmethod
+    def close(self) -> Any:
+        """Close every link (close handshake), stop the server, close the store we opened."""
 
     @staticmethod
     def _clock() -> int:
@@ -701,6 +729,15 @@ class DBBase(abc.ABC, Generic[LinkT, RunT]):
                 self._node.sync_step(link_id)
             return self._node.has_events
 
+    def _read_delay(self, session: Session) -> float:
+        """Seconds the reader of ``session`` must wait before its next read (the rate limit);
+        when it must, its writer is woken (the core may have queued output)."""
+        with self._guard():
+            delay = session.conn.read_delay(self._now())
+        if delay > 0:
+            session.wake()
+        return delay
+
     def _fail(self, session: Session, exc: BaseException) -> None:
         """A transport failure: report it (``link:error``); the core sees the connection lost."""
         with self._guard():
@@ -834,22 +871,14 @@ class DBBase(abc.ABC, Generic[LinkT, RunT]):
             **options,
         )
 
-    def _client_connection(
-        self,
-        run: LinkRun,
-        host: str,
-        port: int,
-        path: str,
-        headers: Sequence[tuple[str, str]],
-        token: str | None = None,
-    ) -> FederationConnection:
+    def _client_connection(self, run: LinkRun, target: Target) -> FederationConnection:
         return self._new_connection(
             Role.CLIENT,
             config=run.node_link.config.to_wire(),
-            host=host_port(host, port),
-            path=path,
-            extra_headers=headers,
-            token=token,
+            host=host_port(target.host, target.port),
+            path=target.path,
+            extra_headers=target.headers,
+            token=target.token,
         )
 
     def _add_link(
@@ -954,51 +983,41 @@ class DBBase(abc.ABC, Generic[LinkT, RunT]):
         ``refused``, ``pending``, ``open``)."""
         return self._admission
 
-    def _outgoing_link(
-        self, url: str, config: LinkConfig | None, ssl: SSLContext | None
-    ) -> tuple[RunT, str, int, str, SSLContext | None]:
-        """``connect_to_remote``'s checks, then the new link, the URL's host, port and path and
-        the TLS context to use (``ssl``, or the system's trust store, for ``wss://``)."""
+    def _outgoing_link(self, link: ConnectOptions) -> tuple[RunT, Target]:
+        """``connect_to_remote``'s checks, then the new link and where it connects (with the
+        TLS context to use for ``wss://``: ``ssl``, or the system's trust store)."""
         self._check_open()
-        host, port, path, secure = parse_url(url)
-        if ssl is not None and not secure:
-            raise ValueError(f"an ssl context needs a wss:// URL, not {url!r}")
-        context = (ssl or create_default_context()) if secure else None
-        config = config or LinkConfig()
-        run = self._add_link(config, outgoing=True, remote_url=url)
+        host, port, path, secure = parse_url(link.url)
+        if link.ssl is not None and not secure:
+            raise ValueError(f"an ssl context needs a wss:// URL, not {link.url!r}")
+        context = (link.ssl or create_default_context()) if secure else None
+        config = link.config or LinkConfig()
+        run = self._add_link(config, outgoing=True, remote_url=link.url)
         run.reconnect = ReconnectSupervisor(config.reconnect)
-        return run, host, port, path, context
+        return run, Target(host, port, path, context, link.headers, link.token)
 
-    def _start_server(self, auto_broadcast: bool | None, path: str) -> str:
-        """``enable_server``'s checks, its ``auto_broadcast`` (which overrides the instance's
-        setting, as the seed's server config does), and the path to serve (checked)."""
+    def _start_server(self, server: ServerOptions) -> ServerOptions:
+        """``enable_server``'s checks and its ``auto_broadcast`` (which overrides the instance's
+        setting, as the seed's server config does); the options with the path checked."""
         self._check_open()
         if self._server_url is not None:
             raise RuntimeError(f"the server is already running at {self._server_url}")
-        checked = server_path(path)
-        if auto_broadcast is not None:
-            self._node.auto_broadcast = auto_broadcast
-        return checked
+        checked = server_path(server.path)
+        if server.auto_broadcast is not None:
+            self._node.auto_broadcast = server.auto_broadcast
+        return replace(server, path=checked)
 
-    def _serving(
-        self,
-        host: str,
-        port: int,
-        path: str,
-        secure: bool,
-        limits: AdmissionLimits | None,
-        max_connections: int | None,
-        credentials: Credentials | None,
-    ) -> str:
+    def _serving(self, server: ServerOptions, port: int) -> str:
         """The server listens on ``port``: remember where, its admission limits
         (``max_connections``, if given, is their ``max_links``) and credentials; return the
         URL."""
-        limits = limits or AdmissionLimits()
-        if max_connections is not None:
-            limits = replace(limits, max_links=max_connections)
-        self._server_path, self._credentials = path, credentials
+        limits = server.limits or AdmissionLimits()
+        if server.max_connections is not None:
+            limits = replace(limits, max_links=server.max_connections)
+        self._server_path, self._credentials = server.path, server.credentials
         self._admission = Admission(limits)
-        self._server_url = f"{'wss' if secure else 'ws'}://{host_port(host, port)}{path}"
+        scheme = "ws" if server.ssl is None else "wss"
+        self._server_url = f"{scheme}://{host_port(server.host, port)}{server.path}"
         return self._server_url
 
     def _forget(self, run: LinkRun) -> None:
@@ -1028,6 +1047,12 @@ class DBBase(abc.ABC, Generic[LinkT, RunT]):
             if self._owns_store and not self._store_closed:
                 self._store_closed = True
                 self._store.close()
+
+    def _begin_close(self) -> bool:
+        """``close()`` begins: whether this is the first; the instance is closed from now on."""
+        with self._guard():
+            first, self._closed = not self._closed, True
+        return first
 
     def _check_open(self) -> None:
         if self._closed:

@@ -26,7 +26,7 @@ from __future__ import annotations
 import inspect
 import logging
 import math
-from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
 from ssl import SSLContext, SSLError
 from typing import Any
@@ -37,34 +37,18 @@ from anyio.abc import SocketAttribute
 from anyio.streams.stapled import MultiListener
 from anyio.streams.tls import TLSStream
 
-from rhizome_proto import (
-    DEFAULT_PATH,
-    AdmissionLimits,
-    Credentials,
-    Delta,
-    FederationConnection,
-    LinkConfig,
-)
+from rhizome_proto import Delta, FederationConnection
 
-from ._base import (
-    CLOSE_GRACE,
-    DISCONNECT_WAIT,
-    READ_SIZE,
-    DBBase,
-    EventHandler,
-    LinkBase,
-    LinkRun,
-    LinkStatus,
-    head_read,
-    listen_error,
-)
+from . import _base
+from ._base import EventHandler, LinkStatus
+from ._options import ConnectOptions, ServerOptions, Target, takes
 
 __all__ = ["EventHandler", "FederatedRhizomeDB", "FederationLink", "LinkStatus"]
 
 log = logging.getLogger(__name__)
 
 #: Bytes per ``receive``: all an asyncio transport reads at once, as each costs a turn.
-_RECEIVE_SIZE = 4 * READ_SIZE
+_RECEIVE_SIZE = 4 * _base.READ_SIZE
 #: Seconds a TLS handshake may take.
 TLS_HANDSHAKE_TIMEOUT = 60.0
 #: How early a deadline may fire (asyncio's ``call_at`` goes by the clock's resolution).
@@ -79,7 +63,7 @@ def _cause(exc: BaseException) -> BaseException:
 
 
 @dataclass(eq=False)
-class _Run(LinkRun):
+class _Run(_base.LinkRun):
     settled: anyio.Event = field(default_factory=anyio.Event)
     #: the link's task: connecting, its sessions, waiting to reconnect
     scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
@@ -113,34 +97,30 @@ class _Session:
 
     def closing(self) -> None:
         if math.isinf(self.write_scope.deadline):
-            self.write_scope.deadline = anyio.current_time() + CLOSE_GRACE
+            self.write_scope.deadline = anyio.current_time() + _base.CLOSE_GRACE
         self.woken.set()
 
 
-class FederationLink(LinkBase):
-    __doc__ = LinkBase.__doc__
+class FederationLink(_base.LinkBase):
+    __doc__ = _base.LinkBase.__doc__
 
     async def pause(self) -> None:
-        """Ask the peer to send no live deltas until :meth:`resume` (also after reconnects)."""
         self._run.pause(True)
         await anyio.lowlevel.checkpoint()
 
     async def resume(self) -> None:
-        """Let the peer send again."""
         self._run.pause(False)
         await anyio.lowlevel.checkpoint()
 
     async def disconnect(self) -> None:
-        """Close the link with the close handshake (an outgoing link stops reconnecting)."""
         await self._run.disconnect()
 
     async def send_delta(self, delta: Delta) -> None:
-        """Send one delta on this link only (kept in the link's outbox while it is down)."""
         self._run.send(delta)
         await anyio.lowlevel.checkpoint()
 
 
-class FederatedRhizomeDB(DBBase[FederationLink, _Run]):
+class FederatedRhizomeDB(_base.DBBase[FederationLink, _Run]):
     """A RhizomeDB instance that federates over WebSocket, on asyncio or trio (anyio).
 
     Use it as ``async with FederatedRhizomeDB(...) as db:`` (the block owns its task group).
@@ -148,7 +128,7 @@ class FederatedRhizomeDB(DBBase[FederationLink, _Run]):
     ``store`` is given; a store passed in is not closed by :meth:`close`.
     """
 
-    _run_type, _link_type = _Run, FederationLink
+    _run_type, _link_type, _logger = _Run, FederationLink, log
 
     def _init_runtime(self) -> None:
         self._tasks: anyio.abc.TaskGroup | None = None
@@ -158,9 +138,6 @@ class FederatedRhizomeDB(DBBase[FederationLink, _Run]):
         self._reading: _Session | None = None  # the reader running the pump, if one is
         self._commit_wanted: anyio.Event | None = None  # wakes the committer
         self._committer: anyio.CancelScope | None = None
-
-    def _log(self) -> logging.Logger:
-        return log
 
     def _now(self) -> float:
         return anyio.current_time()
@@ -197,12 +174,9 @@ class FederatedRhizomeDB(DBBase[FederationLink, _Run]):
                 self._close_store()
 
     async def persist_delta(self, delta: Delta) -> bool:
-        """Store a delta and send it to every link that should get it; ``False`` if known."""
         return (await self.persist_deltas((delta,)))[0]
 
     async def persist_deltas(self, deltas: Iterable[Delta]) -> list[bool]:
-        """Store several deltas in one transaction (one fsync with SQLite) and send each to
-        every link that should get it; ``False`` for each one already stored."""
         stored = self._persist(deltas)
         await anyio.lowlevel.checkpoint()
         return stored
@@ -287,8 +261,7 @@ class FederatedRhizomeDB(DBBase[FederationLink, _Run]):
                     session.wake()
                 else:
                     self._wake_committer()
-                if delay := session.conn.read_delay(anyio.current_time()):  # rate limit
-                    session.wake()
+                if delay := self._read_delay(session):  # over the rate limit
                     await anyio.sleep(delay)
         except _BROKEN as exc:
             self._fail(session, _cause(exc))
@@ -334,42 +307,18 @@ class FederatedRhizomeDB(DBBase[FederationLink, _Run]):
 
     # ---------------------------------------------------------------- server
 
-    async def enable_server(
-        self,
-        *,
-        host: str = "127.0.0.1",
-        port: int = 8080,
-        path: str = DEFAULT_PATH,
-        max_connections: int | None = None,
-        auto_broadcast: bool | None = None,
-        ssl: SSLContext | None = None,
-        limits: AdmissionLimits | None = None,
-        credentials: Credentials | None = None,
-    ) -> str:
-        """Listen for federation links; returns ``ws://host:port/path`` (the actual port), or
-        ``wss://...`` when ``ssl`` (a server context holding the certificate) is given.
-        ``auto_broadcast`` (as in the seed's server config) overrides the instance's setting.
-
-        ``limits`` are the admission limits (:class:`~rhizome_proto.AdmissionLimits`;
-        defaults: ``max_pending=64`` connections in the TLS handshake or HTTP upgrade at once,
-        the oldest closed to make room; ``pending_timeout=5.0`` seconds to complete it;
-        ``max_links=100`` open links; ``max_links_per_address=32`` from one client address;
-        an upgrade beyond is answered HTTP 503 with ``Retry-After``). ``max_connections``, if
-        given, is ``max_links``. With ``credentials`` (bearer tokens and the system ids each
-        may claim) an upgrade without a valid token is answered 401 and a ``hello`` claiming
-        another system id is refused; without, anyone may connect (v1)."""
+    @takes(ServerOptions)
+    async def enable_server(self, server: ServerOptions) -> str:
+        """Listen for federation links."""
         self._running()
-        path = self._start_server(auto_broadcast, path)
-        try:
-            listener = await anyio.create_tcp_listener(local_host=host, local_port=port)
-        except OSError as exc:
-            raise listen_error(exc, host, port) from exc
-        actual_port = listener.extra(SocketAttribute.local_port)
-        url = self._serving(
-            host, actual_port, path, ssl is not None, limits, max_connections, credentials
-        )
+        server = self._start_server(server)
+        with server.listening():
+            listener = await anyio.create_tcp_listener(
+                local_host=server.host, local_port=server.port
+            )
+        url = self._serving(server, listener.extra(SocketAttribute.local_port))
         self._server_scope = anyio.CancelScope()
-        self._spawn(self._serve, listener, ssl, self._server_scope)
+        self._spawn(self._serve, listener, server.ssl, self._server_scope)
         return url
 
     async def _serve(
@@ -407,8 +356,8 @@ class FederatedRhizomeDB(DBBase[FederationLink, _Run]):
                     io = await TLSStream.wrap(
                         stream, server_side=True, ssl_context=ssl, standard_compatible=False
                     )
-                while not head_read(head):
-                    head += await io.receive(READ_SIZE)
+                while not _base.head_read(head):
+                    head += await io.receive(_base.READ_SIZE)
                 made = self._upgrade(ticket, peer)
             if made is None:
                 if pending.cancelled_caught and not ticket.released:
@@ -435,30 +384,13 @@ class FederatedRhizomeDB(DBBase[FederationLink, _Run]):
 
     # ---------------------------------------------------------------- outgoing links
 
-    async def connect_to_remote(
-        self,
-        url: str,
-        config: LinkConfig | None = None,
-        *,
-        headers: Sequence[tuple[str, str]] = (),
-        wait: bool = True,
-        ssl: SSLContext | None = None,
-        token: str | None = None,
-    ) -> FederationLink:
-        """Open an outgoing link to ``ws://host[:port]/path`` or ``wss://...``, reconnecting per
-        ``config.reconnect`` (a failed first connect is retried too). ``wss://`` verifies the
-        server's certificate for the URL's host with ``ssl`` (default: the system's trust
-        store); a TLS failure is a connect failure like any other. ``token`` is sent as
-        ``Authorization: Bearer`` (a server that refuses it answers 401: the link's failure
-        says so).
-
-        With ``wait`` this returns once the handshake completed and raises
-        :class:`ConnectionError` if the policy gives up first; without, it returns at once.
-        """
+    @takes(ConnectOptions)
+    async def connect_to_remote(self, link: ConnectOptions) -> FederationLink:
+        """Open an outgoing link."""
         self._running()
-        run, host, port, path, context = self._outgoing_link(url, config, ssl)
-        self._spawn(self._run_outgoing, run, host, port, path, headers, context, token)
-        if not wait:
+        run, target = self._outgoing_link(link)
+        self._spawn(self._run_outgoing, run, target)
+        if not link.wait:
             return self._view(run)
         try:
             await run.settled.wait()
@@ -466,18 +398,9 @@ class FederatedRhizomeDB(DBBase[FederationLink, _Run]):
             with anyio.CancelScope(shield=True):
                 await self._disconnect(run)
             raise
-        return self._settled_link(run, url)
+        return self._settled_link(run, link.url)
 
-    async def _run_outgoing(
-        self,
-        run: _Run,
-        host: str,
-        port: int,
-        path: str,
-        headers: Sequence[tuple[str, str]],
-        ssl: SSLContext | None,
-        token: str | None = None,
-    ) -> None:
+    async def _run_outgoing(self, run: _Run, target: Target) -> None:
         """Connect, run the session, wait per the reconnect policy, repeat until stopped."""
         try:
             with run.scope:
@@ -486,11 +409,11 @@ class FederatedRhizomeDB(DBBase[FederationLink, _Run]):
                         await anyio.sleep(wait)
                         continue
                     try:
-                        stream = await _open(host, port, ssl)
+                        stream = await _open(target)
                     except (*_BROKEN, TimeoutError) as exc:
                         self._connect_failed(run, _cause(exc))
                         continue
-                    conn = self._client_connection(run, host, port, path, headers, token)
+                    conn = self._client_connection(run, target)
                     await self._serve_session(_Session(run, conn, stream))
         except Exception as exc:
             self._crashed(run, exc)
@@ -499,13 +422,12 @@ class FederatedRhizomeDB(DBBase[FederationLink, _Run]):
             run.done.set()
 
     async def disconnect_from_remote(self, link_id: str) -> None:
-        """Close a link (outgoing or incoming) with the close handshake and forget it."""
         await self._disconnect(self._run_of(link_id))
 
     async def _disconnect(self, run: _Run) -> None:
         if not self._begin_disconnect(run):
             run.scope.cancel()  # connecting, or waiting to reconnect
-        with anyio.move_on_after(DISCONNECT_WAIT):
+        with anyio.move_on_after(_base.DISCONNECT_WAIT):
             await run.done.wait()
         run.scope.cancel()
         await run.done.wait()
@@ -514,10 +436,8 @@ class FederatedRhizomeDB(DBBase[FederationLink, _Run]):
     # ---------------------------------------------------------------- closing
 
     async def close(self) -> None:
-        """Close every link (close handshake), stop the server, close the store we opened."""
-        if self._closed:
+        if not self._begin_close():
             return
-        self._closed = True
         if self._server_scope is not None:
             self._server_scope.cancel()
         async with anyio.create_task_group() as tasks:
@@ -535,15 +455,15 @@ class FederatedRhizomeDB(DBBase[FederationLink, _Run]):
         """What is still running once the links ended (asyncio without ``async with``)."""
 
 
-async def _open(host: str, port: int, ssl: SSLContext | None) -> anyio.abc.ByteStream:
-    """A TCP stream to ``host:port``; with ``ssl``, TLS checked against ``host`` before use."""
-    stream = await anyio.connect_tcp(host, port)
+async def _open(target: Target) -> anyio.abc.ByteStream:
+    """A TCP stream to the target; with its ``ssl``, TLS checked against its host before use."""
+    stream = await anyio.connect_tcp(target.host, target.port)
     try:
         with anyio.fail_after(TLS_HANDSHAKE_TIMEOUT):
-            if ssl is None:
+            if target.ssl is None:
                 return stream
             return await TLSStream.wrap(
-                stream, hostname=host, ssl_context=ssl, standard_compatible=False
+                stream, hostname=target.host, ssl_context=target.ssl, standard_compatible=False
             )
     except anyio.EndOfStream as exc:
         await anyio.aclose_forcefully(stream)

@@ -38,33 +38,16 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import KW_ONLY, dataclass, field
 from ssl import SSLContext
 from typing import Any
 
-from rhizome_proto import (
-    DEFAULT_PATH,
-    AdmissionLimits,
-    Credentials,
-    Delta,
-    FederationConnection,
-    LinkConfig,
-    Ticket,
-)
+from rhizome_proto import Delta, FederationConnection, Ticket
 
-from ._base import (
-    CLOSE_GRACE,
-    DISCONNECT_WAIT,
-    READ_SIZE,
-    DBBase,
-    EventHandler,
-    LinkBase,
-    LinkRun,
-    LinkStatus,
-    head_read,
-    listen_error,
-)
+from . import _base
+from ._base import EventHandler, LinkStatus
+from ._options import ConnectOptions, ServerOptions, Target, takes
 
 __all__ = ["EventHandler", "FederatedRhizomeDB", "FederationLink", "LinkStatus"]
 
@@ -82,8 +65,17 @@ _ACCEPT_POLL = 0.5
 _BACKLOG = 1024
 
 
+@dataclass(frozen=True)
+class _Connect(ConnectOptions):
+    """With ``wait``, after ``timeout`` seconds without a handshake this raises
+    :class:`TimeoutError` (the link is closed)."""
+
+    _: KW_ONLY
+    timeout: float | None = None
+
+
 @dataclass(eq=False)
-class _Run(LinkRun):
+class _Run(_base.LinkRun):
     settled: threading.Event = field(default_factory=threading.Event)
     #: the link's thread: connecting, reading, waiting to retry
     thread: threading.Thread | None = None
@@ -107,7 +99,7 @@ class _Channel:
         ``timeout``."""
         self.sock.settimeout(timeout)
         try:
-            return self.sock.recv(READ_SIZE)
+            return self.sock.recv(_base.READ_SIZE)
         except TimeoutError:
             return None
 
@@ -163,7 +155,7 @@ class _TLSChannel(_Channel):
             elif raw is not None:
                 self.incoming.write_eof()
             try:
-                while chunk := self.tls.read(READ_SIZE):
+                while chunk := self.tls.read(_base.READ_SIZE):
                     out += chunk
             except ssl.SSLWantReadError:
                 pass
@@ -214,7 +206,7 @@ def _tls_channel(
             sock.sendall(out)
         if done:
             return _TLSChannel(sock, write_timeout, tls, incoming, outgoing)
-        data = sock.recv(READ_SIZE)
+        data = sock.recv(_base.READ_SIZE)
         if not data:
             raise ConnectionError("closed during the TLS handshake")
         incoming.write(data)
@@ -244,27 +236,23 @@ class _Session:
         self.woken.set()
 
 
-class FederationLink(LinkBase):
-    __doc__ = LinkBase.__doc__
+class FederationLink(_base.LinkBase):
+    __doc__ = _base.LinkBase.__doc__
 
     def pause(self) -> None:
-        """Ask the peer to send no live deltas until :meth:`resume` (also after reconnects)."""
         self._run.pause(True)
 
     def resume(self) -> None:
-        """Let the peer send again."""
         self._run.pause(False)
 
     def disconnect(self) -> None:
-        """Close the link with the close handshake (an outgoing link stops reconnecting)."""
         self._run.disconnect()
 
     def send_delta(self, delta: Delta) -> None:
-        """Send one delta on this link only (kept in the link's outbox while it is down)."""
         self._run.send(delta)
 
 
-class FederatedRhizomeDB(DBBase[FederationLink, _Run]):
+class FederatedRhizomeDB(_base.DBBase[FederationLink, _Run]):
     """A RhizomeDB instance that federates over WebSocket, for threaded code.
 
     Use it as a context manager (``close()`` on exit); the parameters are those of the asyncio
@@ -273,15 +261,12 @@ class FederatedRhizomeDB(DBBase[FederationLink, _Run]):
     """
 
     _coroutine_handlers = False
-    _run_type, _link_type = _Run, FederationLink
+    _run_type, _link_type, _logger = _Run, FederationLink, log
 
     def _init_runtime(self) -> None:
         self._lock = threading.Lock()
         self._listener: socket.socket | None = None
         self._server_thread: threading.Thread | None = None
-
-    def _log(self) -> logging.Logger:
-        return log
 
     def _now(self) -> float:
         return time.monotonic()
@@ -296,12 +281,9 @@ class FederatedRhizomeDB(DBBase[FederationLink, _Run]):
         self.close()
 
     def persist_delta(self, delta: Delta) -> bool:
-        """Store a delta and send it to every link that should get it; ``False`` if known."""
         return self._persist((delta,))[0]
 
     def persist_deltas(self, deltas: Iterable[Delta]) -> list[bool]:
-        """Store several deltas in one transaction (one fsync with SQLite) and send each to
-        every link that should get it; ``False`` for each one already stored."""
         return self._persist(deltas)
 
     # ---------------------------------------------------------------- events
@@ -327,9 +309,9 @@ class FederatedRhizomeDB(DBBase[FederationLink, _Run]):
             self._fail(session, exc)
         finally:
             session.wake()
-            writer.join(CLOSE_GRACE)
+            writer.join(_base.CLOSE_GRACE)
             session.abort()  # the writer is stuck in sendall: end it
-            writer.join(CLOSE_GRACE)
+            writer.join(_base.CLOSE_GRACE)
             session.channel.close()
             self._detach(session)
 
@@ -350,10 +332,7 @@ class FederatedRhizomeDB(DBBase[FederationLink, _Run]):
                 self._fail(session, exc)
                 return
             self._received(session, data, time.monotonic())
-            with self._lock:
-                delay = conn.read_delay(time.monotonic())
-            if delay > 0:  # over the rate limit: stop reading this link for a while
-                session.wake()
+            if delay := self._read_delay(session):  # over the rate limit
                 time.sleep(delay)
 
     def _write_loop(self, session: _Session) -> None:
@@ -377,42 +356,17 @@ class FederatedRhizomeDB(DBBase[FederationLink, _Run]):
 
     # ---------------------------------------------------------------- server
 
-    def enable_server(
-        self,
-        *,
-        host: str = "127.0.0.1",
-        port: int = 8080,
-        path: str = DEFAULT_PATH,
-        max_connections: int | None = None,
-        auto_broadcast: bool | None = None,
-        limits: AdmissionLimits | None = None,
-        credentials: Credentials | None = None,
-        ssl: SSLContext | None = None,
-    ) -> str:
-        """Listen for federation links on a thread; returns ``ws://host:port/path``, or
-        ``wss://...`` when ``ssl`` (a server context holding the certificate) is given.
-        ``limits``, ``max_connections`` and ``credentials`` are those of the asyncio adapter
-        (defaults: 64 pending connections, 5 s each to complete the TLS handshake and the
-        upgrade, the oldest closed to make room; 100 open links, 32 from one address; HTTP 503
-        with ``Retry-After`` beyond)."""
-        path = self._start_server(auto_broadcast, path)
-        try:
-            listener = socket.create_server((host, port), backlog=_BACKLOG)
-        except OSError as exc:
-            raise listen_error(exc, host, port) from exc
+    @takes(ServerOptions)
+    def enable_server(self, server: ServerOptions) -> str:
+        """Listen for federation links on a thread."""
+        server = self._start_server(server)
+        with server.listening():
+            listener = socket.create_server((server.host, server.port), backlog=_BACKLOG)
         listener.settimeout(_ACCEPT_POLL)
         self._listener = listener
-        url = self._serving(
-            host,
-            listener.getsockname()[1],
-            path,
-            ssl is not None,
-            limits,
-            max_connections,
-            credentials,
-        )
+        url = self._serving(server, listener.getsockname()[1])
         self._server_thread = threading.Thread(
-            target=self._serve, args=(listener, ssl), daemon=True, name="rhizome-server"
+            target=self._serve, args=(listener, server.ssl), daemon=True, name="rhizome-server"
         )
         self._server_thread.start()
         return url
@@ -487,52 +441,22 @@ class FederatedRhizomeDB(DBBase[FederationLink, _Run]):
 
     # ---------------------------------------------------------------- outgoing links
 
-    def connect_to_remote(
-        self,
-        url: str,
-        config: LinkConfig | None = None,
-        *,
-        headers: Sequence[tuple[str, str]] = (),
-        wait: bool = True,
-        timeout: float | None = None,
-        token: str | None = None,
-        ssl: SSLContext | None = None,
-    ) -> FederationLink:
-        """Open an outgoing link to ``ws://host[:port]/path`` or ``wss://...``, reconnecting
-        per ``config.reconnect`` on a thread of its own (a failed first connect is retried
-        too). ``wss://`` verifies the server's certificate for the URL's host with ``ssl``
-        (default: the system's trust store); a TLS failure is a connect failure like any other.
-
-        With ``wait`` this blocks until the handshake completed and raises
-        :class:`ConnectionError` if the policy gives up first, or :class:`TimeoutError` (the
-        link is closed) after ``timeout`` seconds; without, it returns at once. ``token`` is
-        sent as ``Authorization: Bearer`` (a refusal, HTTP 401, is the link's failure).
-        """
-        run, host, port, path, context = self._outgoing_link(url, config, ssl)
+    @takes(_Connect)
+    def connect_to_remote(self, link: _Connect) -> FederationLink:
+        """Open an outgoing link, on a thread of its own."""
+        run, target = self._outgoing_link(link)
         run.thread = threading.Thread(
-            target=self._run_outgoing,
-            args=(run, host, port, path, headers, token, context),
-            daemon=True,
-            name="rhizome-link",
+            target=self._run_outgoing, args=(run, target), daemon=True, name="rhizome-link"
         )
         run.thread.start()
-        if not wait:
+        if not link.wait:
             return self._view(run)
-        if not run.settled.wait(timeout):
+        if not run.settled.wait(link.timeout):
             self._disconnect(run)
-            raise TimeoutError(f"no handshake with {url} within {timeout} s")
-        return self._settled_link(run, url)
+            raise TimeoutError(f"no handshake with {link.url} within {link.timeout} s")
+        return self._settled_link(run, link.url)
 
-    def _run_outgoing(
-        self,
-        run: _Run,
-        host: str,
-        port: int,
-        path: str,
-        headers: Sequence[tuple[str, str]],
-        token: str | None = None,
-        context: SSLContext | None = None,
-    ) -> None:
+    def _run_outgoing(self, run: _Run, target: Target) -> None:
         """Connect, run the session, wait per the reconnect policy, repeat until stopped."""
         try:
             for wait in self._attempts(run):
@@ -540,25 +464,27 @@ class FederatedRhizomeDB(DBBase[FederationLink, _Run]):
                     run.wakeup.wait(wait)
                     continue
                 try:
-                    sock = socket.create_connection((host, port), timeout=_CONNECT_TIMEOUT)
+                    sock = socket.create_connection(
+                        (target.host, target.port), timeout=_CONNECT_TIMEOUT
+                    )
                 except OSError as exc:
                     self._connect_failed(run, exc)
                     continue
                 with sock:
                     channel: _Channel
                     try:
-                        if context is None:
+                        if target.ssl is None:
                             channel = _Channel(sock, self._ping_timeout)
                         else:
                             deadline = time.monotonic() + _TLS_HANDSHAKE_TIMEOUT
                             channel = _tls_channel(
-                                sock, context, self._ping_timeout, deadline, host
+                                sock, target.ssl, self._ping_timeout, deadline, target.host
                             )
                     except OSError as exc:
                         self._connect_failed(run, exc)
                         continue
                     try:
-                        conn = self._client_connection(run, host, port, path, headers, token)
+                        conn = self._client_connection(run, target)
                         self._serve_session(_Session(run, conn, channel))
                     finally:
                         channel.close()
@@ -568,7 +494,6 @@ class FederatedRhizomeDB(DBBase[FederationLink, _Run]):
             run.settled.set()
 
     def disconnect_from_remote(self, link_id: str) -> None:
-        """Close a link (outgoing or incoming) with the close handshake and forget it."""
         self._disconnect(self._run_of(link_id))
 
     def _disconnect(self, run: _Run) -> None:
@@ -582,11 +507,11 @@ class FederatedRhizomeDB(DBBase[FederationLink, _Run]):
     def _end_disconnect(self, run: _Run) -> None:
         thread = run.thread
         if thread is not None and thread is not threading.current_thread():
-            thread.join(DISCONNECT_WAIT)
+            thread.join(_base.DISCONNECT_WAIT)
             session = run.session
             if thread.is_alive() and isinstance(session, _Session):
                 session.abort()
-                thread.join(CLOSE_GRACE)
+                thread.join(_base.CLOSE_GRACE)
         self._forget(run)
 
     # ---------------------------------------------------------------- closing
@@ -594,15 +519,13 @@ class FederatedRhizomeDB(DBBase[FederationLink, _Run]):
     def close(self) -> None:
         """Close every link (close handshake), stop the server, join the threads, close the
         store we opened."""
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
+        if not self._begin_close():
+            return
         if self._listener is not None:
             with contextlib.suppress(OSError):
                 self._listener.shutdown(socket.SHUT_RDWR)  # wakes accept() where it can
         if self._server_thread is not None:
-            self._server_thread.join(_ACCEPT_POLL + CLOSE_GRACE)
+            self._server_thread.join(_ACCEPT_POLL + _base.CLOSE_GRACE)
         while runs := list(self._runs.values()):  # again if one was accepted meanwhile
             for run in runs:
                 self._stop(run)
@@ -622,7 +545,7 @@ def _read_head(channel: _Channel, deadline: float) -> bytes | None:
     (``time.monotonic``); ``None`` when the connection ended or the deadline passed first."""
     head = b""
     try:
-        while not head_read(head):
+        while not _base.head_read(head):
             left = deadline - time.monotonic()
             if left <= 0:
                 return None

@@ -25,6 +25,7 @@ from typing import Any, Final, Literal, Protocol, TypeAlias
 import msgspec
 
 from rhizome_proto import (
+    NEGATES_ROLE,
     Delta,
     DeltaFilter,
     DeltaStore,
@@ -84,7 +85,7 @@ _PAGE_SIZE: Final = 256
 #: Up to this many values, an ``IN`` list is sent as bound parameters; beyond, as one JSON array.
 _MAX_IN_PARAMS: Final = 500
 #: The schema version kept in ``PRAGMA user_version``.
-_SCHEMA_VERSION: Final = 1
+_SCHEMA_VERSION: Final = 2
 
 
 def _check_limit(limit: int) -> None:
@@ -446,18 +447,22 @@ class MemoryStore:
 #: SQL, for a row of ``deltas``: whether some stored delta negates it (it has negators).
 _HAS_NEGATORS: Final = "EXISTS (SELECT 1 FROM negations WHERE negations.target = deltas.id)"
 
+#: The tables and indexes of the current schema. ``seq`` is the rowid (no ``AUTOINCREMENT``:
+#: nothing is ever deleted, so SQLite's next rowid, the highest plus one, is the next sequence
+#: number, and a row ignored as a duplicate uses none). The timestamp index holds
+#: ``(timestamp, rowid)``: the ``(timestamp, seq)`` order. Authors and systems are not indexed:
+#: a filter on them is checked by SQL on each row of the scan (an index made every insert
+#: dearer and could make SQLite sort each page of a timestamp-ordered scan: quadratic).
 _SCHEMA: Final = (
     """CREATE TABLE IF NOT EXISTS deltas (
-        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        seq INTEGER PRIMARY KEY,
         id TEXT NOT NULL UNIQUE,
         timestamp NOT NULL,
         author,
         system,
         body BLOB
     )""",
-    "CREATE INDEX IF NOT EXISTS deltas_timestamp ON deltas (timestamp, seq)",
-    "CREATE INDEX IF NOT EXISTS deltas_author ON deltas (author)",
-    "CREATE INDEX IF NOT EXISTS deltas_system ON deltas (system)",
+    "CREATE INDEX IF NOT EXISTS deltas_timestamp ON deltas (timestamp)",
     """CREATE TABLE IF NOT EXISTS negations (
         target TEXT NOT NULL,
         negator TEXT NOT NULL,
@@ -466,6 +471,27 @@ _SCHEMA: Final = (
     "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)",
 )
 
+#: From schema version 1 (``seq ... AUTOINCREMENT``, indexes on ``(timestamp, seq)``, author
+#: and system) to 2: the deltas move to a table of the current schema, in one transaction.
+_MIGRATE_FROM_1: Final = (
+    "DROP INDEX IF EXISTS deltas_timestamp",
+    "DROP INDEX IF EXISTS deltas_author",
+    "DROP INDEX IF EXISTS deltas_system",
+    "ALTER TABLE deltas RENAME TO deltas_v1",
+    *_SCHEMA,
+    "INSERT INTO deltas (seq, id, timestamp, author, system, body) "
+    "SELECT seq, id, timestamp, author, system, body FROM deltas_v1 ORDER BY seq",
+    "DROP TABLE deltas_v1",
+)
+
+#: A row of ``deltas`` as :meth:`SQLiteStore.put_many` inserts it (SQLite numbers it).
+_INSERT: Final = (
+    "INSERT OR IGNORE INTO deltas (id, timestamp, author, system, body) VALUES (?, ?, ?, ?, ?)"
+)
+#: What the JSON text of a delta holds when a pointer has the role ``negates`` (only then can
+#: it negate anything): inside a JSON string the quotes would be escaped.
+_NEGATES_KEY: Final = _encode({"role": NEGATES_ROLE})[1:-1]
+
 _SYNCHRONOUS: Final = ("FULL", "NORMAL")
 
 
@@ -473,8 +499,10 @@ class SQLiteStore:
     """A :class:`~rhizome_proto.DeltaStore` kept in an SQLite file (WAL mode).
 
     Table ``deltas`` holds one row per delta (``seq`` is its local sequence number, ``body`` its
-    JSON encoding; ``timestamp``, ``author`` and ``system`` are indexed columns for scans),
-    ``negations`` one row per ``(target, negator)`` pair and ``meta`` small key-value settings.
+    JSON encoding; ``timestamp`` is indexed, ``author`` and ``system`` are columns SQL filters
+    on), ``negations`` one row per ``(target, negator)`` pair of a negating delta and ``meta``
+    small key-value settings. ``PRAGMA user_version`` is the schema version; an older file is
+    migrated when opened.
     Every ``put`` / ``put_many`` is one ``BEGIN IMMEDIATE`` transaction, durable on return with
     ``synchronous="FULL"`` (the default); ``"NORMAL"`` may lose the last transactions on power
     loss but never corrupts the file.
@@ -499,21 +527,30 @@ class SQLiteStore:
         self._json_each = self._has_json_each()
 
     def _setup(self, synchronous: str) -> None:
-        """Check the schema version, switch to WAL and create the tables if needed."""
+        """Check the schema version, switch to WAL, and create the tables in a new file or
+        migrate an older one (in one transaction: a crash leaves the old schema)."""
+        version = self._schema_version()
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute(f"PRAGMA synchronous={synchronous}")
+        if version == _SCHEMA_VERSION:
+            return
+        with _Transaction(self._conn):
+            version = self._schema_version()  # another process may have migrated it meanwhile
+            if version == _SCHEMA_VERSION:
+                return
+            for statement in _MIGRATE_FROM_1 if version == 1 else _SCHEMA:
+                self._conn.execute(statement)
+            self._conn.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
+
+    def _schema_version(self) -> int:
+        """The file's schema version (0: a new file); ``ValueError`` if newer than ours."""
         version = int(self._conn.execute("PRAGMA user_version").fetchone()[0])
         if version > _SCHEMA_VERSION:
             raise ValueError(
                 f"{self.path} has schema version {version}, newer than this version of "
                 f"rhizome-federation supports ({_SCHEMA_VERSION})"
             )
-        self._conn.execute("PRAGMA journal_mode=WAL")
-        self._conn.execute(f"PRAGMA synchronous={synchronous}")
-        if version == _SCHEMA_VERSION:
-            return
-        with _Transaction(self._conn):
-            for statement in _SCHEMA:
-                self._conn.execute(statement)
-            self._conn.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
+        return version
 
     def _has_json_each(self) -> bool:
         """Whether this SQLite has the JSON functions (``json_each``)."""
@@ -558,41 +595,47 @@ class SQLiteStore:
         crash stores all of the batch or none of it.
         """
         valid = [validate_delta(d) for d in deltas] if validate else list(deltas)
-        results: list[int | None] = []
-        stored: list[tuple[int, Delta]] = []
-        rows: list[tuple[int, str, float, str, str, bytes]] = []
-        negations: list[tuple[str, str]] = []
-        with _Transaction(self._conn):
-            # Only new ids get the next numbers, so the sequence has no gaps.
-            seen = self._stored_ids({delta.id for delta in valid})
-            seq = self.last_sequence()
-            for delta in valid:
-                if delta.id in seen:
-                    results.append(None)
-                    continue
-                seen.add(delta.id)
-                seq += 1
-                rows.append(
-                    (seq, delta.id, delta.timestamp, delta.author, delta.system, _encode(delta))
-                )
-                for target in sorted(set(negated_targets(delta))):
-                    negations.append((target, delta.id))
-                results.append(seq)
-                stored.append((seq, delta))
-            self._conn.executemany(
-                "INSERT INTO deltas (seq, id, timestamp, author, system, body) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
-                rows,
-            )
+        # one row per id (the first delta with it); SQLite ignores the ids it holds
+        rows: list[tuple[str, float, str, str, bytes]] = []
+        firsts: list[int] = []  # the index in ``valid`` of each row
+        seen: set[str] = set()
+        for index, delta in enumerate(valid):
+            delta_id = delta.id
+            if delta_id in seen:
+                continue
+            seen.add(delta_id)
+            rows.append((delta_id, delta.timestamp, delta.author, delta.system, _encode(delta)))
+            firsts.append(index)
+        results: list[int | None] = [None] * len(valid)
+        conn = self._conn
+        with _Transaction(conn):
+            last = self.last_sequence()
+            before = conn.total_changes
+            conn.executemany(_INSERT, rows)
+            if conn.total_changes - before == len(rows):  # all new: numbered in order
+                for seq, index in enumerate(firsts, last + 1):
+                    results[index] = seq
+            else:
+                numbered = dict(conn.execute("SELECT id, seq FROM deltas WHERE seq > ?", (last,)))
+                for (delta_id, *_), index in zip(rows, firsts, strict=True):
+                    results[index] = numbered.get(delta_id)
+            negations = [
+                (target, row[0])
+                for row, index in zip(rows, firsts, strict=True)
+                if _NEGATES_KEY in row[4] and results[index] is not None
+                for target in sorted(set(negated_targets(valid[index])))
+            ]
             if negations:
-                self._conn.executemany(
+                conn.executemany(
                     "INSERT OR IGNORE INTO negations (target, negator) VALUES (?, ?)", negations
                 )
             if meta:
-                self._conn.executemany(
+                conn.executemany(
                     "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", meta.items()
                 )
-        self._subscribers.notify(stored)
+        self._subscribers.notify(
+            (seq, delta) for seq, delta in zip(results, valid, strict=True) if seq is not None
+        )
         return results
 
     def stored_ids(self, delta_ids: Iterable[str]) -> set[str]:

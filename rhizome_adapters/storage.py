@@ -814,6 +814,9 @@ class SQLiteStore:
         start = _scan_start(after, order, limit)
         if start is None:
             return []
+        if filter is None:  # SQL decides: the rows as they come
+            clauses, params, _ = self._pushdown(None, from_timestamp)
+            return self._page("seq, timestamp, body", clauses, params, order, start, limit)
         rows = self._rows(start, filter, from_timestamp, order, limit=limit)
         return [(seq, timestamp, body) for seq, timestamp, body, _ in islice(rows, limit)]
 
@@ -833,7 +836,6 @@ class SQLiteStore:
         ``limit`` is how many the caller wants at most (it sizes the first page when SQL
         decides the filter exactly); ``extra_clause`` is one more SQL condition.
         """
-        seq_position, ts_position = start
         if flt is not None and _matches_nothing(flt):
             return
         clauses, params, exact = self._pushdown(flt, from_timestamp)
@@ -845,21 +847,8 @@ class SQLiteStore:
             page = limit
         has_negators = _HAS_NEGATORS if negation else "0"
         columns = f"seq, timestamp, body, {has_negators}"
-        order_by = "seq" if order == "sequence" else "timestamp, seq"
         while True:
-            where = list(clauses)
-            where_params = list(params)
-            if order == "sequence":
-                where.append("seq > ?")
-                where_params.append(seq_position)
-            elif ts_position is not None:
-                where.append("(timestamp, seq) > (?, ?)")
-                where_params.extend(ts_position)
-            sql = (
-                f"SELECT {columns} FROM deltas WHERE {' AND '.join(where) if where else '1'} "
-                f"ORDER BY {order_by} LIMIT ?"
-            )
-            rows: list[Any] = self._conn.execute(sql, [*where_params, page]).fetchall()
+            rows = self._page(columns, clauses, params, order, start, page)
             for seq, timestamp, body, negated_candidate in rows:
                 if flt is None or (exact and not negated_candidate):
                     yield seq, timestamp, body, None  # SQL decided: no need to decode
@@ -870,10 +859,42 @@ class SQLiteStore:
             if len(rows) < page:
                 return
             last_seq, last_timestamp = rows[-1][0], rows[-1][1]
-            if order == "sequence":
-                seq_position = last_seq
-            else:
-                ts_position = (last_timestamp, last_seq)
+            start = (last_seq, None) if order == "sequence" else (0, (last_timestamp, last_seq))
+
+    def _page(
+        self,
+        columns: str,
+        clauses: list[str],
+        params: list[object],
+        order: ScanOrder,
+        start: _Start,
+        page: int,
+    ) -> list[Any]:
+        """Up to ``page`` rows of ``deltas`` (``columns``, beginning ``seq, timestamp``) that
+        meet ``clauses``, past ``start``, in ``order``.
+
+        Past a ``(timestamp, seq)`` position, the rows with that timestamp and a higher ``seq``
+        (one seek in the timestamp index, which holds ``(timestamp, rowid)``) come first, then
+        those with a later timestamp: with ``(timestamp, seq) > (?, ?)`` SQLite would step over
+        every row with that timestamp before the position, page after page.
+        """
+        seq_position, ts_position = start
+        where = " AND ".join(clauses) if clauses else "1"
+        execute = self._conn.execute
+        if order == "sequence":
+            sql = f"SELECT {columns} FROM deltas WHERE {where} AND seq > ? ORDER BY seq LIMIT ?"
+            return execute(sql, [*params, seq_position, page]).fetchall()
+        by_time = "ORDER BY timestamp, seq LIMIT ?"
+        if ts_position is None:
+            sql = f"SELECT {columns} FROM deltas WHERE {where} {by_time}"
+            return execute(sql, [*params, page]).fetchall()
+        timestamp, seq = ts_position
+        sql = f"SELECT {columns} FROM deltas WHERE {where} AND timestamp = ? AND seq > ? {by_time}"
+        rows: list[Any] = execute(sql, [*params, timestamp, seq, page]).fetchall()
+        if len(rows) < page:
+            sql = f"SELECT {columns} FROM deltas WHERE {where} AND timestamp > ? {by_time}"
+            rows += execute(sql, [*params, timestamp, page - len(rows)]).fetchall()
+        return rows
 
     def subscribe(self, callback: StoreCallback) -> Callable[[], None]:
         """Call ``callback(seq, delta)`` after each new delta is committed (not for ignored

@@ -136,3 +136,21 @@ def test_duplicates_in_a_batch_and_in_the_store_leave_no_gap(tmp_path: Path) -> 
         )
         assert store.put(text) == 5
         assert not store.is_negated("c")
+
+
+def test_timestamp_pages_through_long_runs_of_one_timestamp(tmp_path: Path) -> None:
+    # 5 and 5.0 are the same timestamp; runs longer than a page, a filter on some
+    deltas = [
+        delta(f"d{i:03}", [5, 5.0, 7][i // 100] if i < 300 else 1, f"a{i % 2}") for i in range(310)
+    ]
+    expected = sorted(enumerate(deltas, 1), key=lambda pair: (pair[1].timestamp, pair[0]))
+    with SQLiteStore(tmp_path / "ties.db") as store:
+        store.put_many(deltas)
+        for flt in (None, DeltaFilter(authors=("a1",))):
+            got: list[tuple[int, str]] = []
+            after: tuple[float, int] | None = None
+            while page := store.scan_raw(after=after, filter=flt, limit=7, order="timestamp"):
+                got.extend((seq, msgspec.json.decode(body)["id"]) for seq, _, body in page)
+                after = (page[-1][1], page[-1][0])
+            wanted = [(seq, d.id) for seq, d in expected if flt is None or flt.matches(d)]
+            assert got == wanted

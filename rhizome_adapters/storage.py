@@ -14,6 +14,7 @@ Stores are thread-confined: use a store from one thread (or one event loop) at a
 from __future__ import annotations
 
 import bisect
+import functools
 import os
 import sqlite3
 from array import array
@@ -25,6 +26,7 @@ from typing import Any, Final, Literal, Protocol, TypeAlias
 import msgspec
 
 from rhizome_proto import (
+    NEGATES_ROLE,
     Delta,
     DeltaFilter,
     DeltaStore,
@@ -84,7 +86,7 @@ _PAGE_SIZE: Final = 256
 #: Up to this many values, an ``IN`` list is sent as bound parameters; beyond, as one JSON array.
 _MAX_IN_PARAMS: Final = 500
 #: The schema version kept in ``PRAGMA user_version``.
-_SCHEMA_VERSION: Final = 1
+_SCHEMA_VERSION: Final = 2
 
 
 def _check_limit(limit: int) -> None:
@@ -446,18 +448,22 @@ class MemoryStore:
 #: SQL, for a row of ``deltas``: whether some stored delta negates it (it has negators).
 _HAS_NEGATORS: Final = "EXISTS (SELECT 1 FROM negations WHERE negations.target = deltas.id)"
 
+#: The tables and indexes of the current schema. ``seq`` is the rowid (no ``AUTOINCREMENT``:
+#: nothing is ever deleted, so SQLite's next rowid, the highest plus one, is the next sequence
+#: number, and a row ignored as a duplicate uses none). The timestamp index holds
+#: ``(timestamp, rowid)``: the ``(timestamp, seq)`` order. Authors and systems are not indexed:
+#: a filter on them is checked by SQL on each row of the scan (an index made every insert
+#: dearer and could make SQLite sort each page of a timestamp-ordered scan: quadratic).
 _SCHEMA: Final = (
     """CREATE TABLE IF NOT EXISTS deltas (
-        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        seq INTEGER PRIMARY KEY,
         id TEXT NOT NULL UNIQUE,
         timestamp NOT NULL,
         author,
         system,
         body BLOB
     )""",
-    "CREATE INDEX IF NOT EXISTS deltas_timestamp ON deltas (timestamp, seq)",
-    "CREATE INDEX IF NOT EXISTS deltas_author ON deltas (author)",
-    "CREATE INDEX IF NOT EXISTS deltas_system ON deltas (system)",
+    "CREATE INDEX IF NOT EXISTS deltas_timestamp ON deltas (timestamp)",
     """CREATE TABLE IF NOT EXISTS negations (
         target TEXT NOT NULL,
         negator TEXT NOT NULL,
@@ -466,6 +472,37 @@ _SCHEMA: Final = (
     "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)",
 )
 
+#: From schema version 1 (``seq ... AUTOINCREMENT``, indexes on ``(timestamp, seq)``, author
+#: and system) to 2: the deltas move to a table of the current schema, in one transaction.
+_MIGRATE_FROM_1: Final = (
+    "DROP INDEX IF EXISTS deltas_timestamp",
+    "DROP INDEX IF EXISTS deltas_author",
+    "DROP INDEX IF EXISTS deltas_system",
+    "ALTER TABLE deltas RENAME TO deltas_v1",
+    *_SCHEMA,
+    "INSERT INTO deltas (seq, id, timestamp, author, system, body) "
+    "SELECT seq, id, timestamp, author, system, body FROM deltas_v1 ORDER BY seq",
+    "DROP TABLE deltas_v1",
+)
+
+#: Rows of ``deltas`` per ``INSERT`` of :meth:`SQLiteStore.put_many` (one statement of many
+#: rows costs less than ``executemany`` of one; 500 parameters stay under the 999 that SQLite
+#: before 3.32 allows).
+_ROWS_PER_INSERT: Final = 100
+
+
+@functools.lru_cache(maxsize=_ROWS_PER_INSERT)
+def _insert(rows: int) -> str:
+    """An ``INSERT`` of ``rows`` rows of ``deltas`` (SQLite numbers them; known ids are
+    ignored)."""
+    values = ", ".join(["(?, ?, ?, ?, ?)"] * rows)
+    return f"INSERT OR IGNORE INTO deltas (id, timestamp, author, system, body) VALUES {values}"
+
+
+#: What the JSON text of a delta holds when a pointer has the role ``negates`` (only then can
+#: it negate anything): inside a JSON string the quotes would be escaped.
+_NEGATES_KEY: Final = _encode({"role": NEGATES_ROLE})[1:-1]
+
 _SYNCHRONOUS: Final = ("FULL", "NORMAL")
 
 
@@ -473,8 +510,10 @@ class SQLiteStore:
     """A :class:`~rhizome_proto.DeltaStore` kept in an SQLite file (WAL mode).
 
     Table ``deltas`` holds one row per delta (``seq`` is its local sequence number, ``body`` its
-    JSON encoding; ``timestamp``, ``author`` and ``system`` are indexed columns for scans),
-    ``negations`` one row per ``(target, negator)`` pair and ``meta`` small key-value settings.
+    JSON encoding; ``timestamp`` is indexed, ``author`` and ``system`` are columns SQL filters
+    on), ``negations`` one row per ``(target, negator)`` pair of a negating delta and ``meta``
+    small key-value settings. ``PRAGMA user_version`` is the schema version; an older file is
+    migrated when opened.
     Every ``put`` / ``put_many`` is one ``BEGIN IMMEDIATE`` transaction, durable on return with
     ``synchronous="FULL"`` (the default); ``"NORMAL"`` may lose the last transactions on power
     loss but never corrupts the file.
@@ -499,21 +538,30 @@ class SQLiteStore:
         self._json_each = self._has_json_each()
 
     def _setup(self, synchronous: str) -> None:
-        """Check the schema version, switch to WAL and create the tables if needed."""
+        """Check the schema version, switch to WAL, and create the tables in a new file or
+        migrate an older one (in one transaction: a crash leaves the old schema)."""
+        version = self._schema_version()
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute(f"PRAGMA synchronous={synchronous}")
+        if version == _SCHEMA_VERSION:
+            return
+        with _Transaction(self._conn):
+            version = self._schema_version()  # another process may have migrated it meanwhile
+            if version == _SCHEMA_VERSION:
+                return
+            for statement in _MIGRATE_FROM_1 if version == 1 else _SCHEMA:
+                self._conn.execute(statement)
+            self._conn.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
+
+    def _schema_version(self) -> int:
+        """The file's schema version (0: a new file); ``ValueError`` if newer than ours."""
         version = int(self._conn.execute("PRAGMA user_version").fetchone()[0])
         if version > _SCHEMA_VERSION:
             raise ValueError(
                 f"{self.path} has schema version {version}, newer than this version of "
                 f"rhizome-federation supports ({_SCHEMA_VERSION})"
             )
-        self._conn.execute("PRAGMA journal_mode=WAL")
-        self._conn.execute(f"PRAGMA synchronous={synchronous}")
-        if version == _SCHEMA_VERSION:
-            return
-        with _Transaction(self._conn):
-            for statement in _SCHEMA:
-                self._conn.execute(statement)
-            self._conn.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
+        return version
 
     def _has_json_each(self) -> bool:
         """Whether this SQLite has the JSON functions (``json_each``)."""
@@ -558,41 +606,49 @@ class SQLiteStore:
         crash stores all of the batch or none of it.
         """
         valid = [validate_delta(d) for d in deltas] if validate else list(deltas)
-        results: list[int | None] = []
-        stored: list[tuple[int, Delta]] = []
-        rows: list[tuple[int, str, float, str, str, bytes]] = []
-        negations: list[tuple[str, str]] = []
-        with _Transaction(self._conn):
-            # Only new ids get the next numbers, so the sequence has no gaps.
-            seen = self._stored_ids({delta.id for delta in valid})
-            seq = self.last_sequence()
-            for delta in valid:
-                if delta.id in seen:
-                    results.append(None)
-                    continue
-                seen.add(delta.id)
-                seq += 1
-                rows.append(
-                    (seq, delta.id, delta.timestamp, delta.author, delta.system, _encode(delta))
-                )
-                for target in sorted(set(negated_targets(delta))):
-                    negations.append((target, delta.id))
-                results.append(seq)
-                stored.append((seq, delta))
-            self._conn.executemany(
-                "INSERT INTO deltas (seq, id, timestamp, author, system, body) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
-                rows,
-            )
+        # one row per id (the first delta with it); SQLite ignores the ids it holds
+        rows: list[tuple[str, float, str, str, bytes]] = []
+        firsts: list[int] = []  # the index in ``valid`` of each row
+        seen: set[str] = set()
+        for index, delta in enumerate(valid):
+            delta_id = delta.id
+            if delta_id in seen:
+                continue
+            seen.add(delta_id)
+            rows.append((delta_id, delta.timestamp, delta.author, delta.system, _encode(delta)))
+            firsts.append(index)
+        results: list[int | None] = [None] * len(valid)
+        conn = self._conn
+        with _Transaction(conn):
+            last = self.last_sequence()
+            before = conn.total_changes
+            for begin in range(0, len(rows), _ROWS_PER_INSERT):
+                chunk = rows[begin : begin + _ROWS_PER_INSERT]
+                conn.execute(_insert(len(chunk)), [value for row in chunk for value in row])
+            if conn.total_changes - before == len(rows):  # all new: numbered in order
+                for seq, index in enumerate(firsts, last + 1):
+                    results[index] = seq
+            else:
+                numbered = dict(conn.execute("SELECT id, seq FROM deltas WHERE seq > ?", (last,)))
+                for (delta_id, *_), index in zip(rows, firsts, strict=True):
+                    results[index] = numbered.get(delta_id)
+            negations = [
+                (target, row[0])
+                for row, index in zip(rows, firsts, strict=True)
+                if _NEGATES_KEY in row[4] and results[index] is not None
+                for target in sorted(set(negated_targets(valid[index])))
+            ]
             if negations:
-                self._conn.executemany(
+                conn.executemany(
                     "INSERT OR IGNORE INTO negations (target, negator) VALUES (?, ?)", negations
                 )
             if meta:
-                self._conn.executemany(
+                conn.executemany(
                     "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", meta.items()
                 )
-        self._subscribers.notify(stored)
+        self._subscribers.notify(
+            (seq, delta) for seq, delta in zip(results, valid, strict=True) if seq is not None
+        )
         return results
 
     def stored_ids(self, delta_ids: Iterable[str]) -> set[str]:
@@ -771,6 +827,9 @@ class SQLiteStore:
         start = _scan_start(after, order, limit)
         if start is None:
             return []
+        if filter is None:  # SQL decides: the rows as they come
+            clauses, params, _ = self._pushdown(None, from_timestamp)
+            return self._page("seq, timestamp, body", clauses, params, order, start, limit)
         rows = self._rows(start, filter, from_timestamp, order, limit=limit)
         return [(seq, timestamp, body) for seq, timestamp, body, _ in islice(rows, limit)]
 
@@ -790,7 +849,6 @@ class SQLiteStore:
         ``limit`` is how many the caller wants at most (it sizes the first page when SQL
         decides the filter exactly); ``extra_clause`` is one more SQL condition.
         """
-        seq_position, ts_position = start
         if flt is not None and _matches_nothing(flt):
             return
         clauses, params, exact = self._pushdown(flt, from_timestamp)
@@ -802,21 +860,8 @@ class SQLiteStore:
             page = limit
         has_negators = _HAS_NEGATORS if negation else "0"
         columns = f"seq, timestamp, body, {has_negators}"
-        order_by = "seq" if order == "sequence" else "timestamp, seq"
         while True:
-            where = list(clauses)
-            where_params = list(params)
-            if order == "sequence":
-                where.append("seq > ?")
-                where_params.append(seq_position)
-            elif ts_position is not None:
-                where.append("(timestamp, seq) > (?, ?)")
-                where_params.extend(ts_position)
-            sql = (
-                f"SELECT {columns} FROM deltas WHERE {' AND '.join(where) if where else '1'} "
-                f"ORDER BY {order_by} LIMIT ?"
-            )
-            rows: list[Any] = self._conn.execute(sql, [*where_params, page]).fetchall()
+            rows = self._page(columns, clauses, params, order, start, page)
             for seq, timestamp, body, negated_candidate in rows:
                 if flt is None or (exact and not negated_candidate):
                     yield seq, timestamp, body, None  # SQL decided: no need to decode
@@ -827,10 +872,42 @@ class SQLiteStore:
             if len(rows) < page:
                 return
             last_seq, last_timestamp = rows[-1][0], rows[-1][1]
-            if order == "sequence":
-                seq_position = last_seq
-            else:
-                ts_position = (last_timestamp, last_seq)
+            start = (last_seq, None) if order == "sequence" else (0, (last_timestamp, last_seq))
+
+    def _page(
+        self,
+        columns: str,
+        clauses: list[str],
+        params: list[object],
+        order: ScanOrder,
+        start: _Start,
+        page: int,
+    ) -> list[Any]:
+        """Up to ``page`` rows of ``deltas`` (``columns``, beginning ``seq, timestamp``) that
+        meet ``clauses``, past ``start``, in ``order``.
+
+        Past a ``(timestamp, seq)`` position, the rows with that timestamp and a higher ``seq``
+        (one seek in the timestamp index, which holds ``(timestamp, rowid)``) come first, then
+        those with a later timestamp: with ``(timestamp, seq) > (?, ?)`` SQLite would step over
+        every row with that timestamp before the position, page after page.
+        """
+        seq_position, ts_position = start
+        where = " AND ".join(clauses) if clauses else "1"
+        execute = self._conn.execute
+        if order == "sequence":
+            sql = f"SELECT {columns} FROM deltas WHERE {where} AND seq > ? ORDER BY seq LIMIT ?"
+            return execute(sql, [*params, seq_position, page]).fetchall()
+        by_time = "ORDER BY timestamp, seq LIMIT ?"
+        if ts_position is None:
+            sql = f"SELECT {columns} FROM deltas WHERE {where} {by_time}"
+            return execute(sql, [*params, page]).fetchall()
+        timestamp, seq = ts_position
+        sql = f"SELECT {columns} FROM deltas WHERE {where} AND timestamp = ? AND seq > ? {by_time}"
+        rows: list[Any] = execute(sql, [*params, timestamp, seq, page]).fetchall()
+        if len(rows) < page:
+            sql = f"SELECT {columns} FROM deltas WHERE {where} AND timestamp > ? {by_time}"
+            rows += execute(sql, [*params, timestamp, page - len(rows)]).fetchall()
+        return rows
 
     def subscribe(self, callback: StoreCallback) -> Callable[[], None]:
         """Call ``callback(seq, delta)`` after each new delta is committed (not for ignored

@@ -114,6 +114,22 @@ def test_relay_to_a_peer_that_does_not_read_falls_back_to_the_store() -> None:
     assert server.store.count() == 300
 
 
+def paused_peers(server: HostileServer, count: int) -> list[str]:
+    """``count`` peers with made-up system ids connect and pause; then a pusher connects."""
+    made_up = [f"made-up-{i}" for i in range(count)]
+    for i, system_id in enumerate(made_up):
+        server.connect(f"l{i}", system_id)
+        server.send(f"l{i}", {"type": "pause", "timestamp": T0})
+    server.connect("pusher", "pusher")
+    return made_up
+
+
+def push(server: HostileServer, i: int) -> None:
+    """The pusher sends delta ``p{i}`` of about 1 KB."""
+    message = {"type": "delta", "timestamp": T0, "delta": delta_dict(f"p{i}", text="y" * 900)}
+    server.send("pusher", message)
+
+
 def test_finding_3_what_is_held_for_peers_is_bounded_in_all() -> None:
     """Peers with made-up system ids connect, pause and leave while deltas are pushed: what
     is held for them (pending while they are paused, then parked) stays within the budget at
@@ -123,15 +139,10 @@ def test_finding_3_what_is_held_for_peers_is_bounded_in_all() -> None:
     budget = 2 * MIB
     server = HostileServer(memory_budget=budget)
     node = server.node
-    made_up = [f"made-up-{i}" for i in range(10)]
-    for i, system_id in enumerate(made_up):
-        server.connect(f"l{i}", system_id)
-        server.send(f"l{i}", {"type": "pause", "timestamp": T0})
-    server.connect("pusher", "pusher")
+    made_up = paused_peers(server, 10)
     n = 1000
     for i in range(n):
-        message = {"type": "delta", "timestamp": T0, "delta": delta_dict(f"p{i}", text="y" * 900)}
-        server.send("pusher", message)
+        push(server, i)
         assert node.memory_held <= budget
     share = budget // 11 // 2  # 11 connections, half the budget for pending deltas
     held = [server.conns[f"l{i}"].pending_bytes for i in range(len(made_up))]
@@ -156,14 +167,9 @@ def test_parked_deltas_beyond_the_budget_go_the_least_recently_parked_first() ->
     theirs first (the store keeps them), and a remote that returns gets what is left."""
     server = HostileServer(memory_budget=2 * MIB)
     node = server.node
-    made_up = [f"made-up-{i}" for i in range(4)]
-    for i, system_id in enumerate(made_up):
-        server.connect(f"l{i}", system_id)
-        server.send(f"l{i}", {"type": "pause", "timestamp": T0})
-    server.connect("pusher", "pusher")
+    made_up = paused_peers(server, 4)
     for i in range(100):
-        message = {"type": "delta", "timestamp": T0, "delta": delta_dict(f"p{i}", text="y" * 900)}
-        server.send("pusher", message)
+        push(server, i)
     for i in range(len(made_up)):
         server.leave(f"l{i}")
     parked = node.parked_bytes

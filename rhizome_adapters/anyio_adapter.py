@@ -23,9 +23,11 @@ TLS (``wss://``) is ``anyio.streams.tls``; ``ssl=`` takes an :class:`ssl.SSLCont
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
 import math
+import socket
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
 from ssl import SSLContext, SSLError
@@ -84,11 +86,16 @@ class _Session:
         self.head = head  # what was read before the connection was made (a server's request)
         self.woken, self.rearmed, self.armed = anyio.Event(), anyio.Event(), math.inf
         self.idle = False  # the writer waits to be woken
+        #: the plain TCP socket under the stream when the reader may write to it (trio)
+        self.direct = _direct_socket(stream)
+        self.answering = False  # the reader writes the answers: wakes are for it, not the writer
+        self.unsent = b""  # what the reader could not write at once, the writer's first bytes
         self.write_scope = anyio.CancelScope()  # gets the grace deadline once the core is done
         self.scope: anyio.CancelScope | None = None  # the session's tasks
 
     def wake(self) -> None:
-        self.woken.set()
+        if not self.answering:
+            self.woken.set()
 
     def rearm(self) -> None:
         when = self.conn.get_timer()
@@ -257,10 +264,10 @@ class FederatedRhizomeDB(_base.DBBase[FederationLink, _Run]):
                     self._received(session, data, anyio.current_time())
                 finally:
                     self._reading = None
-                if session.idle:  # its writer commits, if nothing did before, and answers
-                    session.wake()
-                else:
+                if not session.idle:
                     self._wake_committer()
+                elif not self._answer_now(session):
+                    session.wake()  # its writer commits, if nothing did before, and answers
                 if delay := self._read_delay(session):  # over the rate limit
                     await anyio.sleep(delay)
         except _BROKEN as exc:
@@ -269,6 +276,28 @@ class FederatedRhizomeDB(_base.DBBase[FederationLink, _Run]):
             log.exception("link %s failed", session.run.id)
             self._fail(session, exc)
 
+    def _answer_now(self, session: _Session) -> bool:
+        """The reader of the only live connection (no other reader can add to the group
+        commit) commits what it staged and writes the answers itself, in its own turn of the
+        loop, when its writer is idle and the stream is a socket it may write to (trio, plain
+        TCP): what the kernel does not take at once is left to the writer. Returns whether the
+        writer has nothing to do."""
+        sock = session.direct
+        if sock is None or len(self._sessions) > 1:
+            return False
+        session.answering = True
+        try:
+            self._commit_if_due()
+            data, done = self._answers(session)
+        finally:
+            session.answering = False
+        try:
+            sent = sock.send(data) if data else 0
+        except OSError:  # would block, or broken: the writer finds out
+            sent = 0
+        session.unsent = data[sent:]
+        return done and not session.unsent
+
     async def _write_loop(self, session: _Session) -> None:
         """The one place that writes; ends the connection once the core is done."""
         try:
@@ -276,8 +305,12 @@ class FederatedRhizomeDB(_base.DBBase[FederationLink, _Run]):
                 while True:
                     session.idle = True
                     await session.woken.wait()
-                    session.idle, session.woken = False, anyio.Event()
-                    self._commit_if_due()
+                    session.idle = False
+                    self._commit_if_due()  # its wake of this writer is answered below
+                    session.woken = anyio.Event()
+                    if session.unsent:
+                        data, session.unsent = session.unsent, b""
+                        await session.stream.send(data)
                     while data := self._output(session):
                         await session.stream.send(data)
                     if session.conn.should_close:
@@ -453,6 +486,20 @@ class FederatedRhizomeDB(_base.DBBase[FederationLink, _Run]):
 
     async def _stop_tasks(self) -> None:
         """What is still running once the links ended (asyncio without ``async with``)."""
+
+
+def _direct_socket(stream: anyio.abc.ByteStream) -> socket.socket | None:
+    """The socket under a plain TCP stream on trio, which the reader may write to when the
+    writer is idle (a trio socket keeps no bytes of its own: once a send returned, all of it
+    is with the kernel); ``None`` over TLS, and on asyncio, whose transport owns its socket
+    and may hold bytes not yet written."""
+    if not isinstance(stream, anyio.abc.SocketStream):
+        return None
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:  # not asyncio: trio
+        return stream.extra(SocketAttribute.raw_socket)
+    return None
 
 
 async def _open(target: Target) -> anyio.abc.ByteStream:

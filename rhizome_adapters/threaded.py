@@ -385,11 +385,7 @@ class FederatedRhizomeDB(_base.DBBase[FederationLink, _Run]):
         if not session.writing.acquire(blocking=False):
             return False
         try:
-            with self._lock:
-                conn = session.conn
-                data = conn.data_to_send()
-                session.run.node_link.stats.bytes_sent += len(data)
-                done = not (conn.should_close or self._sync_ready(session))
+            data, done = self._answers(session)
             return session.channel.try_send(data) and done
         finally:
             session.writing.release()

@@ -9,14 +9,17 @@ handshake), stops the server and waits for all of it. Each live connection has t
 
 * the reader feeds the core what ``receive`` returns and runs the pump (the node stages the
   input, the timer is re-armed, a commit is asked for);
-* the writer is the only task that writes (``send`` returns once the kernel has the bytes:
-  backpressure), streams the initial sync several batches per write, and once the core is done
-  closes the stream (within a grace period, flushed or not);
+* the writer writes (``send`` returns once the kernel has the bytes: backpressure), streams
+  the initial sync several batches per write, and once the core is done closes the stream
+  (within a grace period, flushed or not);
 * the timer sleeps until the core's deadline; the pump wakes it only when the deadline moves
   earlier (a later one is found when it wakes).
 
 Group commit: one committer task, woken by an event, commits after every reader woken in the
 same turn of the loop has staged its input: one transaction per turn, acknowledged after it.
+The only live connection on trio over plain TCP needs no group: its reader commits at once and,
+while its writer is idle, writes the acknowledgements itself (what the kernel does not take at
+once is left to the writer), so a round trip takes one turn of the loop.
 Reading never waits for writing, so pings and acks are read while a large sync is written.
 TLS (``wss://``) is ``anyio.streams.tls``; ``ssl=`` takes an :class:`ssl.SSLContext`.
 """
@@ -299,7 +302,8 @@ class FederatedRhizomeDB(_base.DBBase[FederationLink, _Run]):
         return done and not session.unsent
 
     async def _write_loop(self, session: _Session) -> None:
-        """The one place that writes; ends the connection once the core is done."""
+        """Writes (the reader too, in :meth:`_answer_now`'s case); ends the connection once the
+        core is done."""
         try:
             with session.write_scope:
                 while True:

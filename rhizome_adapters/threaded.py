@@ -12,11 +12,13 @@ read or written or while user code runs. Each live connection has two threads:
 * the reader calls ``recv`` with a socket timeout derived from the core's ``get_timer()``
   (at most a second, so a deadline another thread set is not missed), feeds the core, calls
   ``handle_timer`` when the deadline passed, and runs the pump;
-* the writer is the only thread that writes (on its own ``dup()`` of the socket, whose
-  timeout is the instance's ``ping_timeout``): woken after anything that may have queued
-  output, it takes ``data_to_send()`` under the lock and ``sendall``\\ s it outside it, and
-  streams the initial sync several batches per write. A reader that never waits for writes is what
-  keeps two peers streaming to each other from deadlocking.
+* the writer (on its own ``dup()`` of the socket, whose timeout is the instance's
+  ``ping_timeout``): woken after anything that may have queued output, it takes
+  ``data_to_send()`` under the lock and ``sendall``\\ s it outside it, and streams the initial
+  sync several batches per write. A reader that never waits for writes is what keeps two peers
+  streaming to each other from deadlocking: over plain TCP the reader writes the answers its
+  own input made (the acknowledgements) while the writer is idle, but only what the kernel
+  takes at once; the rest is the writer's (a thread switch less per round trip).
 
 Event handlers are called from the adapter's threads (a connection's reader or writer, a link's
 connect thread) or from the thread that called ``disconnect``/``close``: one at a time, in the

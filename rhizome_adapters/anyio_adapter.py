@@ -17,7 +17,7 @@ handshake), stops the server and waits for all of it. Each live connection has t
 
 Group commit: one committer task, woken by an event, commits after every reader woken in the
 same turn of the loop has staged its input: one transaction per turn, acknowledged after it.
-The only live connection on trio over plain TCP needs no group: its reader commits at once and,
+The only live connection over plain TCP needs no group: its reader commits at once and,
 while its writer is idle, writes the acknowledgements itself (what the kernel does not take at
 once is left to the writer), so a round trip takes one turn of the loop.
 Reading never waits for writing, so pings and acks are read while a large sync is written.
@@ -26,11 +26,10 @@ TLS (``wss://``) is ``anyio.streams.tls``; ``ssl=`` takes an :class:`ssl.SSLCont
 
 from __future__ import annotations
 
-import asyncio
 import inspect
 import logging
 import math
-import socket
+import os
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
 from ssl import SSLContext, SSLError
@@ -89,8 +88,9 @@ class _Session:
         self.head = head  # what was read before the connection was made (a server's request)
         self.woken, self.rearmed, self.armed = anyio.Event(), anyio.Event(), math.inf
         self.idle = False  # the writer waits to be woken
-        #: the plain TCP socket under the stream when the reader may write to it (trio)
-        self.direct = _direct_socket(stream)
+        #: the socket under a plain TCP stream, which the reader writes to while the writer
+        #: is idle (nothing is held above the kernel then: see :meth:`_answer_now`)
+        self.sock = stream.extra(SocketAttribute.raw_socket) if _plain(stream) else None
         self.answering = False  # the reader writes the answers: wakes are for it, not the writer
         self.unsent = b""  # what the reader could not write at once, the writer's first bytes
         self.write_scope = anyio.CancelScope()  # gets the grace deadline once the core is done
@@ -282,10 +282,14 @@ class FederatedRhizomeDB(_base.DBBase[FederationLink, _Run]):
     def _answer_now(self, session: _Session) -> bool:
         """The reader of the only live connection (no other reader can add to the group
         commit) commits what it staged and writes the answers itself, in its own turn of the
-        loop, when its writer is idle and the stream is a socket it may write to (trio, plain
-        TCP): what the kernel does not take at once is left to the writer. Returns whether the
-        writer has nothing to do."""
-        sock = session.direct
+        loop, when its writer is idle and the stream is plain TCP: what the kernel does not
+        take at once is left to the writer. Returns whether the writer has nothing to do.
+
+        An idle writer's last ``send`` has returned, so every byte it wrote is with the kernel
+        (trio's socket keeps none; anyio sets its asyncio transport's write buffer limits to 0,
+        so its ``send`` returns once the transport's buffer is empty): writing to the socket
+        keeps the order."""
+        sock = session.sock
         if sock is None or len(self._sessions) > 1:
             return False
         session.answering = True
@@ -295,8 +299,9 @@ class FederatedRhizomeDB(_base.DBBase[FederationLink, _Run]):
         finally:
             session.answering = False
         try:
-            sent = sock.send(data) if data else 0
-        except OSError:  # would block, or broken: the writer finds out
+            # its number now: -1 once closed (EBADF), never another socket's since
+            sent = os.write(sock.fileno(), data) if data else 0
+        except OSError:  # would block, broken or closed: the writer finds out
             sent = 0
         session.unsent = data[sent:]
         return done and not session.unsent
@@ -309,9 +314,8 @@ class FederatedRhizomeDB(_base.DBBase[FederationLink, _Run]):
                 while True:
                     session.idle = True
                     await session.woken.wait()
-                    session.idle = False
-                    self._commit_if_due()  # its wake of this writer is answered below
-                    session.woken = anyio.Event()
+                    session.idle, session.woken = False, anyio.Event()
+                    self._commit_if_due()
                     if session.unsent:
                         data, session.unsent = session.unsent, b""
                         await session.stream.send(data)
@@ -492,18 +496,9 @@ class FederatedRhizomeDB(_base.DBBase[FederationLink, _Run]):
         """What is still running once the links ended (asyncio without ``async with``)."""
 
 
-def _direct_socket(stream: anyio.abc.ByteStream) -> socket.socket | None:
-    """The socket under a plain TCP stream on trio, which the reader may write to when the
-    writer is idle (a trio socket keeps no bytes of its own: once a send returned, all of it
-    is with the kernel); ``None`` over TLS, and on asyncio, whose transport owns its socket
-    and may hold bytes not yet written."""
-    if not isinstance(stream, anyio.abc.SocketStream):
-        return None
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:  # not asyncio: trio
-        return stream.extra(SocketAttribute.raw_socket)
-    return None
+def _plain(stream: anyio.abc.ByteStream) -> bool:
+    """Whether the stream is a socket's (not TLS over it)."""
+    return isinstance(stream, anyio.abc.SocketStream)
 
 
 async def _open(target: Target) -> anyio.abc.ByteStream:

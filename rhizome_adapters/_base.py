@@ -713,6 +713,16 @@ class DBBase(abc.ABC, Generic[LinkT, RunT]):
             if self._stream_sync(session):
                 self._commit_soon()  # a delta too large to send: say so
 
+    def _answers(self, session: Session) -> tuple[bytes, bool]:
+        """For a reader that writes what its input made while the writer is idle: the bytes
+        queued now (counted as sent), and whether that is all (no sync to stream, the
+        connection goes on), else the writer has more to do."""
+        with self._guard():
+            conn = session.conn
+            data = conn.data_to_send()
+            session.run.node_link.stats.bytes_sent += len(data)
+            return data, not (conn.should_close or self._sync_ready(session))
+
     def _sync_ready(self, session: Session) -> bool:
         """``session`` is its link's live connection and the node has a batch to stream on it."""
         node_link = session.run.node_link

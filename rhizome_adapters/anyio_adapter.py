@@ -9,14 +9,17 @@ handshake), stops the server and waits for all of it. Each live connection has t
 
 * the reader feeds the core what ``receive`` returns and runs the pump (the node stages the
   input, the timer is re-armed, a commit is asked for);
-* the writer is the only task that writes (``send`` returns once the kernel has the bytes:
-  backpressure), streams the initial sync several batches per write, and once the core is done
-  closes the stream (within a grace period, flushed or not);
+* the writer writes (``send`` returns once the kernel has the bytes: backpressure), streams
+  the initial sync several batches per write, and once the core is done closes the stream
+  (within a grace period, flushed or not);
 * the timer sleeps until the core's deadline; the pump wakes it only when the deadline moves
   earlier (a later one is found when it wakes).
 
 Group commit: one committer task, woken by an event, commits after every reader woken in the
 same turn of the loop has staged its input: one transaction per turn, acknowledged after it.
+The only live connection over plain TCP needs no group: its reader commits at once and,
+while its writer is idle, writes the acknowledgements itself (what the kernel does not take at
+once is left to the writer), so a round trip takes one turn of the loop.
 Reading never waits for writing, so pings and acks are read while a large sync is written.
 TLS (``wss://``) is ``anyio.streams.tls``; ``ssl=`` takes an :class:`ssl.SSLContext`.
 """
@@ -26,6 +29,7 @@ from __future__ import annotations
 import inspect
 import logging
 import math
+import os
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
 from ssl import SSLContext, SSLError
@@ -84,11 +88,17 @@ class _Session:
         self.head = head  # what was read before the connection was made (a server's request)
         self.woken, self.rearmed, self.armed = anyio.Event(), anyio.Event(), math.inf
         self.idle = False  # the writer waits to be woken
+        #: the socket under a plain TCP stream, which the reader writes to while the writer
+        #: is idle (nothing is held above the kernel then: see :meth:`_answer_now`)
+        self.sock = stream.extra(SocketAttribute.raw_socket) if _plain(stream) else None
+        self.answering = False  # the reader writes the answers: wakes are for it, not the writer
+        self.unsent = b""  # what the reader could not write at once, the writer's first bytes
         self.write_scope = anyio.CancelScope()  # gets the grace deadline once the core is done
         self.scope: anyio.CancelScope | None = None  # the session's tasks
 
     def wake(self) -> None:
-        self.woken.set()
+        if not self.answering:
+            self.woken.set()
 
     def rearm(self) -> None:
         when = self.conn.get_timer()
@@ -257,10 +267,10 @@ class FederatedRhizomeDB(_base.DBBase[FederationLink, _Run]):
                     self._received(session, data, anyio.current_time())
                 finally:
                     self._reading = None
-                if session.idle:  # its writer commits, if nothing did before, and answers
-                    session.wake()
-                else:
+                if not session.idle:
                     self._wake_committer()
+                elif not self._answer_now(session):
+                    session.wake()  # its writer commits, if nothing did before, and answers
                 if delay := self._read_delay(session):  # over the rate limit
                     await anyio.sleep(delay)
         except _BROKEN as exc:
@@ -269,8 +279,36 @@ class FederatedRhizomeDB(_base.DBBase[FederationLink, _Run]):
             log.exception("link %s failed", session.run.id)
             self._fail(session, exc)
 
+    def _answer_now(self, session: _Session) -> bool:
+        """The reader of the only live connection (no other reader can add to the group
+        commit) commits what it staged and writes the answers itself, in its own turn of the
+        loop, when its writer is idle and the stream is plain TCP: what the kernel does not
+        take at once is left to the writer. Returns whether the writer has nothing to do.
+
+        An idle writer's last ``send`` has returned, so every byte it wrote is with the kernel
+        (trio's socket keeps none; anyio sets its asyncio transport's write buffer limits to 0,
+        so its ``send`` returns once the transport's buffer is empty): writing to the socket
+        keeps the order."""
+        sock = session.sock
+        if sock is None or len(self._sessions) > 1:
+            return False
+        session.answering = True
+        try:
+            self._commit_if_due()
+            data, done = self._answers(session)
+        finally:
+            session.answering = False
+        try:
+            # its number now: -1 once closed (EBADF), never another socket's since
+            sent = os.write(sock.fileno(), data) if data else 0
+        except OSError:  # would block, broken or closed: the writer finds out
+            sent = 0
+        session.unsent = data[sent:]
+        return done and not session.unsent
+
     async def _write_loop(self, session: _Session) -> None:
-        """The one place that writes; ends the connection once the core is done."""
+        """Writes (the reader too, in :meth:`_answer_now`'s case); ends the connection once the
+        core is done."""
         try:
             with session.write_scope:
                 while True:
@@ -278,6 +316,9 @@ class FederatedRhizomeDB(_base.DBBase[FederationLink, _Run]):
                     await session.woken.wait()
                     session.idle, session.woken = False, anyio.Event()
                     self._commit_if_due()
+                    if session.unsent:
+                        data, session.unsent = session.unsent, b""
+                        await session.stream.send(data)
                     while data := self._output(session):
                         await session.stream.send(data)
                     if session.conn.should_close:
@@ -453,6 +494,11 @@ class FederatedRhizomeDB(_base.DBBase[FederationLink, _Run]):
 
     async def _stop_tasks(self) -> None:
         """What is still running once the links ended (asyncio without ``async with``)."""
+
+
+def _plain(stream: anyio.abc.ByteStream) -> bool:
+    """Whether the stream is a socket's (not TLS over it)."""
+    return isinstance(stream, anyio.abc.SocketStream)
 
 
 async def _open(target: Target) -> anyio.abc.ByteStream:

@@ -12,11 +12,13 @@ read or written or while user code runs. Each live connection has two threads:
 * the reader calls ``recv`` with a socket timeout derived from the core's ``get_timer()``
   (at most a second, so a deadline another thread set is not missed), feeds the core, calls
   ``handle_timer`` when the deadline passed, and runs the pump;
-* the writer is the only thread that writes (on its own ``dup()`` of the socket, whose
-  timeout is the instance's ``ping_timeout``): woken after anything that may have queued
-  output, it takes ``data_to_send()`` under the lock and ``sendall``\\ s it outside it, and
-  streams the initial sync several batches per write. A reader that never waits for writes is what
-  keeps two peers streaming to each other from deadlocking.
+* the writer (on its own ``dup()`` of the socket, whose timeout is the instance's
+  ``ping_timeout``): woken after anything that may have queued output, it takes
+  ``data_to_send()`` under the lock and ``sendall``\\ s it outside it, and streams the initial
+  sync several batches per write. A reader that never waits for writes is what keeps two peers
+  streaming to each other from deadlocking: over plain TCP the reader writes the answers its
+  own input made (the acknowledgements) while the writer is idle, but only what the kernel
+  takes at once; the rest is the writer's (a thread switch less per round trip).
 
 Event handlers are called from the adapter's threads (a connection's reader or writer, a link's
 connect thread) or from the thread that called ``disconnect``/``close``: one at a time, in the
@@ -34,6 +36,7 @@ import contextlib
 import functools
 import inspect
 import logging
+import os
 import socket
 import ssl
 import threading
@@ -93,6 +96,9 @@ class _Channel:
         self.wsock.settimeout(write_timeout)
         #: the writer must look (TLS: records to send that the reader made)
         self.wake: Callable[[], None] = lambda: None
+        #: whether the reader may write with :meth:`try_send` (not over TLS)
+        self.direct = True
+        self.unsent = b""  # what :meth:`try_send` left, written first by the next ``send``
 
     def recv(self, timeout: float) -> bytes | None:
         """Bytes read (``b""``: end of stream), or ``None`` when none came within
@@ -105,8 +111,21 @@ class _Channel:
 
     def send(self, data: bytes) -> None:
         """Write ``data`` (blocks until the kernel has it; ``b""``: what is pending)."""
+        if self.unsent:
+            data, self.unsent = self.unsent + data, b""
         if data:
             self.wsock.sendall(data)
+
+    def try_send(self, data: bytes) -> bool:
+        """Write what of ``data`` the kernel takes now, without waiting (the socket has a
+        timeout, so it is non-blocking underneath); the rest waits for :meth:`send`. Returns
+        whether all of it was written (a failure is left to ``send``, the writer's)."""
+        try:
+            sent = os.write(self.sock.fileno(), data) if data and not self.unsent else 0
+        except OSError:  # would block, or broken
+            sent = 0
+        self.unsent += data[sent:]
+        return not self.unsent
 
     def abort(self) -> None:
         """End both directions now (a blocked ``recv`` or ``send`` returns)."""
@@ -134,6 +153,7 @@ class _TLSChannel(_Channel):
         self.lock = threading.Lock()
         self.pending = bytearray()  # records the reader's TLS work made, for the writer
         self.eof = False
+        self.direct = False
 
     def recv(self, timeout: float) -> bytes | None:
         # records may wait in the BIO already: those that came with the handshake's last ones
@@ -213,7 +233,11 @@ def _tls_channel(
 
 
 class _Session:
-    """One live connection of a link: the core's connection, its channel and two threads."""
+    """One live connection of a link: the core's connection, its channel and two threads.
+
+    Whoever writes holds ``writing``: the writer while it takes output and sends it, the
+    reader when it writes what its own input made (only if the writer is idle, and without
+    waiting: what the kernel does not take at once is left to the writer)."""
 
     def __init__(
         self, run: _Run, conn: FederationConnection, channel: _Channel, head: bytes = b""
@@ -221,10 +245,18 @@ class _Session:
         self.run, self.conn, self.channel = run, conn, channel
         self.head = head  # what was read before the connection was made (a server's request)
         self.woken = threading.Event()
+        self.writing = threading.Lock()
+        #: the reader's thread while it feeds the core: its wakes are noted in ``deferred``,
+        #: and it writes the output itself afterwards if it can
+        self.reader: int | None = None
+        self.deferred = False
         channel.wake = self.wake
 
     def wake(self) -> None:
-        self.woken.set()
+        if self.reader == threading.get_ident():
+            self.deferred = True
+        else:
+            self.woken.set()
 
     def abort(self) -> None:
         self.channel.abort()
@@ -318,7 +350,7 @@ class FederatedRhizomeDB(_base.DBBase[FederationLink, _Run]):
     def _read_loop(self, session: _Session) -> None:
         conn, channel = session.conn, session.channel
         if session.head:
-            self._received(session, session.head, time.monotonic())
+            self._feed(session, session.head)
             session.head = b""
         while True:
             with self._lock:
@@ -331,19 +363,46 @@ class FederatedRhizomeDB(_base.DBBase[FederationLink, _Run]):
             except OSError as exc:
                 self._fail(session, exc)
                 return
-            self._received(session, data, time.monotonic())
+            self._feed(session, data)
             if delay := self._read_delay(session):  # over the rate limit
                 time.sleep(delay)
 
+    def _feed(self, session: _Session, data: bytes | None) -> None:
+        """What the reader read goes to the core (and is committed); the answers it made are
+        written by the reader itself when the writer is idle and the kernel takes them at
+        once (a thread switch less per answer), else by the writer."""
+        session.reader = threading.get_ident()
+        try:
+            self._received(session, data, time.monotonic())
+        finally:
+            session.reader = None
+        if session.deferred:
+            session.deferred = False
+            if not (session.channel.direct and self._write_now(session)):
+                session.woken.set()
+
+    def _write_now(self, session: _Session) -> bool:
+        """The reader writes the connection's output if the writer is idle, without waiting;
+        whether that was all (else the writer has something to do)."""
+        if not session.writing.acquire(blocking=False):
+            return False
+        try:
+            data, done = self._answers(session)
+            return session.channel.try_send(data) and done
+        finally:
+            session.writing.release()
+
     def _write_loop(self, session: _Session) -> None:
-        """The one place that writes; shuts the socket down once the core is done."""
+        """The writer (with the reader's direct writes, the only ones that write); shuts the
+        socket down once the core is done."""
         try:
             while True:
                 session.woken.wait()
                 session.woken.clear()
-                while data := self._output(session):
-                    session.channel.send(data)
-                session.channel.send(b"")  # what the reader's TLS work left to send
+                with session.writing:
+                    while data := self._output(session):
+                        session.channel.send(data)
+                    session.channel.send(b"")  # what the reader (or its TLS work) left
                 if session.conn.should_close:
                     break
         except OSError as exc:

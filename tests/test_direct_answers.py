@@ -6,15 +6,13 @@ acknowledged once, in order, on threads, asyncio and trio."""
 
 from __future__ import annotations
 
-import json
 import re
 
 import anyio
 
-from bench.wire import client_frame, client_upgrade, delta_message
+from bench.wire import client_frame, client_upgrade, delta_message, hello
 from rhizome_adapters.threaded import FederatedRhizomeDB
 from tests.aio_support import deadline, instance
-from tests.hostile_peers import T0
 
 #: deltas sent before reading: their acks (~5 MB) exceed the socket buffers of loopback
 N = 60_000
@@ -26,14 +24,7 @@ def _send_all_then_read(url: str) -> list[int]:
     acknowledged deltas, in the order they came."""
     sock, head, _ = client_upgrade(url, 20)
     with sock:
-        hello = {
-            "type": "hello",
-            "timestamp": T0,
-            "systemId": "pipelining-peer",
-            "protocol": "rhizomedb-federation-v1",
-            "config": {"mode": "bidirectional", "initialSync": "none"},
-        }
-        sock.sendall(client_frame(json.dumps(hello).encode()))
+        sock.sendall(client_frame(hello("none")))
         sock.sendall(b"".join(client_frame(delta_message(i)) for i in range(N)))
         received, done, acked = bytearray(head), 0, []
         while len(acked) < N:

@@ -163,7 +163,8 @@ class NodeLink:
     #: client side: the store meta key of its sync cursor for this remote and pull filter
     _cursor_key: str | None = field(default=None, repr=False)
     #: the bytes queued and pending on a connection past which stored deltas for it wait in
-    #: the store (half the node's ``max_connection_memory``)
+    #: the store (:meth:`FederationNode._byte_room`: half ``max_connection_memory`` at most,
+    #: and a share of half ``memory_budget``)
     _byte_room: int = field(default=8 * 1024 * 1024, repr=False)
 
     @property
@@ -236,8 +237,9 @@ class FederationNode:
         max_message_size: the largest message the peers accept (ours: the connections'
             limit, 16 MiB by default); a stored delta that cannot fit is never sent.
         max_queued: the most deltas queued on one connection (held or unacknowledged); a link
-            past it, or past half of ``max_connection_memory`` in their bytes, catches up from
-            the store instead (memory bounded, nothing lost).
+            past it, or past its share of bytes (half ``max_connection_memory`` at most, and
+            half ``memory_budget`` divided by the open connections), catches up from the store
+            instead (memory bounded, nothing lost).
         max_parked: how many undelivered deltas are kept per remote system id when an incoming
             link closes, for its next connection (the oldest go first beyond that; a client
             that reconnects with an initial sync recovers them anyway).
@@ -254,8 +256,8 @@ class FederationNode:
             is disconnected at once (close code 1008, ``link:error`` then
             ``link:disconnected``); what it had not settled stays in the store (and in the
             link's outbox or parking) and is offered again when it returns. Stored deltas
-            for a link that holds half of it (queued and pending bytes together) go through
-            the link's catch-up from the store instead.
+            for a link that holds its share (queued and pending bytes together: see
+            ``max_queued``) go through the link's catch-up from the store instead.
         rate_limit: ``(rate, burst)``: hold each link to ``rate`` units a second (a unit is a
             message, or a delta of a ``deltas`` message) with bursts of ``burst``; a peer over
             it is told once per excursion (a non-fatal ``RATE_LIMITED`` error) and slowed: the

@@ -28,13 +28,15 @@ import contextlib
 import functools
 import inspect
 import logging
+import os
+import socket
 import threading
 import time
 import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
-from ssl import create_default_context
+from ssl import SSLContext, create_default_context
 from typing import Any, Generic, Literal, Protocol, TypeAlias, TypeVar
 from urllib.parse import urlsplit
 
@@ -69,6 +71,7 @@ from rhizome_proto import (
     server_path,
 )
 
+from ._io import TLS, Connect, Receive, Send, Serve, Sleep, Steps, Wait
 from ._options import ConnectOptions, ServerOptions, Target
 from .storage import Store, open_store
 
@@ -76,6 +79,7 @@ __all__ = [
     "CLOSE_GRACE",
     "DISCONNECT_WAIT",
     "READ_SIZE",
+    "READ_WAIT",
     "REFUSAL",
     "SYNC_BUFFER",
     "DBBase",
@@ -108,6 +112,13 @@ CLOSE_GRACE = 5.0
 DISCONNECT_WAIT = 15.0
 #: Seconds a refused client is asked to wait (``Retry-After``) before trying again.
 RETRY_AFTER = 5
+#: Seconds a refusal may take to write.
+REFUSAL_WAIT = 2.0
+#: Longest a reader waits for input before it looks at the core's deadline again (one set
+#: meanwhile by another task or thread).
+READ_WAIT = 1.0
+#: Seconds a client's TLS handshake may take.
+TLS_HANDSHAKE_TIMEOUT = 60.0
 
 
 def refusal(reason: str = "Too many connections") -> bytes:
@@ -204,21 +215,42 @@ class _Settable(Protocol):
     def set(self) -> None: ...
 
 
-class Session(Protocol):
-    """A live connection of a link, as each adapter keeps it."""
+class Session(abc.ABC):
+    """A live connection of a link: the core's connection over a plain socket (through
+    :class:`~._io.TLS` for ``wss://``). An adapter subclasses it with the way its writer waits
+    and is woken.
 
-    @property
-    def conn(self) -> FederationConnection: ...
+    Whoever writes holds :attr:`writing`: the writer while it takes output and sends it, and
+    the reader when it writes the answers its own input made while the writer waits (without
+    blocking: what the kernel does not take at once is left in :attr:`unsent` for the writer).
+    """
 
-    @property
-    def run(self) -> LinkRun: ...
+    def __init__(self, serve: Serve, sock: socket.socket) -> None:
+        self.run, self.conn, self.tls, self.head = serve.run, serve.conn, serve.tls, serve.head
+        self.sock = sock
+        self.writing = threading.Lock()
+        self.unsent = b""
+        #: the reader's thread while it feeds the core: a wake from it is noted in
+        #: :attr:`deferred`, and the reader answers or signals the writer afterwards
+        self.reader: int | None = None
+        self.deferred = False
 
     def wake(self) -> None:
         """Something may have been queued: let the writer look."""
+        if self.reader == threading.get_ident():
+            self.deferred = True
+        else:
+            self.signal()
 
-    def rearm(self) -> None:
-        """The core's deadline may have moved: wake up for the new one."""
+    @abc.abstractmethod
+    def signal(self) -> None:
+        """Wake the writer."""
 
+    @abc.abstractmethod
+    def wait(self) -> Any:
+        """The writer waits to be signalled (a coroutine on anyio, blocking on threads)."""
+
+    @abc.abstractmethod
     def closing(self) -> None:
         """The core is done: the transport must end within the grace, flushed or not."""
 
@@ -354,6 +386,10 @@ class DBBase(abc.ABC, Generic[LinkT, RunT]):
 
     #: whether a handler may be a coroutine function (run as a task of the adapter's runtime)
     _coroutine_handlers = True
+    #: whether to commit once per turn of the adapter's loop (:meth:`_commit_later`)
+    _group_commit = False
+    #: what the adapter's ``_drive`` throws into a flow when the transport fails
+    _broken: tuple[type[BaseException], ...] = (OSError,)
 
     def __init__(
         self,
@@ -416,6 +452,8 @@ class DBBase(abc.ABC, Generic[LinkT, RunT]):
         self._credentials: Credentials | None = None
         self._closed = False
         self._store_closed = False
+        self._commit_due = False  # (group commit) staged input waits for a commit
+        self._feeding = False  # a reader is feeding the core (it commits, if it is alone)
         self._init_runtime()
 
     # ---------------------------------------------------------------- for the adapters
@@ -645,15 +683,31 @@ class DBBase(abc.ABC, Generic[LinkT, RunT]):
             closed, output = conn.closed, conn.outbound_size > 0
         if output:  # answers that need no commit (a pong, a sync request) go out at once
             session.wake()
-        session.rearm()
         if closed:
             session.closing()
         self._commit_soon()
 
     def _commit_soon(self) -> None:
-        """Commit once every connection with input ready has been pumped (group commit). This
-        commits at once; the anyio adapter commits once per turn of its event loop."""
-        self._commit()
+        """Commit at once, or (group commit) once every connection with input ready has been
+        pumped: at the end of this turn of the loop (:meth:`_commit_later`), or by the reader
+        that is feeding the core (:meth:`_feed`)."""
+        if not self._group_commit:
+            self._commit()
+            return
+        self._commit_due = True
+        if not self._feeding:
+            self._commit_later()
+
+    def _commit_later(self) -> None:
+        """Group commit: make :meth:`_commit_if_due` run at the end of this turn of the loop
+        (the anyio adapter's committer task)."""
+        raise NotImplementedError("an adapter with _group_commit commits later")
+
+    def _commit_if_due(self) -> None:
+        """Commit now what waits for a group commit, if anything does."""
+        if self._commit_due:
+            self._commit_due = False
+            self._commit()
 
     def _commit(self) -> None:
         """Store what the links staged (one transaction), acknowledge it, wake the writers and
@@ -704,12 +758,11 @@ class DBBase(abc.ABC, Generic[LinkT, RunT]):
         while True:
             with self._guard():
                 data = session.conn.data_to_send()
-                session.rearm()  # sending may set a deadline (the closing handshake's)
                 syncing = not data and self._sync_ready(session)
                 if data:
                     session.run.node_link.stats.bytes_sent += len(data)
             if not syncing:
-                return data
+                return data if session.tls is None else session.tls.encrypt(data)
             if self._stream_sync(session):
                 self._commit_soon()  # a delta too large to send: say so
 
@@ -721,7 +774,8 @@ class DBBase(abc.ABC, Generic[LinkT, RunT]):
             conn = session.conn
             data = conn.data_to_send()
             session.run.node_link.stats.bytes_sent += len(data)
-            return data, not (conn.should_close or self._sync_ready(session))
+            done = not (conn.should_close or self._sync_ready(session))
+        return (data if session.tls is None else session.tls.encrypt(data)), done
 
     def _sync_ready(self, session: Session) -> bool:
         """``session`` is its link's live connection and the node has a batch to stream on it."""
@@ -758,6 +812,179 @@ class DBBase(abc.ABC, Generic[LinkT, RunT]):
             with self._guard():
                 session.conn.connection_lost(self._now(), reason)
         self._pump(session)
+
+    # ---------------------------------------------------------------- the flows
+
+    def _reading(self, session: Session) -> Steps[None]:
+        """A live connection's reader: what it reads goes to the core (through TLS, if any),
+        and the timer runs when its deadline comes (or at least every ``READ_WAIT`` seconds,
+        to see a deadline set meanwhile); over the rate limit, it sleeps. Ends once the core
+        is done or the transport failed."""
+        conn, tls = session.conn, session.tls
+        try:
+            if session.head:
+                self._feed(session, session.head, self._now())
+            while True:
+                with self._guard():
+                    if conn.closed:
+                        return
+                    timer = conn.get_timer()
+                now = self._now()
+                deadline = now + READ_WAIT if timer is None else min(timer, now + READ_WAIT)
+                raw = yield Receive(deadline)
+                if raw is None:  # the time has come (a runtime's timer may fire a bit early)
+                    self._feed(session, None, max(self._now(), deadline))
+                    continue
+                data: bytes | None = raw
+                if tls is not None:
+                    data = tls.decrypt(raw)
+                    if tls.pending:  # TLS answered something itself
+                        session.wake()
+                    if raw and not data and not tls.closed:
+                        data = None  # records, no plaintext yet
+                self._feed(session, data, self._now())
+                if delay := self._read_delay(session):  # over the rate limit
+                    yield Sleep(delay)
+        except self._broken as exc:
+            self._fail(session, exc)
+        except Exception as exc:
+            self._logger.exception("link %s failed", session.run.id)
+            self._fail(session, exc)
+
+    def _feed(self, session: Session, data: bytes | None, now: float) -> None:
+        """The reader's input goes to the core (see :meth:`_received`), then the answers it
+        made go out: the reader writes them itself while the writer waits (a thread switch, or
+        a turn of the loop, less per round trip), else the writer is signalled. With group
+        commit, the reader of the only live connection commits at once; otherwise the commit
+        waits for the end of the turn (the writer's, if it waits, or the committer's)."""
+        session.reader, self._feeding = threading.get_ident(), True
+        try:
+            self._received(session, data, now)
+            if self._commit_due and len(self._sessions) == 1:
+                self._commit_if_due()
+        finally:
+            session.reader, self._feeding = None, False
+        deferred, session.deferred = session.deferred, False
+        if self._commit_due:
+            if session.writing.locked():
+                self._commit_later()
+            else:
+                session.signal()  # it commits when it runs, then writes
+        elif deferred and not self._answer(session):
+            session.signal()
+
+    def _answer(self, session: Session) -> bool:
+        """The reader writes its input's answers while the writer waits, as much as the kernel
+        takes at once (the rest waits in ``unsent`` for the writer). Returns whether the
+        writer has nothing to do.
+
+        A waiting writer's last write has returned, so every byte it wrote is with the kernel
+        (trio's socket keeps none; anyio sets its asyncio transport's write buffer limits to 0,
+        so its ``send`` returns once the transport's buffer is empty; threads ``sendall``):
+        writing to the socket keeps the order."""
+        if not session.writing.acquire(blocking=False):
+            return False
+        try:
+            data, done = self._answers(session)
+            data = session.unsent + data
+            try:  # its number now: -1 once closed (EBADF), never another socket's since
+                sent = os.write(session.sock.fileno(), data) if data else 0
+            except OSError:  # would block, broken or closed: the writer finds out
+                sent = 0
+            session.unsent = data[sent:]
+            return done and not session.unsent
+        finally:
+            session.writing.release()
+
+    def _writing(self, session: Session) -> Steps[None]:
+        """A live connection's writer: once signalled, commits if a group commit is due, then
+        writes what the reader left and the core's output (streaming the initial sync), until
+        the core is done."""
+        try:
+            while True:
+                yield Wait(session)
+                with session.writing:
+                    self._commit_if_due()
+                    if session.unsent:
+                        data, session.unsent = session.unsent, b""
+                        yield Send(data)
+                    while data := self._output(session):
+                        yield Send(data)
+                if session.conn.should_close:
+                    return
+        except self._broken as exc:
+            self._fail(session, exc)
+        except Exception as exc:
+            self._logger.exception("link %s failed while writing", session.run.id)
+            self._fail(session, exc)
+        finally:
+            data = b""  # not kept by this frame if a traceback outlives it (a cycle)
+
+    def _handshake(self, tls: TLS, deadline: float) -> Steps[None]:
+        """The TLS handshake, done before ``deadline`` (else :class:`TimeoutError`)."""
+        data = None
+        while True:
+            done, out = tls.handshake(data)
+            if out:
+                yield Send(out, deadline)
+            if done:
+                return
+            data = yield Receive(deadline)
+            if data is None:
+                raise TimeoutError("the TLS handshake took too long")
+            if not data:
+                raise ConnectionError("closed during the TLS handshake")
+
+    def _pending(self, peer: object, ticket: Ticket, ssl: SSLContext | None) -> Steps[None]:
+        """A new connection to the server, pending under admission until its request head is
+        read (after the TLS handshake, with ``ssl``) or its deadline passes; then served as a
+        link, or refused (HTTP 503)."""
+        tls = None if ssl is None else TLS(ssl)
+        head = b""
+        try:
+            if tls is not None:
+                yield from self._handshake(tls, ticket.deadline)
+                head = tls.decrypt(None)  # sent behind the handshake's last records
+            while not head_read(head):
+                raw = yield Receive(ticket.deadline)
+                if raw is None:
+                    raise TimeoutError("no request head before the deadline")
+                if not raw:
+                    return  # gone, or closed to make room
+                head += raw if tls is None else tls.decrypt(raw)
+        except TimeoutError:
+            self._pending_expired()
+            return
+        except self._broken:  # a failed TLS handshake, or closed to make room
+            return
+        made = self._upgrade(ticket, peer)
+        if isinstance(made, bytes):
+            with contextlib.suppress(*self._broken):
+                yield Send(made if tls is None else tls.encrypt(made), self._now() + REFUSAL_WAIT)
+        elif made is not None:
+            run, conn = made
+            try:
+                yield Serve(run, conn, tls, head)
+            finally:
+                self._forget(run)
+
+    def _outgoing(self, run: LinkRun, target: Target) -> Steps[None]:
+        """An outgoing link: connect (and the TLS handshake, for ``wss://``), serve the
+        connection until it ends, wait as the reconnect policy says, and again, until the link
+        is stopped or the policy gives up."""
+        for wait in self._attempts(run):
+            if wait is not None:
+                yield Sleep(wait)
+                continue
+            tls = None if target.ssl is None else TLS(target.ssl, target.host)
+            try:
+                yield Connect(target.host, target.port)
+                if tls is not None:
+                    yield from self._handshake(tls, self._now() + TLS_HANDSHAKE_TIMEOUT)
+            except self._broken as exc:
+                self._connect_failed(run, exc)
+                continue
+            yield Serve(run, self._client_connection(run, target), tls)
 
     def _transport_error(self, run: LinkRun, reason: str, cause: str | None = None) -> None:
         """Report a transport failure (``cause``: the reason without what
@@ -827,10 +1054,6 @@ class DBBase(abc.ABC, Generic[LinkT, RunT]):
                 fatal=True,
             )
         )
-
-    def _commit_if_due(self) -> None:
-        """Commit now what waits for a group commit (nothing waits here: the base commits at
-        once; the anyio adapter defers commits to the end of a turn of its loop)."""
 
     def _connect_failed(self, run: LinkRun, exc: BaseException) -> None:
         """An attempt of an outgoing link could not open its transport."""

@@ -5,23 +5,16 @@ over real sockets with anyio, so the same code runs on asyncio and on trio
 
 ``async with FederatedRhizomeDB(...) as db:`` opens the task group that the connections, the
 server, the committer and coroutine handlers run in; leaving it closes the links (close
-handshake), stops the server and waits for all of it. Each live connection has three tasks:
+handshake), stops the server and waits for all of it.
 
-* the reader feeds the core what ``receive`` returns and runs the pump (the node stages the
-  input, the timer is re-armed, a commit is asked for);
-* the writer writes (``send`` returns once the kernel has the bytes: backpressure), streams
-  the initial sync several batches per write, and once the core is done closes the stream
-  (within a grace period, flushed or not);
-* the timer sleeps until the core's deadline; the pump wakes it only when the deadline moves
-  earlier (a later one is found when it wakes).
-
-Group commit: one committer task, woken by an event, commits after every reader woken in the
-same turn of the loop has staged its input: one transaction per turn, acknowledged after it.
-The only live connection over plain TCP needs no group: its reader commits at once and,
-while its writer is idle, writes the acknowledgements itself (what the kernel does not take at
-once is left to the writer), so a round trip takes one turn of the loop.
-Reading never waits for writing, so pings and acks are read while a large sync is written.
-TLS (``wss://``) is ``anyio.streams.tls``; ``ssl=`` takes an :class:`ssl.SSLContext`.
+The flows are the base's (:mod:`._base`): this module runs their steps with anyio
+(:meth:`FederatedRhizomeDB._drive`). Each live connection has two tasks, its reader and its
+writer; once the core is done the writer has a grace period to flush before the stream is
+closed. Group commit: one committer task, woken by an event, commits after every reader woken
+in the same turn of the loop has staged its input (one transaction per turn, acknowledged after
+it); the reader of the only live connection commits and answers in its own turn.
+TLS (``wss://``) is the base's, over the plain socket stream; ``ssl=`` takes an
+:class:`ssl.SSLContext`.
 """
 
 from __future__ import annotations
@@ -29,23 +22,22 @@ from __future__ import annotations
 import inspect
 import logging
 import math
-import os
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
-from ssl import SSLContext, SSLError
+from ssl import SSLContext
 from typing import Any
 
 import anyio
 import anyio.abc
 from anyio.abc import SocketAttribute
 from anyio.streams.stapled import MultiListener
-from anyio.streams.tls import TLSStream
 
-from rhizome_proto import Delta, FederationConnection
+from rhizome_proto import Delta
 
 from . import _base
 from ._base import EventHandler, LinkStatus
-from ._options import ConnectOptions, ServerOptions, Target, takes
+from ._io import Connect, Receive, Send, Serve, Sleep, Steps, Wait
+from ._options import ConnectOptions, ServerOptions, takes
 
 __all__ = ["EventHandler", "FederatedRhizomeDB", "FederationLink", "LinkStatus"]
 
@@ -53,12 +45,7 @@ log = logging.getLogger(__name__)
 
 #: Bytes per ``receive``: all an asyncio transport reads at once, as each costs a turn.
 _RECEIVE_SIZE = 4 * _base.READ_SIZE
-#: Seconds a TLS handshake may take.
-TLS_HANDSHAKE_TIMEOUT = 60.0
-#: How early a deadline may fire (asyncio's ``call_at`` goes by the clock's resolution).
-_CLOCK_SLACK = 0.002
 _BROKEN = (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError)
-_HANDSHAKE_FAILED = (*_BROKEN, anyio.EndOfStream, SSLError, TimeoutError)
 
 
 def _cause(exc: BaseException) -> BaseException:
@@ -69,41 +56,26 @@ def _cause(exc: BaseException) -> BaseException:
 @dataclass(eq=False)
 class _Run(_base.LinkRun):
     settled: anyio.Event = field(default_factory=anyio.Event)
-    #: the link's task: connecting, its sessions, waiting to reconnect
+    #: an outgoing link's task (connecting, its sessions, waiting), or an incoming one's session
     scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
-    done: anyio.Event = field(default_factory=anyio.Event)  # the link's task has ended
+    done: anyio.Event = field(default_factory=anyio.Event)  # that has ended
 
 
-class _Session:
-    """One live connection of a link: the core's connection and its stream."""
+class _Session(_base.Session):
+    """One live connection of a link, over its socket stream."""
 
-    def __init__(
-        self,
-        run: _Run,
-        conn: FederationConnection,
-        stream: anyio.abc.ByteStream,
-        head: bytes = b"",
-    ):
-        self.run, self.conn, self.stream = run, conn, stream
-        self.head = head  # what was read before the connection was made (a server's request)
-        self.woken, self.rearmed, self.armed = anyio.Event(), anyio.Event(), math.inf
-        self.idle = False  # the writer waits to be woken
-        #: the socket under a plain TCP stream, which the reader writes to while the writer
-        #: is idle (nothing is held above the kernel then: see :meth:`_answer_now`)
-        self.sock = stream.extra(SocketAttribute.raw_socket) if _plain(stream) else None
-        self.answering = False  # the reader writes the answers: wakes are for it, not the writer
-        self.unsent = b""  # what the reader could not write at once, the writer's first bytes
+    def __init__(self, serve: Serve, stream: anyio.abc.SocketStream) -> None:
+        super().__init__(serve, stream.extra(SocketAttribute.raw_socket))
+        self.stream = stream
+        self.woken = anyio.Event()
         self.write_scope = anyio.CancelScope()  # gets the grace deadline once the core is done
-        self.scope: anyio.CancelScope | None = None  # the session's tasks
 
-    def wake(self) -> None:
-        if not self.answering:
-            self.woken.set()
+    def signal(self) -> None:
+        self.woken.set()
 
-    def rearm(self) -> None:
-        when = self.conn.get_timer()
-        if when is not None and when < self.armed:
-            self.rearmed.set()
+    async def wait(self) -> None:
+        await self.woken.wait()
+        self.woken = anyio.Event()
 
     def closing(self) -> None:
         if math.isinf(self.write_scope.deadline):
@@ -139,13 +111,12 @@ class FederatedRhizomeDB(_base.DBBase[FederationLink, _Run]):
     """
 
     _run_type, _link_type, _logger = _Run, FederationLink, log
+    _group_commit, _broken = True, _BROKEN
 
     def _init_runtime(self) -> None:
         self._tasks: anyio.abc.TaskGroup | None = None
         self._handler_scopes: set[anyio.CancelScope] = set()
         self._server_scope: anyio.CancelScope | None = None
-        self._commit_due = False  # staged input waits for a commit
-        self._reading: _Session | None = None  # the reader running the pump, if one is
         self._commit_wanted: anyio.Event | None = None  # wakes the committer
         self._committer: anyio.CancelScope | None = None
 
@@ -209,25 +180,13 @@ class FederatedRhizomeDB(_base.DBBase[FederationLink, _Run]):
             finally:
                 self._handler_scopes.discard(scope)
 
-    def _commit_soon(self) -> None:
-        """Group commit: the commit is due in the next turn of the loop, once every reader
-        woken in this one has staged its input. The first task to run then commits: a writer
-        its idle reader woke (which then writes the acknowledgements in that turn) or the
-        committer."""
-        self._commit_due = True
-        if self._reading is None:  # else the reader hands the commit on
-            self._wake_committer()
-
-    def _wake_committer(self) -> None:
+    def _commit_later(self) -> None:
+        """Group commit: the committer task commits in the next turn of the loop, once every
+        reader woken in this one has staged its input (unless a writer commits first)."""
         if self._commit_wanted is None:
             self._commit_wanted, self._committer = anyio.Event(), anyio.CancelScope()
             self._spawn(self._commit_loop, self._committer)
         self._commit_wanted.set()
-
-    def _commit_if_due(self) -> None:
-        if self._commit_due:
-            self._commit_due = False
-            self._commit()
 
     async def _commit_loop(self, scope: anyio.CancelScope) -> None:
         with scope:
@@ -236,115 +195,72 @@ class FederatedRhizomeDB(_base.DBBase[FederationLink, _Run]):
                 self._commit_wanted = anyio.Event()
                 self._commit_if_due()
 
-    # ---------------------------------------------------------------- a live connection
+    # ---------------------------------------------------------------- the base's flows
+
+    async def _drive(self, steps: Steps[None], stream: anyio.abc.SocketStream | None) -> None:
+        """Run a flow of the base over ``stream``: do each step it yields and send the result
+        back in, or throw the transport's error in. A stream it connects is closed after it
+        is served, or at the end."""
+        value: Any = None
+        error: BaseException | None = None
+        opened: anyio.abc.SocketStream | None = None
+        try:
+            while True:
+                try:
+                    op = steps.send(value) if error is None else steps.throw(error)
+                except StopIteration:
+                    return
+                value = error = None
+                try:
+                    match op:
+                        case Sleep(seconds):
+                            await anyio.sleep(seconds)
+                        case Wait(session):
+                            await session.wait()
+                        case Connect(host, port):
+                            if opened is not None:  # an attempt that failed before it was served
+                                await anyio.aclose_forcefully(opened)
+                            stream = opened = await anyio.connect_tcp(host, port)
+                        case Serve():
+                            assert stream is not None
+                            served, stream, opened = stream, None, None
+                            await self._serve_session(_Session(op, served))
+                        case _:
+                            assert stream is not None
+                            value = await _transfer(op, stream)
+                except anyio.EndOfStream:
+                    value = b""
+                except _BROKEN as exc:
+                    error = _cause(exc)
+        finally:
+            steps.close()
+            if opened is not None:
+                await anyio.aclose_forcefully(opened)
 
     async def _serve_session(self, session: _Session) -> None:
-        """Attach the connection to its link and serve it until it is closed."""
+        """Serve a live connection (its reader here, its writer in a task) until it ends."""
+        run = session.run
+        assert isinstance(run, _Run)
+        scope = run.scope if not run.node_link.outgoing else anyio.CancelScope()
         try:
-            async with anyio.create_task_group() as tasks:
-                session.scope = tasks.cancel_scope
-                self._attach(session)
-                tasks.start_soon(self._write_loop, session)
-                tasks.start_soon(self._timer_loop, session)
-                await self._read_loop(session)
+            with scope:
+                async with anyio.create_task_group() as tasks:
+                    self._attach(session)
+                    tasks.start_soon(self._write, session, tasks.cancel_scope)
+                    await self._drive(self._reading(session), session.stream)
         finally:
             self._detach(session)
             await anyio.aclose_forcefully(session.stream)
+            if not run.node_link.outgoing:
+                run.done.set()
 
-    async def _read_loop(self, session: _Session) -> None:
-        try:
-            while not session.conn.closed:
-                data: bytes | None = session.head
-                if data:
-                    session.head = b""
-                else:
-                    try:
-                        data = await session.stream.receive(_RECEIVE_SIZE)
-                    except anyio.EndOfStream:
-                        data = b""
-                self._reading = session
-                try:
-                    self._received(session, data, anyio.current_time())
-                finally:
-                    self._reading = None
-                if not session.idle:
-                    self._wake_committer()
-                elif not self._answer_now(session):
-                    session.wake()  # its writer commits, if nothing did before, and answers
-                if delay := self._read_delay(session):  # over the rate limit
-                    await anyio.sleep(delay)
-        except _BROKEN as exc:
-            self._fail(session, _cause(exc))
-        except Exception as exc:
-            log.exception("link %s failed", session.run.id)
-            self._fail(session, exc)
-
-    def _answer_now(self, session: _Session) -> bool:
-        """The reader of the only live connection (no other reader can add to the group
-        commit) commits what it staged and writes the answers itself, in its own turn of the
-        loop, when its writer is idle and the stream is plain TCP: what the kernel does not
-        take at once is left to the writer. Returns whether the writer has nothing to do.
-
-        An idle writer's last ``send`` has returned, so every byte it wrote is with the kernel
-        (trio's socket keeps none; anyio sets its asyncio transport's write buffer limits to 0,
-        so its ``send`` returns once the transport's buffer is empty): writing to the socket
-        keeps the order."""
-        sock = session.sock
-        if sock is None or len(self._sessions) > 1:
-            return False
-        session.answering = True
-        try:
-            self._commit_if_due()
-            data, done = self._answers(session)
-        finally:
-            session.answering = False
-        try:
-            # its number now: -1 once closed (EBADF), never another socket's since
-            sent = os.write(sock.fileno(), data) if data else 0
-        except OSError:  # would block, broken or closed: the writer finds out
-            sent = 0
-        session.unsent = data[sent:]
-        return done and not session.unsent
-
-    async def _write_loop(self, session: _Session) -> None:
-        """Writes (the reader too, in :meth:`_answer_now`'s case); ends the connection once the
-        core is done."""
+    async def _write(self, session: _Session, tasks: anyio.CancelScope) -> None:
         try:
             with session.write_scope:
-                while True:
-                    session.idle = True
-                    await session.woken.wait()
-                    session.idle, session.woken = False, anyio.Event()
-                    self._commit_if_due()
-                    if session.unsent:
-                        data, session.unsent = session.unsent, b""
-                        await session.stream.send(data)
-                    while data := self._output(session):
-                        await session.stream.send(data)
-                    if session.conn.should_close:
-                        break
-        except _BROKEN as exc:
-            self._fail(session, _cause(exc))
-        except Exception as exc:
-            log.exception("link %s failed while writing", session.run.id)
-            self._fail(session, exc)
+                await self._drive(self._writing(session), session.stream)
         finally:
-            data = b""  # not kept by this frame if a traceback outlives it (a cycle)
-            if session.scope is not None:
-                session.scope.cancel()  # the reader and the timer
+            tasks.cancel()  # the reader
             await anyio.aclose_forcefully(session.stream)
-
-    async def _timer_loop(self, session: _Session) -> None:
-        """Sleep until the core's deadline (or until it moves earlier); run it if it is due."""
-        conn = session.conn
-        while True:
-            when = conn.get_timer()
-            session.armed, session.rearmed = math.inf if when is None else when, anyio.Event()
-            with anyio.CancelScope(deadline=session.armed):
-                await session.rearmed.wait()
-            when, now = conn.get_timer(), anyio.current_time()
-            if when is not None and now + _CLOCK_SLACK >= when:
-                self._received(session, None, max(now, when))
 
     # ---------------------------------------------------------------- server
 
@@ -382,46 +298,18 @@ class FederatedRhizomeDB(_base.DBBase[FederationLink, _Run]):
                 await anyio.sleep(0.5)  # out of file descriptors, perhaps
 
     async def _accept(self, stream: anyio.abc.SocketStream, ssl: SSLContext | None) -> None:
-        """A new connection: pending (TLS handshake, request head) under admission, then a
-        link, or refused."""
-        io: anyio.abc.ByteStream = stream
+        """A new connection: the base's pending flow, evicted by cancelling it."""
         peer = stream.extra(SocketAttribute.remote_address, None)
         pending = anyio.CancelScope()
         ticket = self._admit(peer, pending.cancel)
-        pending.deadline = ticket.deadline
         try:
-            made = None
-            head = b""
             with pending:
-                if ssl is not None:
-                    io = await TLSStream.wrap(
-                        stream, server_side=True, ssl_context=ssl, standard_compatible=False
-                    )
-                while not _base.head_read(head):
-                    head += await io.receive(_base.READ_SIZE)
-                made = self._upgrade(ticket, peer)
-            if made is None:
-                if pending.cancelled_caught and not ticket.released:
-                    self._pending_expired()  # its deadline passed (else it was evicted)
-                return
-            if isinstance(made, bytes):
-                with anyio.move_on_after(2.0):
-                    await io.send(made)
-                return
-            run, conn = made
-            try:
-                with run.scope:
-                    await self._serve_session(_Session(run, conn, io, head))
-            finally:
-                self._forget(run)
-                run.done.set()
-        except _HANDSHAKE_FAILED:  # a failed TLS handshake, or gone before anything was said
-            pass
+                await self._drive(self._pending(peer, ticket, ssl), stream)
         except Exception:
             log.exception("incoming connection failed")
         finally:
             self._release(ticket)
-            await anyio.aclose_forcefully(io)
+            await anyio.aclose_forcefully(stream)
 
     # ---------------------------------------------------------------- outgoing links
 
@@ -430,7 +318,7 @@ class FederatedRhizomeDB(_base.DBBase[FederationLink, _Run]):
         """Open an outgoing link."""
         self._running()
         run, target = self._outgoing_link(link)
-        self._spawn(self._run_outgoing, run, target)
+        self._spawn(self._run_outgoing, run, self._outgoing(run, target))
         if not link.wait:
             return self._view(run)
         try:
@@ -441,21 +329,10 @@ class FederatedRhizomeDB(_base.DBBase[FederationLink, _Run]):
             raise
         return self._settled_link(run, link.url)
 
-    async def _run_outgoing(self, run: _Run, target: Target) -> None:
-        """Connect, run the session, wait per the reconnect policy, repeat until stopped."""
+    async def _run_outgoing(self, run: _Run, steps: Steps[None]) -> None:
         try:
             with run.scope:
-                for wait in self._attempts(run):
-                    if wait is not None:
-                        await anyio.sleep(wait)
-                        continue
-                    try:
-                        stream = await _open(target)
-                    except (*_BROKEN, TimeoutError) as exc:
-                        self._connect_failed(run, _cause(exc))
-                        continue
-                    conn = self._client_connection(run, target)
-                    await self._serve_session(_Session(run, conn, stream))
+                await self._drive(steps, None)
         except Exception as exc:
             self._crashed(run, exc)
         finally:
@@ -496,24 +373,16 @@ class FederatedRhizomeDB(_base.DBBase[FederationLink, _Run]):
         """What is still running once the links ended (asyncio without ``async with``)."""
 
 
-def _plain(stream: anyio.abc.ByteStream) -> bool:
-    """Whether the stream is a socket's (not TLS over it)."""
-    return isinstance(stream, anyio.abc.SocketStream)
-
-
-async def _open(target: Target) -> anyio.abc.ByteStream:
-    """A TCP stream to the target; with its ``ssl``, TLS checked against its host before use."""
-    stream = await anyio.connect_tcp(target.host, target.port)
-    try:
-        with anyio.fail_after(TLS_HANDSHAKE_TIMEOUT):
-            if target.ssl is None:
-                return stream
-            return await TLSStream.wrap(
-                stream, hostname=target.host, ssl_context=target.ssl, standard_compatible=False
-            )
-    except anyio.EndOfStream as exc:
-        await anyio.aclose_forcefully(stream)
-        raise anyio.BrokenResourceError("closed by the server during the TLS handshake") from exc
-    except BaseException:
-        await anyio.aclose_forcefully(stream)
-        raise
+async def _transfer(op: Receive | Send, stream: anyio.abc.SocketStream) -> bytes | None:
+    """A read (``None`` once its deadline passed) or a write (:class:`TimeoutError` past its
+    deadline)."""
+    if isinstance(op, Receive):
+        with anyio.CancelScope(deadline=op.deadline):
+            return await stream.receive(_RECEIVE_SIZE)
+        return None
+    if op.deadline is None:
+        await stream.send(op.data)
+    else:
+        with anyio.fail_after(op.deadline - anyio.current_time()):
+            await stream.send(op.data)
+    return None

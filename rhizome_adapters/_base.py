@@ -71,7 +71,7 @@ from rhizome_proto import (
     server_path,
 )
 
-from ._io import TLS, Connect, Receive, Send, Serve, Sleep, Steps, Wait
+from ._io import TLS, Accept, Connect, Receive, Send, Serve, Sleep, Start, Steps, Wait
 from ._options import ConnectOptions, ServerOptions, Target
 from .storage import Store, open_store
 
@@ -93,6 +93,7 @@ __all__ = [
     "host_port",
     "parse_url",
     "refusal",
+    "shut",
 ]
 
 LinkStatus: TypeAlias = Literal[
@@ -114,6 +115,8 @@ DISCONNECT_WAIT = 15.0
 RETRY_AFTER = 5
 #: Seconds a refusal may take to write.
 REFUSAL_WAIT = 2.0
+#: Seconds the server waits after ``accept`` failed (out of file descriptors, perhaps).
+ACCEPT_RETRY = 0.5
 #: Longest a reader waits for input before it looks at the core's deadline again (one set
 #: meanwhile by another task or thread).
 READ_WAIT = 1.0
@@ -151,6 +154,12 @@ def parse_url(url: str) -> tuple[str, int, str, bool]:
 
 def host_port(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def shut(sock: socket.socket) -> None:
+    """End a connection's both directions now: a blocked read or write returns."""
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
 
 
 def head_read(head: bytes) -> bool:
@@ -935,10 +944,35 @@ class DBBase(abc.ABC, Generic[LinkT, RunT]):
             if not data:
                 raise ConnectionError("closed during the TLS handshake")
 
-    def _pending(self, peer: object, ticket: Ticket, ssl: SSLContext | None) -> Steps[None]:
+    def _listening(self, ssl: SSLContext | None) -> Steps[None]:
+        """The server: accept connections and start each one's :meth:`_pending` flow, until
+        the instance is closed."""
+        while not self._closed:
+            try:
+                accepted = yield Accept()
+            except self._broken:
+                if self._closed:
+                    return
+                self._logger.exception("accepting a connection failed")
+                yield Sleep(ACCEPT_RETRY)  # out of file descriptors, perhaps
+                continue
+            if accepted is not None:  # else none came within the runtime's poll
+                conn, sock, peer = accepted
+                yield Start(self._pending(peer, sock, ssl), conn)
+
+    def _pending(self, peer: object, sock: socket.socket, ssl: SSLContext | None) -> Steps[None]:
         """A new connection to the server, pending under admission until its request head is
         read (after the TLS handshake, with ``ssl``) or its deadline passes; then served as a
-        link, or refused (HTTP 503)."""
+        link, or refused (HTTP 503). To make room for a newer one, its socket is shut down."""
+        ticket = self._admit(peer, functools.partial(shut, sock))
+        try:
+            yield from self._admitted(peer, ticket, ssl)
+        except Exception:
+            self._logger.exception("incoming connection failed")
+        finally:
+            self._release(ticket)
+
+    def _admitted(self, peer: object, ticket: Ticket, ssl: SSLContext | None) -> Steps[None]:
         tls = None if ssl is None else TLS(ssl)
         head = b""
         try:
@@ -950,12 +984,12 @@ class DBBase(abc.ABC, Generic[LinkT, RunT]):
                 if raw is None:
                     raise TimeoutError("no request head before the deadline")
                 if not raw:
-                    return  # gone, or closed to make room
+                    return  # gone, or shut down to make room
                 head += raw if tls is None else tls.decrypt(raw)
         except TimeoutError:
             self._pending_expired()
             return
-        except self._broken:  # a failed TLS handshake, or closed to make room
+        except self._broken:  # a failed TLS handshake, or shut down to make room
             return
         made = self._upgrade(ticket, peer)
         if isinstance(made, bytes):

@@ -1,10 +1,11 @@
 """The steps of the base's flows, and TLS as bytes in and bytes out, for both adapters.
 
 The base (:mod:`._base`) writes each flow of a connection once, as a generator that yields the
-I/O it needs: :class:`Receive`, :class:`Send`, :class:`Sleep`, :class:`Wait`, :class:`Connect`
-and :class:`Serve`. An adapter runs a flow with its own ``_drive``: it does each step the way its
-runtime does (``await`` on anyio, a blocking call on threads) and sends the result back in, or
-throws the transport's error in. So the flows (the reader, the writer, a pending server
+I/O it needs: :class:`Receive`, :class:`Send`, :class:`Sleep`, :class:`Wait`, :class:`Connect`,
+:class:`Serve`, :class:`Accept` and :class:`Start`. An adapter runs a flow with its own
+``_drive``, iterating a :class:`Flow`: it does each step the way its runtime does (``await`` on
+anyio, a blocking call on threads) and sets the result, or the transport's error, to be sent
+(thrown) back in. So the flows (the reader, the writer, the server's accepting, a pending server
 connection, an outgoing link's attempts, the TLS handshake) have one copy, and an adapter keeps
 only the few lines that do a step.
 
@@ -18,14 +19,27 @@ from __future__ import annotations
 import ssl
 import threading
 from collections.abc import Generator
-from typing import TYPE_CHECKING, Any, NamedTuple, TypeAlias, TypeVar
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Generic, NamedTuple, TypeAlias, TypeVar
 
 if TYPE_CHECKING:
     from rhizome_proto import FederationConnection
 
     from ._base import LinkRun, Session
 
-__all__ = ["TLS", "Connect", "Receive", "Send", "Serve", "Sleep", "Steps", "Wait"]
+__all__ = [
+    "TLS",
+    "Accept",
+    "Connect",
+    "Flow",
+    "Receive",
+    "Send",
+    "Serve",
+    "Sleep",
+    "Start",
+    "Steps",
+    "Wait",
+]
 
 #: Bytes of plaintext taken from TLS per read.
 _PLAINTEXT_CHUNK = 64 * 1024
@@ -74,10 +88,48 @@ class Serve(NamedTuple):
     head: bytes = b""  # plaintext read before the connection was made (a server's request)
 
 
-Op: TypeAlias = Receive | Send | Sleep | Wait | Connect | Serve
+class Accept(NamedTuple):
+    """Accept a connection on the listening socket: ``(conn, sock, peer)``, the adapter's
+    handle, its socket and the peer's address; ``None`` if none came (a runtime that polls)."""
+
+
+class Start(NamedTuple):
+    """Run ``steps`` on their own (a task, a thread) over ``conn`` (an accepted connection's
+    handle), which is closed after them."""
+
+    steps: Steps[None]
+    conn: Any
+
+
+Op: TypeAlias = Receive | Send | Sleep | Wait | Connect | Serve | Accept | Start
 T = TypeVar("T")
 #: A flow of the base: yields steps, gets each one's result, returns ``T``.
 Steps: TypeAlias = Generator[Op, Any, T]
+
+
+class Flow(Generic[T]):
+    """A flow being run: iterating gives its steps; set :attr:`result` (or :attr:`error`)
+    before the next one, and it is sent (or thrown) in. Leaving ``with`` closes the flow."""
+
+    def __init__(self, steps: Steps[T]) -> None:
+        self._steps = steps
+        self.result: Any = None
+        self.error: BaseException | None = None
+
+    def __iter__(self) -> Flow[T]:
+        return self
+
+    def __next__(self) -> Op:
+        result, error, self.result, self.error = self.result, self.error, None, None
+        return self._steps.send(result) if error is None else self._steps.throw(error)
+
+    def __enter__(self) -> Flow[T]:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._steps.close()
 
 
 class TLS:

@@ -36,7 +36,7 @@ from rhizome_proto import Delta
 
 from . import _base
 from ._base import EventHandler, LinkStatus
-from ._io import Connect, Receive, Send, Serve, Sleep, Steps, Wait
+from ._io import Accept, Connect, Flow, Receive, Send, Serve, Sleep, Start, Steps, Wait
 from ._options import ConnectOptions, ServerOptions, takes
 
 __all__ = ["EventHandler", "FederatedRhizomeDB", "FederationLink", "LinkStatus"]
@@ -197,45 +197,48 @@ class FederatedRhizomeDB(_base.DBBase[FederationLink, _Run]):
 
     # ---------------------------------------------------------------- the base's flows
 
-    async def _drive(self, steps: Steps[None], stream: anyio.abc.SocketStream | None) -> None:
-        """Run a flow of the base over ``stream``: do each step it yields and send the result
-        back in, or throw the transport's error in. A stream it connects is closed after it
-        is served, or at the end."""
-        value: Any = None
-        error: BaseException | None = None
-        opened: anyio.abc.SocketStream | None = None
-        try:
-            while True:
-                try:
-                    op = steps.send(value) if error is None else steps.throw(error)
-                except StopIteration:
-                    return
-                value = error = None
-                try:
-                    match op:
-                        case Sleep(seconds):
-                            await anyio.sleep(seconds)
-                        case Wait(session):
-                            await session.wait()
-                        case Connect(host, port):
-                            if opened is not None:  # an attempt that failed before it was served
-                                await anyio.aclose_forcefully(opened)
-                            stream = opened = await anyio.connect_tcp(host, port)
-                        case Serve():
-                            assert stream is not None
-                            served, stream, opened = stream, None, None
-                            await self._serve_session(_Session(op, served))
-                        case _:
-                            assert stream is not None
-                            value = await _transfer(op, stream)
-                except anyio.EndOfStream:
-                    value = b""
-                except _BROKEN as exc:
-                    error = _cause(exc)
-        finally:
-            steps.close()
-            if opened is not None:
-                await anyio.aclose_forcefully(opened)
+    async def _drive(self, steps: Steps[None], conn: Any, own: bool = False) -> None:
+        """Run a flow of the base over ``conn`` (a socket stream, or a listener): do each step
+        it yields, with its result or the transport's error sent back in. The stream is closed
+        at the end if the flow owns it (``own``, or it connected it) and did not serve it."""
+        with Flow(steps) as flow:
+            try:
+                for op in flow:
+                    try:
+                        match op:
+                            case Receive(deadline):
+                                with anyio.CancelScope(deadline=deadline):
+                                    flow.result = await conn.receive(_RECEIVE_SIZE)
+                            case Send(data, None):
+                                await conn.send(data)
+                            case Send(data, float() as deadline):
+                                with anyio.fail_after(deadline - anyio.current_time()):
+                                    await conn.send(data)
+                            case Sleep(seconds):
+                                await anyio.sleep(seconds)
+                            case Wait(session):
+                                await session.wait()
+                            case Connect(host, port):
+                                if own:  # an attempt that failed before it was served
+                                    await anyio.aclose_forcefully(conn)
+                                conn, own = await anyio.connect_tcp(host, port), True
+                            case Serve():
+                                served, conn, own = conn, None, False
+                                await self._serve_session(_Session(op, served))
+                            case Accept():
+                                stream = await conn.accept()
+                                sock = stream.extra(SocketAttribute.raw_socket)
+                                peer = stream.extra(SocketAttribute.remote_address, None)
+                                flow.result = stream, sock, peer
+                            case Start(started, stream):
+                                self._spawn(self._drive, started, stream, True)
+                    except anyio.EndOfStream:
+                        flow.result = b""
+                    except _BROKEN as exc:
+                        flow.error = _cause(exc)
+            finally:
+                if own:
+                    await anyio.aclose_forcefully(conn)
 
     async def _serve_session(self, session: _Session) -> None:
         """Serve a live connection (its reader here, its writer in a task) until it ends."""
@@ -284,32 +287,7 @@ class FederatedRhizomeDB(_base.DBBase[FederationLink, _Run]):
         with scope:
             async with listener, anyio.create_task_group() as tasks:
                 for each in listener.listeners:
-                    assert isinstance(each, anyio.abc.SocketListener)
-                    tasks.start_soon(self._accept_loop, each, ssl)
-
-    async def _accept_loop(
-        self, listener: anyio.abc.SocketListener, ssl: SSLContext | None
-    ) -> None:
-        while True:
-            try:
-                self._spawn(self._accept, await listener.accept(), ssl)
-            except OSError:
-                log.exception("accepting a connection failed")
-                await anyio.sleep(0.5)  # out of file descriptors, perhaps
-
-    async def _accept(self, stream: anyio.abc.SocketStream, ssl: SSLContext | None) -> None:
-        """A new connection: the base's pending flow, evicted by cancelling it."""
-        peer = stream.extra(SocketAttribute.remote_address, None)
-        pending = anyio.CancelScope()
-        ticket = self._admit(peer, pending.cancel)
-        try:
-            with pending:
-                await self._drive(self._pending(peer, ticket, ssl), stream)
-        except Exception:
-            log.exception("incoming connection failed")
-        finally:
-            self._release(ticket)
-            await anyio.aclose_forcefully(stream)
+                    tasks.start_soon(self._drive, self._listening(ssl), each)
 
     # ---------------------------------------------------------------- outgoing links
 
@@ -371,18 +349,3 @@ class FederatedRhizomeDB(_base.DBBase[FederationLink, _Run]):
 
     async def _stop_tasks(self) -> None:
         """What is still running once the links ended (asyncio without ``async with``)."""
-
-
-async def _transfer(op: Receive | Send, stream: anyio.abc.SocketStream) -> bytes | None:
-    """A read (``None`` once its deadline passed) or a write (:class:`TimeoutError` past its
-    deadline)."""
-    if isinstance(op, Receive):
-        with anyio.CancelScope(deadline=op.deadline):
-            return await stream.receive(_RECEIVE_SIZE)
-        return None
-    if op.deadline is None:
-        await stream.send(op.data)
-    else:
-        with anyio.fail_after(op.deadline - anyio.current_time()):
-            await stream.send(op.data)
-    return None

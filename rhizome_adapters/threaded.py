@@ -24,7 +24,6 @@ TLS (``wss://``): ``enable_server(ssl=...)`` and ``connect_to_remote(..., ssl=..
 from __future__ import annotations
 
 import contextlib
-import functools
 import inspect
 import logging
 import socket
@@ -32,14 +31,13 @@ import threading
 import time
 from collections.abc import Awaitable, Iterable
 from dataclasses import KW_ONLY, dataclass, field
-from ssl import SSLContext
 from typing import Any
 
-from rhizome_proto import Delta, Ticket
+from rhizome_proto import Delta
 
 from . import _base
 from ._base import EventHandler, LinkStatus
-from ._io import Connect, Receive, Send, Serve, Sleep, Steps, Wait
+from ._io import Accept, Connect, Flow, Receive, Send, Serve, Sleep, Start, Steps, Wait
 from ._options import ConnectOptions, ServerOptions, Target, takes
 
 __all__ = ["EventHandler", "FederatedRhizomeDB", "FederationLink", "LinkStatus"]
@@ -94,7 +92,7 @@ class _Session(_base.Session):
 
     def abort(self) -> None:
         """End both directions now (a blocked ``recv`` or ``send`` returns)."""
-        _shut(self.sock)
+        _base.shut(self.sock)
 
 
 class FederationLink(_base.LinkBase):
@@ -157,46 +155,49 @@ class FederatedRhizomeDB(_base.DBBase[FederationLink, _Run]):
     # ---------------------------------------------------------------- the base's flows
 
     def _drive(
-        self, steps: Steps[None], sock: socket.socket | None, run: _Run | None = None
+        self, steps: Steps[None], sock: Any, own: bool = False, run: _Run | None = None
     ) -> None:
-        """Run a flow of the base over ``sock``: do each step it yields and send the result
-        back in, or throw the transport's error in. A socket it connects is closed after it
-        is served, or at the end; ``run``'s wakeup ends a :class:`Sleep` early."""
-        value: Any = None
-        error: BaseException | None = None
-        opened: socket.socket | None = None
-        try:
-            while True:
-                try:
-                    op = steps.send(value) if error is None else steps.throw(error)
-                except StopIteration:
-                    return
-                value = error = None
-                try:
-                    match op:
-                        case Sleep(seconds):
-                            (time.sleep if run is None else run.wakeup.wait)(seconds)
-                        case Wait(session):
-                            session.wait()
-                        case Connect(host, port):
-                            if opened is not None:  # an attempt that failed before it was served
-                                opened.close()
-                            opened = socket.create_connection((host, port), _CONNECT_TIMEOUT)
-                            sock = opened
-                        case Serve():
-                            assert sock is not None
-                            served, sock, opened = sock, None, None
-                            with served:
-                                self._serve_session(_Session(op, served, self._ping_timeout))
-                        case _:
-                            assert sock is not None
-                            value = _transfer(op, sock)
-                except OSError as exc:
-                    error = exc
-        finally:
-            steps.close()
-            if opened is not None:
-                opened.close()
+        """Run a flow of the base over ``sock`` (a connection's, or the listening one): do each
+        step it yields, with its result or the error sent back in. The socket is closed at the
+        end if the flow owns it (``own``, or it connected it) and did not serve it; ``run``'s
+        wakeup ends a :class:`Sleep` early."""
+        with Flow(steps) as flow:
+            try:
+                for op in flow:
+                    try:
+                        match op:
+                            case Receive(deadline):
+                                flow.result = _receive(sock, deadline)
+                            case Send(data, deadline):
+                                if deadline is not None:
+                                    sock.settimeout(max(deadline - time.monotonic(), 0.001))
+                                sock.sendall(data)
+                            case Sleep(seconds):
+                                (time.sleep if run is None else run.wakeup.wait)(seconds)
+                            case Wait(session):
+                                session.wait()
+                            case Connect(host, port):
+                                if own:  # an attempt that failed before it was served
+                                    sock.close()
+                                sock = socket.create_connection((host, port), _CONNECT_TIMEOUT)
+                                own = True
+                            case Serve():
+                                served, sock, own = sock, None, False
+                                with served:
+                                    self._serve_session(_Session(op, served, self._ping_timeout))
+                            case Accept():
+                                with contextlib.suppress(TimeoutError):  # polls _closed
+                                    conn, peer = sock.accept()
+                                    flow.result = conn, conn, peer
+                            case Start(started, conn):
+                                threading.Thread(
+                                    target=self._drive, args=(started, conn, True), daemon=True
+                                ).start()
+                    except OSError as exc:
+                        flow.error = exc
+            finally:
+                if own:
+                    sock.close()
 
     def _serve_session(self, session: _Session) -> None:
         """Serve a live connection: its reader on this thread, its writer on another."""
@@ -235,44 +236,13 @@ class FederatedRhizomeDB(_base.DBBase[FederationLink, _Run]):
         self._listener = listener
         url = self._serving(server, listener.getsockname()[1])
         self._server_thread = threading.Thread(
-            target=self._serve, args=(listener, server.ssl), daemon=True, name="rhizome-server"
+            target=self._drive,
+            args=(self._listening(server.ssl), listener, True),
+            daemon=True,
+            name="rhizome-server",
         )
         self._server_thread.start()
         return url
-
-    def _serve(self, listener: socket.socket, context: SSLContext | None) -> None:
-        with listener:
-            while not self._closed:
-                try:
-                    sock, peer = listener.accept()
-                except TimeoutError:
-                    continue
-                except OSError:
-                    if self._closed:
-                        return
-                    log.exception("accepting a connection failed")
-                    time.sleep(_ACCEPT_POLL)  # out of file descriptors, perhaps
-                    continue
-                ticket = self._admit(peer, functools.partial(_shut, sock))
-                thread = threading.Thread(
-                    target=self._accept,
-                    args=(sock, peer, ticket, context),
-                    daemon=True,
-                    name="rhizome-r",
-                )
-                thread.start()
-
-    def _accept(
-        self, sock: socket.socket, peer: object, ticket: Ticket, context: SSLContext | None
-    ) -> None:
-        """A new connection: the base's pending flow (evicted by shutting its socket)."""
-        with sock:
-            try:
-                self._drive(self._pending(peer, ticket, context), sock)
-            except Exception:
-                log.exception("incoming connection failed")
-            finally:
-                self._release(ticket)
 
     # ---------------------------------------------------------------- outgoing links
 
@@ -293,7 +263,7 @@ class FederatedRhizomeDB(_base.DBBase[FederationLink, _Run]):
 
     def _run_outgoing(self, run: _Run, target: Target) -> None:
         try:
-            self._drive(self._outgoing(run, target), None, run)
+            self._drive(self._outgoing(run, target), None, run=run)
         except Exception as exc:
             self._crashed(run, exc)
         finally:
@@ -340,26 +310,15 @@ class FederatedRhizomeDB(_base.DBBase[FederationLink, _Run]):
         self._close_store()
 
 
-def _shut(sock: socket.socket) -> None:
-    """Close a pending connection (its thread's ``recv`` returns)."""
-    with contextlib.suppress(OSError):
-        sock.shutdown(socket.SHUT_RDWR)
-
-
-def _transfer(op: Receive | Send, sock: socket.socket) -> bytes | None:
-    """A read (``None`` once its deadline passed) or a write (:class:`TimeoutError` past its
-    deadline, else the socket's own timeout). A timeout is always set: the socket stays
-    non-blocking underneath, for the reader's writes (see ``_base.DBBase._answer``)."""
-    if isinstance(op, Receive):
-        left = op.deadline - time.monotonic()
-        if left <= 0:
-            return None
-        sock.settimeout(left)
-        try:
-            return sock.recv(_base.READ_SIZE)
-        except TimeoutError:
-            return None
-    if op.deadline is not None:
-        sock.settimeout(max(op.deadline - time.monotonic(), 0.001))
-    sock.sendall(op.data)
-    return None
+def _receive(sock: socket.socket, deadline: float) -> bytes | None:
+    """Read, or ``None`` once ``deadline`` passed. A timeout is always set: the socket stays
+    non-blocking underneath, for the reader's own writes (``_base.DBBase._answer``)."""
+    left = deadline - time.monotonic()
+    if left <= 0:
+        return None
+    sock.settimeout(left)
+    try:
+        data: bytes = sock.recv(_base.READ_SIZE)
+    except TimeoutError:
+        return None
+    return data

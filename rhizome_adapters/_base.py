@@ -226,17 +226,17 @@ class _Settable(Protocol):
 
 class Session(abc.ABC):
     """A live connection of a link: the core's connection over a plain socket (through
-    :class:`~._io.TLS` for ``wss://``). An adapter subclasses it with the way its writer waits
-    and is woken.
+    :class:`~._io.TLS` for ``wss://``). An adapter subclasses it with its event, which wakes
+    the writer, and the way the writer waits for it.
 
     Whoever writes holds :attr:`writing`: the writer while it takes output and sends it, and
     the reader when it writes the answers its own input made while the writer waits (without
     blocking: what the kernel does not take at once is left in :attr:`unsent` for the writer).
     """
 
-    def __init__(self, serve: Serve, sock: socket.socket) -> None:
+    def __init__(self, serve: Serve, sock: socket.socket, woken: _Settable) -> None:
         self.run, self.conn, self.tls, self.head = serve.run, serve.conn, serve.tls, serve.head
-        self.sock = sock
+        self.sock, self.woken = sock, woken
         self.writing = threading.Lock()
         self.unsent = b""
         #: the reader's thread while it feeds the core: a wake from it is noted in
@@ -251,17 +251,18 @@ class Session(abc.ABC):
         else:
             self.signal()
 
-    @abc.abstractmethod
     def signal(self) -> None:
         """Wake the writer."""
+        self.woken.set()
 
     @abc.abstractmethod
     def wait(self) -> Any:
         """The writer waits to be signalled (a coroutine on anyio, blocking on threads)."""
 
-    @abc.abstractmethod
     def closing(self) -> None:
-        """The core is done: the transport must end within the grace, flushed or not."""
+        """The core is done: the writer ends, and the transport within ``CLOSE_GRACE``,
+        flushed or not."""
+        self.signal()
 
 
 def _no_action(*args: Any) -> Any:
@@ -479,6 +480,16 @@ class DBBase(abc.ABC, Generic[LinkT, RunT]):
     def _disconnect(self, run: RunT) -> Any:
         """``link.disconnect()``: close the link with the close handshake and forget it (the
         adapter's blocking function, or coroutine function)."""
+        ...
+
+    @abc.abstractmethod
+    def _drive(self, steps: Steps[None], conn: Any, own: bool = False) -> Any:
+        """Run a flow of the base (see :mod:`._io`) over ``conn``, the adapter's connection or
+        listener: do each step the flow yields and send its result back in, or throw its error
+        in (the flow tells the transport's, ``_broken``, from the others). ``conn`` is closed
+        at the end if the flow owns it (``own``, or a :class:`~._io.Connect` step opened it)
+        and did not hand it to a :class:`~._io.Serve` step (which serves it: the reader here,
+        the writer on its own, and closes it)."""
         ...
 
     @abc.abstractmethod
@@ -1005,20 +1016,25 @@ class DBBase(abc.ABC, Generic[LinkT, RunT]):
     def _outgoing(self, run: LinkRun, target: Target) -> Steps[None]:
         """An outgoing link: connect (and the TLS handshake, for ``wss://``), serve the
         connection until it ends, wait as the reconnect policy says, and again, until the link
-        is stopped or the policy gives up."""
-        for wait in self._attempts(run):
-            if wait is not None:
-                yield Sleep(wait)
-                continue
-            tls = None if target.ssl is None else TLS(target.ssl, target.host)
-            try:
-                yield Connect(target.host, target.port)
-                if tls is not None:
-                    yield from self._handshake(tls, self._now() + TLS_HANDSHAKE_TIMEOUT)
-            except self._broken as exc:
-                self._connect_failed(run, exc)
-                continue
-            yield Serve(run, self._client_connection(run, target), tls)
+        is stopped or the policy gives up. The link is settled at the end, whatever ends it."""
+        try:
+            for wait in self._attempts(run):
+                if wait is not None:
+                    yield Sleep(wait)
+                    continue
+                tls = None if target.ssl is None else TLS(target.ssl, target.host)
+                try:
+                    yield Connect(target.host, target.port)
+                    if tls is not None:
+                        yield from self._handshake(tls, self._now() + TLS_HANDSHAKE_TIMEOUT)
+                except self._broken as exc:
+                    self._connect_failed(run, exc)
+                    continue
+                yield Serve(run, self._client_connection(run, target), tls)
+        except Exception as exc:
+            self._crashed(run, exc)
+        finally:
+            run.settled.set()
 
     def _transport_error(self, run: LinkRun, reason: str, cause: str | None = None) -> None:
         """Report a transport failure (``cause``: the reason without what

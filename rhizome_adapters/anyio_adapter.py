@@ -5,16 +5,9 @@ over real sockets with anyio, so the same code runs on asyncio and on trio
 
 ``async with FederatedRhizomeDB(...) as db:`` opens the task group that the connections, the
 server, the committer and coroutine handlers run in; leaving it closes the links (close
-handshake), stops the server and waits for all of it.
-
-The flows are the base's (:mod:`._base`): this module runs their steps with anyio
-(:meth:`FederatedRhizomeDB._drive`). Each live connection has two tasks, its reader and its
-writer; once the core is done the writer has a grace period to flush before the stream is
-closed. Group commit: one committer task, woken by an event, commits after every reader woken
-in the same turn of the loop has staged its input (one transaction per turn, acknowledged after
-it); the reader of the only live connection commits and answers in its own turn.
-TLS (``wss://``) is the base's, over the plain socket stream; ``ssl=`` takes an
-:class:`ssl.SSLContext`.
+handshake), stops the server and waits for all of it. The flows, group commit and TLS
+(``ssl=`` takes an :class:`ssl.SSLContext`) are the base's (:mod:`._base`); this module runs
+them as anyio tasks: a live connection's reader and writer, the committer, the server.
 """
 
 from __future__ import annotations
@@ -22,15 +15,13 @@ from __future__ import annotations
 import inspect
 import logging
 import math
-from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
-from ssl import SSLContext
 from typing import Any
 
 import anyio
 import anyio.abc
 from anyio.abc import SocketAttribute
-from anyio.streams.stapled import MultiListener
 
 from rhizome_proto import Delta
 
@@ -53,6 +44,10 @@ def _cause(exc: BaseException) -> BaseException:
     return exc.__cause__ if isinstance(exc.__cause__, OSError) else exc
 
 
+def _left(deadline: float | None) -> float | None:
+    return None if deadline is None else deadline - anyio.current_time()
+
+
 @dataclass(eq=False)
 class _Run(_base.LinkRun):
     settled: anyio.Event = field(default_factory=anyio.Event)
@@ -64,14 +59,12 @@ class _Run(_base.LinkRun):
 class _Session(_base.Session):
     """One live connection of a link, over its socket stream."""
 
-    def __init__(self, serve: Serve, stream: anyio.abc.SocketStream) -> None:
-        super().__init__(serve, stream.extra(SocketAttribute.raw_socket))
-        self.stream = stream
-        self.woken = anyio.Event()
-        self.write_scope = anyio.CancelScope()  # gets the grace deadline once the core is done
+    woken: anyio.Event
 
-    def signal(self) -> None:
-        self.woken.set()
+    def __init__(self, serve: Serve, stream: anyio.abc.SocketStream) -> None:
+        super().__init__(serve, stream.extra(SocketAttribute.raw_socket), anyio.Event())
+        self.stream = stream
+        self.write_scope = anyio.CancelScope()  # gets the grace deadline once the core is done
 
     async def wait(self) -> None:
         await self.woken.wait()
@@ -116,7 +109,7 @@ class FederatedRhizomeDB(_base.DBBase[FederationLink, _Run]):
     def _init_runtime(self) -> None:
         self._tasks: anyio.abc.TaskGroup | None = None
         self._handler_scopes: set[anyio.CancelScope] = set()
-        self._server_scope: anyio.CancelScope | None = None
+        self._listeners: Sequence[anyio.abc.Listener[Any]] = ()
         self._commit_wanted: anyio.Event | None = None  # wakes the committer
         self._committer: anyio.CancelScope | None = None
 
@@ -198,9 +191,6 @@ class FederatedRhizomeDB(_base.DBBase[FederationLink, _Run]):
     # ---------------------------------------------------------------- the base's flows
 
     async def _drive(self, steps: Steps[None], conn: Any, own: bool = False) -> None:
-        """Run a flow of the base over ``conn`` (a socket stream, or a listener): do each step
-        it yields, with its result or the transport's error sent back in. The stream is closed
-        at the end if the flow owns it (``own``, or it connected it) and did not serve it."""
         with Flow(steps) as flow:
             try:
                 for op in flow:
@@ -209,10 +199,8 @@ class FederatedRhizomeDB(_base.DBBase[FederationLink, _Run]):
                             case Receive(deadline):
                                 with anyio.CancelScope(deadline=deadline):
                                     flow.result = await conn.receive(_RECEIVE_SIZE)
-                            case Send(data, None):
-                                await conn.send(data)
-                            case Send(data, float() as deadline):
-                                with anyio.fail_after(deadline - anyio.current_time()):
+                            case Send(data, deadline):
+                                with anyio.fail_after(_left(deadline)):
                                     await conn.send(data)
                             case Sleep(seconds):
                                 await anyio.sleep(seconds)
@@ -234,14 +222,13 @@ class FederatedRhizomeDB(_base.DBBase[FederationLink, _Run]):
                                 self._spawn(self._drive, started, stream, True)
                     except anyio.EndOfStream:
                         flow.result = b""
-                    except _BROKEN as exc:
+                    except Exception as exc:
                         flow.error = _cause(exc)
             finally:
                 if own:
                     await anyio.aclose_forcefully(conn)
 
     async def _serve_session(self, session: _Session) -> None:
-        """Serve a live connection (its reader here, its writer in a task) until it ends."""
         run = session.run
         assert isinstance(run, _Run)
         scope = run.scope if not run.node_link.outgoing else anyio.CancelScope()
@@ -277,17 +264,10 @@ class FederatedRhizomeDB(_base.DBBase[FederationLink, _Run]):
                 local_host=server.host, local_port=server.port
             )
         url = self._serving(server, listener.extra(SocketAttribute.local_port))
-        self._server_scope = anyio.CancelScope()
-        self._spawn(self._serve, listener, server.ssl, self._server_scope)
+        self._listeners = listener.listeners  # closed by close(): accept() ends
+        for each in listener.listeners:
+            self._spawn(self._drive, self._listening(server.ssl), each, True)
         return url
-
-    async def _serve(
-        self, listener: MultiListener[Any], ssl: SSLContext | None, scope: anyio.CancelScope
-    ) -> None:
-        with scope:
-            async with listener, anyio.create_task_group() as tasks:
-                for each in listener.listeners:
-                    tasks.start_soon(self._drive, self._listening(ssl), each)
 
     # ---------------------------------------------------------------- outgoing links
 
@@ -311,10 +291,7 @@ class FederatedRhizomeDB(_base.DBBase[FederationLink, _Run]):
         try:
             with run.scope:
                 await self._drive(steps, None)
-        except Exception as exc:
-            self._crashed(run, exc)
         finally:
-            run.settled.set()
             run.done.set()
 
     async def disconnect_from_remote(self, link_id: str) -> None:
@@ -334,8 +311,8 @@ class FederatedRhizomeDB(_base.DBBase[FederationLink, _Run]):
     async def close(self) -> None:
         if not self._begin_close():
             return
-        if self._server_scope is not None:
-            self._server_scope.cancel()
+        for listener in self._listeners:
+            await listener.aclose()
         async with anyio.create_task_group() as tasks:
             for run in list(self._runs.values()):
                 tasks.start_soon(self._disconnect, run)

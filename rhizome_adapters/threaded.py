@@ -38,7 +38,7 @@ from rhizome_proto import Delta
 from . import _base
 from ._base import EventHandler, LinkStatus
 from ._io import Accept, Connect, Flow, Receive, Send, Serve, Sleep, Start, Steps, Wait
-from ._options import ConnectOptions, ServerOptions, Target, takes
+from ._options import ConnectOptions, ServerOptions, takes
 
 __all__ = ["EventHandler", "FederatedRhizomeDB", "FederationLink", "LinkStatus"]
 
@@ -74,25 +74,16 @@ class _Session(_base.Session):
     """One live connection of a link: the reader's socket, and a ``dup()`` of it for the
     writer, with a timeout of its own (the reader's changes with each wait)."""
 
+    woken: threading.Event
+
     def __init__(self, serve: Serve, sock: socket.socket, write_timeout: float) -> None:
-        super().__init__(serve, sock)
+        super().__init__(serve, sock, threading.Event())
         self.wsock = sock.dup()
         self.wsock.settimeout(write_timeout)
-        self.woken = threading.Event()
-
-    def signal(self) -> None:
-        self.woken.set()
 
     def wait(self) -> None:
         self.woken.wait()
         self.woken.clear()
-
-    def closing(self) -> None:
-        self.woken.set()
-
-    def abort(self) -> None:
-        """End both directions now (a blocked ``recv`` or ``send`` returns)."""
-        _base.shut(self.sock)
 
 
 class FederationLink(_base.LinkBase):
@@ -157,17 +148,16 @@ class FederatedRhizomeDB(_base.DBBase[FederationLink, _Run]):
     def _drive(
         self, steps: Steps[None], sock: Any, own: bool = False, run: _Run | None = None
     ) -> None:
-        """Run a flow of the base over ``sock`` (a connection's, or the listening one): do each
-        step it yields, with its result or the error sent back in. The socket is closed at the
-        end if the flow owns it (``own``, or it connected it) and did not serve it; ``run``'s
-        wakeup ends a :class:`Sleep` early."""
+        """``run``'s wakeup ends a :class:`Sleep` early (an outgoing link's wait)."""
         with Flow(steps) as flow:
             try:
                 for op in flow:
                     try:
                         match op:
-                            case Receive(deadline):
-                                flow.result = _receive(sock, deadline)
+                            case Receive(deadline):  # a timeout always: non-blocking underneath
+                                sock.settimeout(max(deadline - time.monotonic(), 1e-6))
+                                with contextlib.suppress(TimeoutError):
+                                    flow.result = sock.recv(_base.READ_SIZE)
                             case Send(data, deadline):
                                 if deadline is not None:
                                     sock.settimeout(max(deadline - time.monotonic(), 0.001))
@@ -193,14 +183,13 @@ class FederatedRhizomeDB(_base.DBBase[FederationLink, _Run]):
                                 threading.Thread(
                                     target=self._drive, args=(started, conn, True), daemon=True
                                 ).start()
-                    except OSError as exc:
+                    except Exception as exc:
                         flow.error = exc
             finally:
                 if own:
                     sock.close()
 
     def _serve_session(self, session: _Session) -> None:
-        """Serve a live connection: its reader on this thread, its writer on another."""
         assert isinstance(session.run, _Run)
         session.run.thread = threading.current_thread()  # joined by ``_end_disconnect``
         writer = threading.Thread(
@@ -213,7 +202,7 @@ class FederatedRhizomeDB(_base.DBBase[FederationLink, _Run]):
         finally:
             session.wake()
             writer.join(_base.CLOSE_GRACE)
-            session.abort()  # the writer is stuck in sendall: end it
+            _base.shut(session.sock)  # the writer is stuck in sendall: end it
             writer.join(_base.CLOSE_GRACE)
             session.wsock.close()
             self._detach(session)
@@ -222,7 +211,7 @@ class FederatedRhizomeDB(_base.DBBase[FederationLink, _Run]):
         try:
             self._drive(self._writing(session), session.wsock)
         finally:
-            session.abort()  # ends the reader's recv too
+            _base.shut(session.sock)  # ends the reader's recv too
 
     # ---------------------------------------------------------------- server
 
@@ -251,7 +240,11 @@ class FederatedRhizomeDB(_base.DBBase[FederationLink, _Run]):
         """Open an outgoing link, on a thread of its own."""
         run, target = self._outgoing_link(link)
         run.thread = threading.Thread(
-            target=self._run_outgoing, args=(run, target), daemon=True, name="rhizome-link"
+            target=self._drive,
+            args=(self._outgoing(run, target), None),
+            kwargs={"run": run},
+            daemon=True,
+            name="rhizome-link",
         )
         run.thread.start()
         if not link.wait:
@@ -260,14 +253,6 @@ class FederatedRhizomeDB(_base.DBBase[FederationLink, _Run]):
             self._disconnect(run)
             raise TimeoutError(f"no handshake with {link.url} within {link.timeout} s")
         return self._settled_link(run, link.url)
-
-    def _run_outgoing(self, run: _Run, target: Target) -> None:
-        try:
-            self._drive(self._outgoing(run, target), None, run=run)
-        except Exception as exc:
-            self._crashed(run, exc)
-        finally:
-            run.settled.set()
 
     def disconnect_from_remote(self, link_id: str) -> None:
         self._disconnect(self._run_of(link_id))
@@ -286,7 +271,7 @@ class FederatedRhizomeDB(_base.DBBase[FederationLink, _Run]):
             thread.join(_base.DISCONNECT_WAIT)
             session = run.session
             if thread.is_alive() and isinstance(session, _Session):
-                session.abort()
+                _base.shut(session.sock)
                 thread.join(_base.CLOSE_GRACE)
         self._forget(run)
 
@@ -298,8 +283,7 @@ class FederatedRhizomeDB(_base.DBBase[FederationLink, _Run]):
         if not self._begin_close():
             return
         if self._listener is not None:
-            with contextlib.suppress(OSError):
-                self._listener.shutdown(socket.SHUT_RDWR)  # wakes accept() where it can
+            _base.shut(self._listener)  # wakes accept() where it can
         if self._server_thread is not None:
             self._server_thread.join(_ACCEPT_POLL + _base.CLOSE_GRACE)
         while runs := list(self._runs.values()):  # again if one was accepted meanwhile
@@ -308,17 +292,3 @@ class FederatedRhizomeDB(_base.DBBase[FederationLink, _Run]):
             for run in runs:
                 self._end_disconnect(run)
         self._close_store()
-
-
-def _receive(sock: socket.socket, deadline: float) -> bytes | None:
-    """Read, or ``None`` once ``deadline`` passed. A timeout is always set: the socket stays
-    non-blocking underneath, for the reader's own writes (``_base.DBBase._answer``)."""
-    left = deadline - time.monotonic()
-    if left <= 0:
-        return None
-    sock.settimeout(left)
-    try:
-        data: bytes = sock.recv(_base.READ_SIZE)
-    except TimeoutError:
-        return None
-    return data

@@ -6,19 +6,28 @@ the store it opened, the :class:`~rhizome_proto.FederationNode`, the event handl
 (one :class:`LinkRun` each: status, live connection, handshakes, failure), the pump after every
 input, group commit, streaming an initial sync, transport failures, driving each outgoing link's
 :class:`~rhizome_proto.ReconnectSupervisor` (:meth:`DBBase._attempts`: the core decides when to
-connect again), disconnecting, refusing a connection over the limit.
+connect again), disconnecting, admission and refusing a connection over the limit.
 :class:`LinkBase` is the link view users hold; it reads its :class:`LinkRun` and acts through
 the callables the instance put there.
 
-An adapter subclasses both and adds only what its runtime decides: sockets, tasks or threads,
-waking writers, the core's timer, running coroutine handlers, and the ``async`` (or blocking)
-form of the public methods declared (and documented) here; ``enable_server`` and
-``connect_to_remote`` take their parameters from :mod:`._options`. It talks to the base through
-the methods below (its own, by inheritance) and to a live connection through :class:`Session`;
-it reads no private attribute of another object. The abstract methods and the class attributes
-``_run_type``, ``_link_type`` and ``_logger`` are what it must supply; the threaded adapter also
-overrides :meth:`DBBase._guard` (its lock around the node), the anyio adapter
-:meth:`DBBase._commit_soon` and :meth:`DBBase._commit_if_due` (group commit).
+It also holds every flow of I/O, once, as a generator of steps (:mod:`._io`): a connection's
+reader (:meth:`DBBase._reading`, which answers its own input while the writer waits) and writer
+(:meth:`DBBase._writing`), the server's accepting (:meth:`DBBase._listening`) and pending
+connections (:meth:`DBBase._pending`: admission, TLS handshake, request head, then a link or a
+refusal), an outgoing link's attempts (:meth:`DBBase._outgoing`) and TLS
+(:class:`~._io.TLS`, sans-IO). An adapter runs a flow with its ``_drive``, which does each step
+in its runtime's way.
+
+An adapter subclasses both classes and adds only what its runtime decides: its ``_drive``,
+tasks or threads, how a writer waits to be woken (:class:`Session`), running coroutine
+handlers, and the ``async`` (or blocking) form of the public methods declared (and documented)
+here; ``enable_server`` and ``connect_to_remote`` take their parameters from :mod:`._options`.
+It talks to the base through the methods below (its own, by inheritance) and reads no private
+attribute of another object. The abstract methods and the class attributes ``_run_type``,
+``_link_type`` and ``_logger`` are what it must supply; the threaded adapter also overrides
+:meth:`DBBase._guard` (its lock around the node), the anyio adapter sets ``_group_commit``
+(with :meth:`DBBase._commit_later`, its committer task) and ``_broken`` (anyio's transport
+errors).
 """
 
 from __future__ import annotations

@@ -4,10 +4,10 @@ over real sockets with anyio, so the same code runs on asyncio and on trio
 :mod:`rhizome_adapters.trio_adapter` are the names users import.
 
 ``async with FederatedRhizomeDB(...) as db:`` opens the task group that the connections, the
-server, the committer and coroutine handlers run in; leaving it closes the links (close
+server, the commits and coroutine handlers run in; leaving it closes the links (close
 handshake), stops the server and waits for all of it. The flows, group commit and TLS
 (``ssl=`` takes an :class:`ssl.SSLContext`) are the base's (:mod:`._base`); this module runs
-them as anyio tasks: a live connection's reader and writer, the committer, the server.
+them as anyio tasks: a live connection's reader and writer, a group commit, the server.
 """
 
 from __future__ import annotations
@@ -110,8 +110,7 @@ class FederatedRhizomeDB(_base.DBBase[FederationLink, _Run]):
         self._tasks: anyio.abc.TaskGroup | None = None
         self._handler_scopes: set[anyio.CancelScope] = set()
         self._listeners: Sequence[anyio.abc.Listener[Any]] = ()
-        self._commit_wanted: anyio.Event | None = None  # wakes the committer
-        self._committer: anyio.CancelScope | None = None
+        self._committing = False  # a commit task was started and has not run yet
 
     def _now(self) -> float:
         return anyio.current_time()
@@ -174,19 +173,18 @@ class FederatedRhizomeDB(_base.DBBase[FederationLink, _Run]):
                 self._handler_scopes.discard(scope)
 
     def _commit_later(self) -> None:
-        """Group commit: the committer task commits in the next turn of the loop, once every
-        reader woken in this one has staged its input (unless a writer commits first)."""
-        if self._commit_wanted is None:
-            self._commit_wanted, self._committer = anyio.Event(), anyio.CancelScope()
-            self._spawn(self._commit_loop, self._committer)
-        self._commit_wanted.set()
+        """A task commits once the readers woken in this turn of the loop, already scheduled,
+        have staged their input (unless a writer commits first); at once once tasks cannot
+        start (the block is being left)."""
+        if not self._can_spawn():
+            self._commit_if_due()
+        elif not self._committing:
+            self._committing = True
+            self._spawn(self._commit_task)
 
-    async def _commit_loop(self, scope: anyio.CancelScope) -> None:
-        with scope:
-            while self._commit_wanted is not None:
-                await self._commit_wanted.wait()
-                self._commit_wanted = anyio.Event()
-                self._commit_if_due()
+    async def _commit_task(self) -> None:
+        self._committing = False
+        self._commit_if_due()
 
     # ---------------------------------------------------------------- the base's flows
 
@@ -316,9 +314,7 @@ class FederatedRhizomeDB(_base.DBBase[FederationLink, _Run]):
         async with anyio.create_task_group() as tasks:
             for run in list(self._runs.values()):
                 tasks.start_soon(self._disconnect, run)
-        if self._committer is not None:
-            self._committer.cancel()
-            self._commit_if_due()  # what the last turn staged
+        self._commit_if_due()  # what the last turn staged
         for scope in list(self._handler_scopes):
             scope.cancel()
         await self._stop_tasks()

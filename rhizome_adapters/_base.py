@@ -1007,7 +1007,7 @@ class DBBase(abc.ABC, Generic[LinkT, RunT]):
                     return  # gone, or shut down to make room
                 head += raw if tls is None else tls.decrypt(raw)
         except TimeoutError:
-            self._pending_expired()
+            self._pending_expired(ticket.deadline)
             return
         except self._broken:  # a failed TLS handshake, or shut down to make room
             return
@@ -1226,10 +1226,11 @@ class DBBase(abc.ABC, Generic[LinkT, RunT]):
             evict()
         return ticket
 
-    def _pending_expired(self) -> None:
-        """A pending connection's deadline passed: close every one past its deadline."""
+    def _pending_expired(self, deadline: float) -> None:
+        """A pending connection's ``deadline`` passed: close every one past it (a runtime's
+        timer may fire a bit before its clock reaches the deadline)."""
         with self._guard():
-            expired = self._admission.expired(self._now())
+            expired = self._admission.expired(max(self._now(), deadline))
             closers = [self._pending_closers.pop(t, None) for t in expired]
         for close in closers:
             if close is not None:

@@ -291,6 +291,19 @@ def test_the_deadline_passing_ends_the_flow_as_a_timeout(
     assert (db.admission.pending, db.admission.open) == (0, 0)
 
 
+def test_a_timeout_counts_even_if_the_runtime_s_timer_fires_early(
+    db: threaded.FederatedRhizomeDB, clock: Clock
+) -> None:
+    """asyncio's timers may fire a little before its clock reaches the deadline: the step's
+    ``None`` says the deadline passed, whatever the clock reads."""
+    with pending(db) as flow:
+        assert isinstance(next(flow), Receive)
+        flow.result = None  # the clock is still at T0
+        assert rest(flow) == []
+    assert db.admission.timed_out == 1
+    assert (db.admission.pending, db.admission.open) == (0, 0)
+
+
 def test_a_timeout_closes_every_pending_connection_past_its_deadline(
     db: threaded.FederatedRhizomeDB, clock: Clock
 ) -> None:

@@ -96,12 +96,8 @@ class FederationLink(_base.LinkBase):
 
 
 class FederatedRhizomeDB(_base.DBBase[FederationLink, _Run]):
-    """A RhizomeDB instance that federates over WebSocket, on asyncio or trio (anyio).
-
-    Use it as ``async with FederatedRhizomeDB(...) as db:`` (the block owns its task group).
-    ``storage`` picks a new ``"memory"`` or ``"sqlite"`` store (``path`` for the file) unless
-    ``store`` is given; a store passed in is not closed by :meth:`close`.
-    """
+    """A RhizomeDB instance that federates over WebSocket, on asyncio or trio (anyio): use it as
+    ``async with FederatedRhizomeDB(...) as db:`` (the block owns its task group)."""
 
     _run_type, _link_type, _logger = _Run, FederationLink, log
     _group_commit, _broken = True, _BROKEN
@@ -173,9 +169,8 @@ class FederatedRhizomeDB(_base.DBBase[FederationLink, _Run]):
                 self._handler_scopes.discard(scope)
 
     def _commit_later(self) -> None:
-        """A task commits once the readers woken in this turn of the loop, already scheduled,
-        have staged their input (unless a writer commits first); at once once tasks cannot
-        start (the block is being left)."""
+        """A task commits after the readers woken in this turn of the loop, which run before it
+        (unless a writer commits first); at once if tasks cannot start (leaving the block)."""
         if not self._can_spawn():
             self._commit_if_due()
         elif not self._committing:

@@ -26,8 +26,8 @@ It talks to the base through the methods below (its own, by inheritance) and rea
 attribute of another object. The abstract methods and the class attributes ``_run_type``,
 ``_link_type`` and ``_logger`` are what it must supply; the threaded adapter also overrides
 :meth:`DBBase._guard` (its lock around the node), the anyio adapter sets ``_group_commit``
-(with :meth:`DBBase._commit_later`, its committer task) and ``_broken`` (anyio's transport
-errors).
+(with :meth:`DBBase._commit_later`: a task per turn that needs one) and ``_broken`` (anyio's
+transport errors).
 """
 
 from __future__ import annotations
@@ -729,7 +729,7 @@ class DBBase(abc.ABC, Generic[LinkT, RunT]):
 
     def _commit_later(self) -> None:
         """Group commit: make :meth:`_commit_if_due` run at the end of this turn of the loop
-        (the anyio adapter's committer task)."""
+        (the anyio adapter starts a task)."""
         raise NotImplementedError("an adapter with _group_commit commits later")
 
     def _commit_if_due(self) -> None:
@@ -885,7 +885,7 @@ class DBBase(abc.ABC, Generic[LinkT, RunT]):
         made go out: the reader writes them itself while the writer waits (a thread switch, or
         a turn of the loop, less per round trip), else the writer is signalled. With group
         commit, the reader of the only live connection commits at once; otherwise the commit
-        waits for the end of the turn (the writer's, if it waits, or the committer's)."""
+        waits for the end of the turn (the writer's, if it waits, or a commit task's)."""
         session.reader, self._feeding = threading.get_ident(), True
         try:
             self._received(session, data, now)
@@ -993,6 +993,8 @@ class DBBase(abc.ABC, Generic[LinkT, RunT]):
             self._release(ticket)
 
     def _admitted(self, peer: object, ticket: Ticket, ssl: SSLContext | None) -> Steps[None]:
+        """:meth:`_pending` once admitted: the TLS handshake and the request head before the
+        ticket's deadline, then the link or the refusal."""
         tls = None if ssl is None else TLS(ssl)
         head = b""
         try:

@@ -2,7 +2,7 @@
 (:mod:`rhizome_adapters.anyio_adapter`) as asyncio code has always used it.
 
 On asyncio the instance needs no ``async with``: its tasks (connections, the server, the
-committer, coroutine handlers) are asyncio tasks of its own, so it may be created anywhere,
+commits, coroutine handlers) are asyncio tasks of its own, so it may be created anywhere,
 used from any task and closed with :meth:`~FederatedRhizomeDB.close` (``async with`` calls it on
 exit). Everything else, the protocol and the I/O included, is the anyio adapter's.
 

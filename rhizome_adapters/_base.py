@@ -37,6 +37,7 @@ import contextlib
 import functools
 import inspect
 import logging
+import math
 import os
 import socket
 import threading
@@ -127,10 +128,13 @@ REFUSAL_WAIT = 2.0
 #: Seconds the server waits after ``accept`` failed (out of file descriptors, perhaps).
 ACCEPT_RETRY = 0.5
 #: Longest a reader waits for input before it looks at the core's deadline again (one set
-#: meanwhile by another task or thread).
+#: meanwhile by another thread: an adapter whose :meth:`Session.rearm` cannot move a read's
+#: deadline).
 READ_WAIT = 1.0
 #: Seconds a client's TLS handshake may take.
 TLS_HANDSHAKE_TIMEOUT = 60.0
+#: How early a runtime's timer may fire (asyncio's goes by its clock's resolution).
+CLOCK_SLACK = 0.002
 
 
 def refusal(reason: str = "Too many connections") -> bytes:
@@ -263,6 +267,10 @@ class Session(abc.ABC):
     def signal(self) -> None:
         """Wake the writer."""
         self.woken.set()
+
+    def rearm(self) -> None:  # noqa: B027 -- optional: without it the reader polls
+        """The core's deadline may have moved earlier: a read waiting for a later one must
+        end by it (else the reader sees it within ``DBBase._read_wait``)."""
 
     @abc.abstractmethod
     def wait(self) -> Any:
@@ -409,6 +417,9 @@ class DBBase(abc.ABC, Generic[LinkT, RunT]):
     _group_commit = False
     #: what the adapter's ``_drive`` throws into a flow when the transport fails
     _broken: tuple[type[BaseException], ...] = (OSError,)
+    #: seconds a reader waits at most before it looks at the core's deadline again (``inf``:
+    #: the adapter's :meth:`Session.rearm` moves the deadline of a read in progress)
+    _read_wait = READ_WAIT
 
     def __init__(
         self,
@@ -712,6 +723,7 @@ class DBBase(abc.ABC, Generic[LinkT, RunT]):
             closed, output = conn.closed, conn.outbound_size > 0
         if output:  # answers that need no commit (a pong, a sync request) go out at once
             session.wake()
+        session.rearm()
         if closed:
             session.closing()
         self._commit_soon()
@@ -765,7 +777,8 @@ class DBBase(abc.ABC, Generic[LinkT, RunT]):
 
     def _received(self, session: Session, data: bytes | None, now: float) -> None:
         """What a read returned (``b""``: end of stream; ``None``: nothing, the time has come)
-        goes to the core, the timer runs if it is due, then the pump."""
+        goes to the core, the timer runs if it is due, then the pump (not when nothing came and
+        nothing was due: a reader looking at the deadline again costs no commit)."""
         conn = session.conn
         with self._guard():
             if data:
@@ -777,9 +790,11 @@ class DBBase(abc.ABC, Generic[LinkT, RunT]):
             elif data is not None and not conn.closed:
                 conn.receive_eof(now)
             deadline = conn.get_timer()  # due even while data keeps arriving
-            if deadline is not None and now >= deadline:
+            due = deadline is not None and now >= deadline
+            if due:
                 conn.handle_timer(now)
-        self._pump(session)
+        if data is not None or due:
+            self._pump(session)
 
     def _output(self, session: Session) -> bytes:
         """The next bytes the writer must write (counted as sent), streaming the link's initial
@@ -787,6 +802,7 @@ class DBBase(abc.ABC, Generic[LinkT, RunT]):
         while True:
             with self._guard():
                 data = session.conn.data_to_send()
+                session.rearm()  # sending may set a deadline (the closing handshake's)
                 syncing = not data and self._sync_ready(session)
                 if data:
                     session.run.node_link.stats.bytes_sent += len(data)
@@ -846,9 +862,9 @@ class DBBase(abc.ABC, Generic[LinkT, RunT]):
 
     def _reading(self, session: Session) -> Steps[None]:
         """A live connection's reader: what it reads goes to the core (through TLS, if any),
-        and the timer runs when its deadline comes (or at least every ``READ_WAIT`` seconds,
-        to see a deadline set meanwhile); over the rate limit, it sleeps. Ends once the core
-        is done or the transport failed."""
+        and the timer runs when its deadline comes (the reader looks at it again at least
+        every ``_read_wait`` seconds); over the rate limit, it sleeps. Ends once the core is
+        done or the transport failed."""
         conn, tls = session.conn, session.tls
         try:
             if session.head:
@@ -859,10 +875,13 @@ class DBBase(abc.ABC, Generic[LinkT, RunT]):
                         return
                     timer = conn.get_timer()
                 now = self._now()
-                deadline = now + READ_WAIT if timer is None else min(timer, now + READ_WAIT)
-                raw = yield Receive(deadline)
-                if raw is None:  # the time has come (a runtime's timer may fire a bit early)
-                    self._feed(session, None, max(self._now(), deadline))
+                deadline = min(math.inf if timer is None else timer, now + self._read_wait)
+                raw = yield Receive(deadline, session)
+                if raw is None:  # the time came (a runtime's timer may fire a bit early)
+                    with self._guard():
+                        timer = conn.get_timer()
+                    due, now = min(deadline, math.inf if timer is None else timer), self._now()
+                    self._feed(session, None, max(now, due) if due - now < CLOCK_SLACK else now)
                     continue
                 data: bytes | None = raw
                 if tls is not None:

@@ -47,9 +47,11 @@ _PLAINTEXT_CHUNK = 64 * 1024
 
 class Receive(NamedTuple):
     """Read the socket: the bytes (``b""`` at the end of the stream), or ``None`` once
-    ``deadline`` (the instance's clock) passed first."""
+    ``deadline`` (the instance's clock) passed first. A live connection's reader names its
+    ``session``, whose :meth:`~._base.Session.rearm` may bring the deadline forward."""
 
     deadline: float
+    session: Session | None = None
 
 
 class Send(NamedTuple):

@@ -65,6 +65,12 @@ class _Session(_base.Session):
         super().__init__(serve, stream.extra(SocketAttribute.raw_socket), anyio.Event())
         self.stream = stream
         self.write_scope = anyio.CancelScope()  # gets the grace deadline once the core is done
+        self.reading: anyio.CancelScope | None = None  # the reader's wait for input
+
+    def rearm(self) -> None:
+        when, reading = self.conn.get_timer(), self.reading
+        if when is not None and reading is not None and when < reading.deadline:
+            reading.deadline = when
 
     async def wait(self) -> None:
         await self.woken.wait()
@@ -100,7 +106,7 @@ class FederatedRhizomeDB(_base.DBBase[FederationLink, _Run]):
     ``async with FederatedRhizomeDB(...) as db:`` (the block owns its task group)."""
 
     _run_type, _link_type, _logger = _Run, FederationLink, log
-    _group_commit, _broken = True, _BROKEN
+    _group_commit, _broken, _read_wait = True, _BROKEN, math.inf
 
     def _init_runtime(self) -> None:
         self._tasks: anyio.abc.TaskGroup | None = None
@@ -189,8 +195,10 @@ class FederatedRhizomeDB(_base.DBBase[FederationLink, _Run]):
                 for op in flow:
                     try:
                         match op:
-                            case Receive(deadline):
-                                with anyio.CancelScope(deadline=deadline):
+                            case Receive(deadline, session):
+                                with anyio.CancelScope(deadline=deadline) as scope:
+                                    if isinstance(session, _Session):
+                                        session.reading = scope
                                     flow.result = await conn.receive(_RECEIVE_SIZE)
                             case Send(data, deadline):
                                 with anyio.fail_after(_left(deadline)):

@@ -18,10 +18,12 @@ import threading
 from collections.abc import Iterator
 from typing import cast
 
+import anyio
 import pytest
 import trustme
+from anyio.abc import SocketAttribute
 
-from rhizome_adapters import _base, threaded
+from rhizome_adapters import _base, anyio_adapter, threaded
 from rhizome_adapters._io import (
     TLS,
     Accept,
@@ -46,6 +48,7 @@ from rhizome_proto import (
     ReconnectSupervisor,
     Role,
 )
+from tests.aio_support import deadline
 
 REQUEST = (
     f"GET {DEFAULT_PATH} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
@@ -634,3 +637,48 @@ def test_a_tls_failure_is_a_connect_failure(
     assert run.settled.is_set()  # left early: settled all the same
     reason = events[1].reason
     assert reason is not None and reason.startswith("cannot connect to wss://localhost:5000")
+
+
+def test_a_read_that_timed_out_before_the_deadline_commits_nothing(
+    db: threaded.FederatedRhizomeDB, clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reader that looks at the deadline again (threads do every second) finds nothing came
+    and nothing is due: the core is not pumped, nothing is committed, no writer woken."""
+    with pending(db) as flow:
+        session = served(db, flow)
+        commits: list[None] = []
+        monkeypatch.setattr(db, "_commit_soon", lambda: commits.append(None))
+        session.woken.clear()
+        timer = session.conn.get_timer()
+        assert timer is not None and timer > clock.now
+        db._received(session, None, clock.now)
+        assert commits == [] and not session.woken.is_set()
+        clock.now = timer  # now it is due (the open timeout: no hello came)
+        db._received(session, None, clock.now)
+        assert commits == [None] and session.woken.is_set()
+        db._detach(session)
+
+
+@deadline(10)
+async def test_rearm_brings_an_anyio_read_s_deadline_forward() -> None:
+    """On anyio a read waits until the core's own deadline, with no polling: when the deadline
+    moves earlier meanwhile (set by another task), ``rearm`` ends the wait by it."""
+    async with await anyio.create_tcp_listener(local_host="127.0.0.1") as listener:
+        port = listener.extra(SocketAttribute.local_port)
+        async with await anyio.connect_tcp("127.0.0.1", port) as stream:
+            db = anyio_adapter.FederatedRhizomeDB(system_id="server")
+            run = db._add_link(None, outgoing=False, remote_url=None)
+            conn = db._new_connection(Role.SERVER, link_id=run.id, open_timeout=0.05)
+            session = anyio_adapter._Session(Serve(run, conn), stream)
+            with anyio.CancelScope() as reading:  # a read with no deadline of its own
+                session.reading = reading
+                conn.start(anyio.current_time())  # the open timeout: a deadline 0.05 s away
+                session.rearm()
+                assert reading.deadline == conn.get_timer()
+                await anyio.sleep_forever()
+            assert reading.cancelled_caught
+            later = anyio.CancelScope(deadline=reading.deadline - 1)
+            session.reading = later
+            session.rearm()  # never later than it was
+            assert later.deadline == reading.deadline - 1
+            db._forget(run)  # never served: nothing for close() to wait for

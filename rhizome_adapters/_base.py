@@ -838,11 +838,11 @@ class DBBase(abc.ABC, Generic[LinkT, RunT]):
                 self._node.sync_step(link_id)
             return self._node.has_events
 
-    def _read_delay(self, session: Session) -> float:
+    def _read_delay(self, session: Session, now: float) -> float:
         """Seconds the reader of ``session`` must wait before its next read (the rate limit);
         when it must, its writer is woken (the core may have queued output)."""
         with self._guard():
-            delay = session.conn.read_delay(self._now())
+            delay = session.conn.read_delay(now)
         if delay > 0:
             session.wake()
         return delay
@@ -874,13 +874,15 @@ class DBBase(abc.ABC, Generic[LinkT, RunT]):
                     if conn.closed:
                         return
                     timer = conn.get_timer()
-                now = self._now()
-                deadline = min(math.inf if timer is None else timer, now + self._read_wait)
+                deadline = math.inf if timer is None else timer
+                if self._read_wait < math.inf:  # (the clock is read once per input where it can)
+                    deadline = min(deadline, self._now() + self._read_wait)
                 raw = yield Receive(deadline, session)
+                now = self._now()
                 if raw is None:  # the time came (a runtime's timer may fire a bit early)
                     with self._guard():
                         timer = conn.get_timer()
-                    due, now = min(deadline, math.inf if timer is None else timer), self._now()
+                    due = min(deadline, math.inf if timer is None else timer)
                     self._feed(session, None, max(now, due) if due - now < CLOCK_SLACK else now)
                     continue
                 data: bytes | None = raw
@@ -890,8 +892,8 @@ class DBBase(abc.ABC, Generic[LinkT, RunT]):
                         session.wake()
                     if raw and not data and not tls.closed:
                         data = None  # records, no plaintext yet
-                self._feed(session, data, self._now())
-                if delay := self._read_delay(session):  # over the rate limit
+                self._feed(session, data, now)
+                if delay := self._read_delay(session, now):  # over the rate limit
                     yield Sleep(delay)
         except self._broken as exc:
             self._fail(session, exc)

@@ -741,8 +741,8 @@ class DBBase(abc.ABC, Generic[LinkT, RunT]):
 
     def _commit_later(self) -> None:
         """Group commit: make :meth:`_commit_if_due` run at the end of this turn of the loop
-        (the anyio adapter starts a task)."""
-        raise NotImplementedError("an adapter with _group_commit commits later")
+        (the anyio adapter starts a task). Without a loop to wait for, it commits now."""
+        self._commit_if_due()
 
     def _commit_if_due(self) -> None:
         """Commit now what waits for a group commit, if anything does."""

@@ -175,6 +175,12 @@ def shut(sock: socket.socket) -> None:
         sock.shutdown(socket.SHUT_RDWR)
 
 
+def cause(exc: BaseException) -> BaseException:
+    """The error a transport failure is told by: the OS error a runtime wrapped (anyio raises
+    its own from the socket's), else ``exc``."""
+    return exc.__cause__ if isinstance(exc.__cause__, OSError) else exc
+
+
 def head_read(head: bytes) -> bool:
     """Whether a server has read enough of a new connection to make it a link (or refuse it):
     a whole HTTP request head, ``READ_SIZE`` bytes of one, or a first byte that no HTTP
@@ -852,6 +858,7 @@ class DBBase(abc.ABC, Generic[LinkT, RunT]):
         with self._guard():
             closed = session.conn.closed
         if not closed:  # else the core knows; make sure its last events were handled
+            exc = cause(exc)
             reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
             self._transport_error(session.run, reason)
             with self._guard():
@@ -1139,8 +1146,9 @@ class DBBase(abc.ABC, Generic[LinkT, RunT]):
 
     def _connect_failed(self, run: LinkRun, exc: BaseException) -> None:
         """An attempt of an outgoing link could not open its transport."""
-        cause = str(exc) or type(exc).__name__
-        self._transport_error(run, f"cannot connect to {run.node_link.remote_url}: {cause}", cause)
+        exc = cause(exc)
+        why = str(exc) or type(exc).__name__
+        self._transport_error(run, f"cannot connect to {run.node_link.remote_url}: {why}", why)
 
     def _crashed(self, run: LinkRun, exc: Exception) -> None:
         """An outgoing link's loop failed unexpectedly (a bug): it is ``failed``."""

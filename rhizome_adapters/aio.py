@@ -48,7 +48,10 @@ class FederatedRhizomeDB(anyio_adapter.FederatedRhizomeDB):
     async def __aenter__(self) -> FederatedRhizomeDB:
         return self
 
-    async def _stop_tasks(self) -> None:
+    async def close(self) -> None:
+        """Close every link (close handshake), stop the server, close the store we opened, and
+        cancel and await the instance's tasks still running."""
+        await super().close()
         current = asyncio.current_task()
         pending = {t for t in self._own_tasks if not t.done() and t is not current}
         for task in pending:

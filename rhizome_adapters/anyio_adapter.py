@@ -39,11 +39,6 @@ _RECEIVE_SIZE = 4 * _base.READ_SIZE
 _BROKEN = (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError)
 
 
-def _cause(exc: BaseException) -> BaseException:
-    """anyio wraps transport errors; the original says why."""
-    return exc.__cause__ if isinstance(exc.__cause__, OSError) else exc
-
-
 def _left(deadline: float | None) -> float | None:
     return None if deadline is None else deadline - anyio.current_time()
 
@@ -224,7 +219,7 @@ class FederatedRhizomeDB(_base.DBBase[FederationLink, _Run]):
                     except anyio.EndOfStream:
                         flow.result = b""
                     except Exception as exc:
-                        flow.error = _cause(exc)
+                        flow.error = exc
             finally:
                 if own:
                     await anyio.aclose_forcefully(conn)
@@ -320,8 +315,4 @@ class FederatedRhizomeDB(_base.DBBase[FederationLink, _Run]):
         self._commit_if_due()  # what the last turn staged
         for scope in list(self._handler_scopes):
             scope.cancel()
-        await self._stop_tasks()
         self._close_store()
-
-    async def _stop_tasks(self) -> None:
-        """What is still running once the links ended (asyncio without ``async with``)."""

@@ -249,6 +249,12 @@ class FederationConnection:
         # the request in the same read is kept in _trailing until the upgrade is accepted
         self._http = h11.Connection(h11.SERVER) if role is Role.SERVER else None
         self._trailing: bytes | None = None
+        # server, upgraded: we split the client's frames (:meth:`_read_frames`); an incomplete
+        # frame's bytes wait in _frames, wsproto owes _ws_owed bytes of a frame it was given
+        # the start of, and a fragmented message it was given is not finished
+        self._frames = b""
+        self._ws_owed = 0
+        self._ws_in_message = False
         self._request_headers: list[tuple[bytes, bytes]] = []
         self._out = bytearray()
         self._rx: list[str] = []
@@ -528,10 +534,7 @@ class FederationConnection:
             self._closing_began(now)
 
     def _receive(self, data: bytes, now: float) -> None:
-        if self._http is not None and self._trailing is None:  # server, before the request
-            if not self._read_request(data):
-                return
-        else:
+        if self._http is None:  # client: wsproto reads the response, then every frame
             try:
                 self._ws.receive_data(data)
             except WSRemoteProtocolError as exc:  # the client's view of a bad response
@@ -540,6 +543,81 @@ class FederationConnection:
             except UnicodeError:  # wsproto decodes some handshake headers as ASCII unchecked
                 self._failed_upgrade(400, "Bad HTTP message: non-ASCII header value")
                 return
+            self._ws_events(now)
+        elif self._trailing is not None:  # server, upgraded
+            self._read_frames(data, now)
+        elif self._read_request(data):  # server: wsproto has the request, answered here
+            self._ws_events(now)
+            trailing, self._trailing = self._trailing, b""
+            if trailing:  # the frames sent right behind the request, in the same read
+                self._read_frames(trailing, now)
+
+    def _read_frames(self, data: bytes, now: float) -> None:
+        """Server, upgraded: split the client's frames (RFC 6455 section 5.2) ourselves. A
+        whole, masked, unfragmented, uncompressed text frame (nearly every frame a client
+        sends) is unmasked and decoded here, without wsproto's per-frame objects; wsproto is
+        given every other frame from its first byte (control frames, fragments, compressed,
+        binary, unmasked or invalid ones, text that is not UTF-8, a message over the size
+        limit), so its parser is always between frames when we read one, and decides as
+        before. An eligible frame waits here until whole (at most ``max_message_size``)."""
+        if owed := self._ws_owed:  # the rest of a frame wsproto has the start of
+            self._ws_owed = max(owed - len(data), 0)
+            self._to_ws(data[:owed], now)
+            data = data[owed:]
+        if self._frames:
+            data, self._frames = self._frames + data, b""
+        size, at, limit = len(data), 0, self.max_message_size
+        while size - at >= 2 and not self.closed:
+            first, second = data[at], data[at + 1]
+            length, start, least = second & 0x7F, at + 2, 0
+            if length >= 126:  # a longer length, in its shortest form (else wsproto fails)
+                start, least = (start + 2, 126) if length == 126 else (start + 8, 65536)
+                if start > size:
+                    break
+                length = int.from_bytes(data[at + 2 : start], "big")
+            masked = second & 0x80
+            if masked:
+                start += 4
+            if start > size:
+                break
+            end = start + length
+            if (
+                first == 0x81  # FIN, no RSV bit, text
+                and masked
+                and least <= length <= limit
+                and not self._ws_in_message
+                and not self._ws_failed
+                and self._ws.state is ConnectionState.OPEN
+            ):
+                if end > size:
+                    break  # wait for the rest
+                key = int.from_bytes(data[start - 4 : start] * ((length >> 2) + 1), "little")
+                plain = (int.from_bytes(data[start:end], "little") ^ key).to_bytes(
+                    length + 4, "little"
+                )
+                try:
+                    text = plain[:length].decode()
+                except UnicodeDecodeError:
+                    pass  # wsproto fails the connection as it does (1007)
+                else:
+                    at = end
+                    if self._proto.state is not State.CLOSING:
+                        self._proto.receive_message(text)
+                        self._frame_messages()  # as after each of wsproto's events
+                    continue
+            if first & 0x0F in (0x0, 0x1, 0x2):  # a data frame: a message not finished?
+                self._ws_in_message = not first & 0x80
+            self._ws_owed = max(end - size, 0)
+            self._to_ws(data[at:end], now)
+            at = end
+        if at < size and not self.closed:
+            self._frames = data[at:]
+
+    def _to_ws(self, data: bytes, now: float) -> None:
+        self._ws.receive_data(data)
+        self._ws_events(now)
+
+    def _ws_events(self, now: float) -> None:
         for event in self._ws.events():
             if isinstance(event, _DATA):
                 self._on_data(event)
@@ -821,10 +899,6 @@ class FederationConnection:
             [_BoundedDeflate(self.max_message_size)] if self.compression else []
         )
         self._out += self._ws.send(AcceptConnection(subprotocol=subprotocol, extensions=extensions))
-        # frames the client sent right behind its request, in the same read
-        trailing, self._trailing = self._trailing, b""
-        if trailing:
-            self._ws.receive_data(trailing)
         self._opened(now)
 
     def _read_request(self, data: bytes) -> bool:

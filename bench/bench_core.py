@@ -12,6 +12,9 @@
   ``FederationNode.persist_deltas`` onto one open link with ``batch`` (validation, the store,
   the relay decision, the queueing), against one msgspec encode of the delta. The live-batching
   target (300,000 acked deltas/s) leaves 3.3 us per delta for everything.
+* fan-out: what a server spends per delta and link when it relays one client's v1 deltas to
+  19 others (reading the deltas and every acknowledgement, storing, relaying, writing), in
+  microseconds, against the same encode.
 
 Shared, noisy machines: compare the ratios, not the absolute numbers. Each figure is the best
 of ``--repeat`` runs.
@@ -193,6 +196,70 @@ def bench_sender(n: int, repeat: int) -> dict[str, float]:
     return {name: 1e6 / best(step, repeat) for name, step in steps.items()}
 
 
+def bench_fanout(links: int, n: int, repeat: int) -> float:
+    """Microseconds the server side spends per delta and link it relays to (best of
+    ``repeat``): a ``FederationNode`` serves ``links`` v1 clients (``FederationConnection``
+    pairs in memory); one sends ``n`` deltas, 100 per read, and the node stores each and
+    relays it to the others, which acknowledge it. Timed: the server's connections reading
+    (the deltas, the acknowledgements), the node staging and committing, and the server's
+    connections writing; not the clients."""
+    deltas = make_deltas(n)
+    return min(_fanout(links, deltas) for _ in range(repeat)) * 1e6 / (n * (links - 1))
+
+
+def _fanout(links: int, deltas: list[Delta]) -> float:
+    from rhizome_adapters.storage import MemoryStore
+    from rhizome_proto import FederationNode, LinkConfig
+
+    clock = itertools.count(1_795_624_086_000).__next__
+    node = FederationNode("hub", MemoryStore(), clock=clock, max_queued=len(deltas) + 1)
+    pairs = []
+    for i in range(links):
+        node.add_link(f"l{i}", outgoing=False)
+        server = FederationConnection(Role.SERVER, system_id="hub", clock=clock, link_id=f"l{i}")
+        client = FederationConnection(
+            Role.CLIENT,
+            system_id=f"peer-{i}",
+            clock=clock,
+            config=LinkConfig(initial_sync="none"),
+        )
+        node.attach(f"l{i}", server)
+        server.start(0.0)
+        client.start(0.0)
+        pairs.append((f"l{i}", server, client))
+
+    def pump() -> float:
+        server_time, busy = 0.0, True
+        while busy:
+            busy = False
+            sent = [client.data_to_send() for _, _, client in pairs]
+            start = time.perf_counter()
+            for (link_id, server, _), data in zip(pairs, sent, strict=True):
+                if data:
+                    server.receive_data(data, 0.0)
+                    node.stage(link_id)
+            node.commit()
+            out = [server.data_to_send() for _, server, _ in pairs]
+            server_time += time.perf_counter() - start
+            for (_, _, client), data in zip(pairs, out, strict=True):
+                if data:
+                    busy = True
+                    client.receive_data(data, 0.0)
+                    for event in client.events():
+                        if isinstance(event, DeltaReceived):
+                            client.ack(event.delta.id)
+        return server_time
+
+    pump()  # the handshakes
+    sender, timed = pairs[0][2], 0.0
+    for i in range(0, len(deltas), 100):
+        for delta in deltas[i : i + 100]:
+            sender.send_delta(delta, validate=False)
+        timed += pump()
+    assert all(not client.unacknowledged for _, _, client in pairs)
+    return timed
+
+
 def encode_delta_message(delta: Delta) -> str:
     from rhizome_proto import DeltaMessage
 
@@ -219,6 +286,12 @@ def main() -> None:
     baseline = costs["msgspec encode (baseline)"]
     for name, us in costs.items():
         print(f"sender: {name}: {us:.2f} us/delta ({us / baseline:.1f}x the encode)")
+    links = 5 if args.quick else 20
+    us = bench_fanout(links, n // 10, args.repeat)
+    print(
+        f"fan-out: {us:.2f} us on the server per delta and link relayed to, {links} links "
+        f"({us / baseline:.1f}x the encode)"
+    )
 
 
 if __name__ == "__main__":

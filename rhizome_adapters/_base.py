@@ -1066,10 +1066,11 @@ class DBBase(abc.ABC, Generic[LinkT, RunT]):
                     yield Connect(target.host, target.port)
                     if tls is not None:
                         yield from self._handshake(tls, self._now() + TLS_HANDSHAKE_TIMEOUT)
+                    # (a transport error here is the runtime's, setting the session up: out
+                    # of file descriptors, say; the session's own are handled in it)
+                    yield Serve(run, self._client_connection(run, target), tls)
                 except self._broken as exc:
                     self._connect_failed(run, exc)
-                    continue
-                yield Serve(run, self._client_connection(run, target), tls)
         except Exception as exc:
             self._crashed(run, exc)
         finally:

@@ -11,6 +11,7 @@ upgrade, refusal, the TLS handshake), the TLS handshake alone, and an outgoing l
 
 from __future__ import annotations
 
+import errno
 import logging
 import socket
 import ssl
@@ -611,6 +612,26 @@ def test_a_connection_is_served_as_a_client_then_a_stopped_link_ends(
         run.stopping = True  # disconnect() while it was served
         assert rest(flow) == []
     assert run.settled.is_set()
+
+
+def test_a_session_that_cannot_be_set_up_is_a_failed_attempt(
+    db: threaded.FederatedRhizomeDB,
+) -> None:
+    """A transport error thrown in at the Serve step (the runtime could not set the session
+    up: out of file descriptors for the writer's ``dup()``, say) fails that attempt, and the
+    link tries again as its policy says, instead of failing for good as after a bug."""
+    run, flow, events = outgoing(db)
+    with flow:
+        assert next(flow) == Connect("127.0.0.1", 5000)
+        assert isinstance(next(flow), Serve)
+        flow.error = OSError(errno.EMFILE, "Too many open files")
+        wait = next(flow)
+        assert isinstance(wait, Sleep) and wait.seconds == pytest.approx(0.005)
+        assert next(flow) == Connect("127.0.0.1", 5000)  # the next attempt
+    assert run.state != "failed"
+    assert [e.reason for e in events if e.type == EventType.LINK_ERROR] == [
+        "cannot connect to ws://127.0.0.1:5000/federation: [Errno 24] Too many open files"
+    ]
 
 
 def test_a_tls_failure_is_a_connect_failure(

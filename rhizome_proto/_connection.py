@@ -21,6 +21,8 @@ The pump an adapter runs after every input is always the same::
 
 from __future__ import annotations
 
+import os
+import re
 import zlib
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING
@@ -87,6 +89,16 @@ _MAX_REJECT_BODY = 4096
 
 
 _DATA = (TextMessage, BytesMessage)
+#: where h11 ends an HTTP head (its own rule: the first blank line, ``\n\r?\n``)
+_HEAD_END = re.compile(b"\n\r?\n")
+
+
+def _mask(data: bytes, key: bytes) -> bytes:
+    """``data`` XOR the 4-byte masking ``key`` repeated (RFC 6455 section 5.3): masks and
+    unmasks."""
+    size = len(data)
+    mask = int.from_bytes(key * ((size >> 2) + 1), "little")
+    return (int.from_bytes(data, "little") ^ mask).to_bytes(size + 4, "little")[:size]
 
 
 class _BoundedDeflate(PerMessageDeflate):
@@ -249,9 +261,12 @@ class FederationConnection:
         # the request in the same read is kept in _trailing until the upgrade is accepted
         self._http = h11.Connection(h11.SERVER) if role is Role.SERVER else None
         self._trailing: bytes | None = None
-        # server, upgraded: we split the client's frames (:meth:`_read_frames`); an incomplete
-        # frame's bytes wait in _frames, wsproto owes _ws_owed bytes of a frame it was given
-        # the start of, and a fragmented message it was given is not finished
+        # upgraded, we split the peer's frames (:meth:`_read_frames`); an incomplete frame's
+        # bytes wait in _frames, wsproto owes _ws_owed bytes of a frame it was given the
+        # start of, and a fragmented message it was given is not finished. A client keeps
+        # the response head read so far in _head (None once it ended)
+        self._split = False
+        self._head: bytes | None = b"" if role is Role.CLIENT else None
         self._frames = b""
         self._ws_owed = 0
         self._ws_in_message = False
@@ -534,32 +549,53 @@ class FederationConnection:
             self._closing_began(now)
 
     def _receive(self, data: bytes, now: float) -> None:
-        if self._http is None:  # client: wsproto reads the response, then every frame
-            try:
-                self._ws.receive_data(data)
-            except WSRemoteProtocolError as exc:  # the client's view of a bad response
-                self._failed_upgrade(400, str(exc))
-                return
-            except UnicodeError:  # wsproto decodes some handshake headers as ASCII unchecked
-                self._failed_upgrade(400, "Bad HTTP message: non-ASCII header value")
-                return
-            self._ws_events(now)
-        elif self._trailing is not None:  # server, upgraded
+        if self._split:  # upgraded
             self._read_frames(data, now)
-        elif self._read_request(data):  # server: wsproto has the request, answered here
-            self._ws_events(now)
-            trailing, self._trailing = self._trailing, b""
-            if trailing:  # the frames sent right behind the request, in the same read
-                self._read_frames(trailing, now)
+        elif self._http is None:  # client
+            self._read_response(data, now)
+        elif self._trailing is None and self._read_request(data):  # server: wsproto has it
+            self._ws_events(now)  # the request, answered
+            if self._ws.state is ConnectionState.OPEN:
+                self._split = True
+                trailing, self._trailing = self._trailing, b""
+                if trailing:  # the frames sent right behind the request, in the same read
+                    self._read_frames(trailing, now)
+
+    def _read_response(self, data: bytes, now: float) -> None:
+        """Client, before the upgrade completed: wsproto reads the response (and a refusal's
+        body). It is given the bytes up to the end of the head only (found as h11 finds it),
+        so that after a 101 it holds no part of a frame: the frames behind it are ours."""
+        rest, ended = b"", False
+        if self._head is not None:
+            head = self._head + data
+            end = _HEAD_END.search(head)
+            if end is None:
+                self._head = head
+            else:
+                cut = end.end() - len(self._head)
+                data, rest, self._head, ended = data[:cut], data[cut:], None, True
+        try:
+            self._ws.receive_data(data)
+        except WSRemoteProtocolError as exc:  # a bad response
+            self._failed_upgrade(400, str(exc))
+            return
+        except UnicodeError:  # wsproto decodes some handshake headers as ASCII unchecked
+            self._failed_upgrade(400, "Bad HTTP message: non-ASCII header value")
+            return
+        self._ws_events(now)
+        self._split = ended and self._ws.state is ConnectionState.OPEN
+        if rest and not self.closed:
+            self._receive(rest, now)
 
     def _read_frames(self, data: bytes, now: float) -> None:
-        """Server, upgraded: split the client's frames (RFC 6455 section 5.2) ourselves. A
-        whole, masked, unfragmented, uncompressed text frame (nearly every frame a client
-        sends) is unmasked and decoded here, without wsproto's per-frame objects; wsproto is
-        given every other frame from its first byte (control frames, fragments, compressed,
-        binary, unmasked or invalid ones, text that is not UTF-8, a message over the size
-        limit), so its parser is always between frames when we read one, and decides as
-        before. An eligible frame waits here until whole (at most ``max_message_size``)."""
+        """Upgraded: split the peer's frames (RFC 6455 section 5.2) ourselves. A whole,
+        unfragmented, uncompressed text frame, masked from a client and not from a server
+        (nearly every frame a peer sends), is read here, without wsproto's per-frame
+        objects; wsproto is given every other frame from its first byte (control frames,
+        fragments, compressed, binary, wrongly masked or invalid ones, text that is not
+        UTF-8, a message over the size limit), so its parser is always between frames when
+        we read one, and decides as before. An eligible frame waits here until whole (at most
+        ``max_message_size``)."""
         if owed := self._ws_owed:  # the rest of a frame wsproto has the start of
             self._ws_owed = max(owed - len(data), 0)
             self._to_ws(data[:owed], now)
@@ -567,6 +603,7 @@ class FederationConnection:
         if self._frames:
             data, self._frames = self._frames + data, b""
         size, at, limit = len(data), 0, self.max_message_size
+        expected = 0x80 if self.role is Role.SERVER else 0
         while size - at >= 2 and not self.closed:
             first, second = data[at], data[at + 1]
             length, start, least = second & 0x7F, at + 2, 0
@@ -583,7 +620,7 @@ class FederationConnection:
             end = start + length
             if (
                 first == 0x81  # FIN, no RSV bit, text
-                and masked
+                and masked == expected  # a client's masked, a server's not
                 and least <= length <= limit
                 and not self._ws_in_message
                 and not self._ws_failed
@@ -591,12 +628,9 @@ class FederationConnection:
             ):
                 if end > size:
                     break  # wait for the rest
-                key = int.from_bytes(data[start - 4 : start] * ((length >> 2) + 1), "little")
-                plain = (int.from_bytes(data[start:end], "little") ^ key).to_bytes(
-                    length + 4, "little"
-                )
+                payload = data[start:end]
                 try:
-                    text = plain[:length].decode()
+                    text = (_mask(payload, data[start - 4 : start]) if masked else payload).decode()
                 except UnicodeDecodeError:
                     pass  # wsproto fails the connection as it does (1007)
                 else:
@@ -779,19 +813,26 @@ class FederationConnection:
             return  # nothing queued (the common case after an event)
         if self._ws.state is ConnectionState.OPEN:
             messages = proto.messages_to_send()
-            if self.role is Role.SERVER and not self.compression:
-                # unmasked, unfragmented, uncompressed text frames (RFC 6455 section 5.2): what
-                # wsproto would write, without its per-frame objects (no extension can apply)
-                out = self._out
-                for text in messages:
+            if not self.compression:
+                # unfragmented, uncompressed text frames (RFC 6455 section 5.2): what wsproto
+                # would write, without its per-frame objects (no extension can apply); a
+                # client's masked with a random key each (from os.urandom, as wsproto's)
+                out, client = self._out, self.role is Role.CLIENT
+                keys = os.urandom(4 * len(messages)) if client else b""
+                masked = 0x80 if client else 0
+                for i, text in enumerate(messages):
                     payload = text.encode()
                     size = len(payload)
                     if size < 126:
-                        out += bytes((0x81, size))
+                        out += bytes((0x81, masked | size))
                     elif size < 65536:
-                        out += b"\x81\x7e" + size.to_bytes(2, "big")
+                        out += bytes((0x81, masked | 126)) + size.to_bytes(2, "big")
                     else:
-                        out += b"\x81\x7f" + size.to_bytes(8, "big")
+                        out += bytes((0x81, masked | 127)) + size.to_bytes(8, "big")
+                    if client:
+                        key = keys[4 * i : 4 * i + 4]
+                        out += key
+                        payload = _mask(payload, key)
                     out += payload
                 return
             for text in messages:

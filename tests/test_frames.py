@@ -1,8 +1,8 @@
-"""A server splits its client's frames itself (``FederationConnection._read_frames``): whole
-masked text frames are read there, every other frame goes to wsproto. These tests give random
-frame streams, cut at random places (and pipelined behind the upgrade request or not), to our
-server and to a bare wsproto server, and check that ours acts on exactly the messages, pings,
-close and framing error that wsproto reads from the same bytes."""
+"""A connection splits its peer's frames itself (``FederationConnection._read_frames``): whole
+text frames are read there, every other frame goes to wsproto. These tests give random frame
+streams, cut at random places (and pipelined behind the upgrade's request or response, or not),
+to our server or client and to bare wsproto, and check that ours acts on exactly the messages,
+pings, close and framing error that wsproto reads from the same frames."""
 
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ import itertools
 import json
 from dataclasses import dataclass
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from wsproto import ConnectionType, WSConnection
+from wsproto import Connection, ConnectionType, WSConnection
 from wsproto.events import (
     AcceptConnection,
     BytesMessage,
@@ -23,8 +24,15 @@ from wsproto.events import (
     TextMessage,
 )
 
-from rhizome_proto import Closed, DeltaReceived, HandshakeComplete, ProtocolViolation
-from tests.harness import RawClient, delta_json, dumps, feed, make_server
+from rhizome_proto import (
+    Closed,
+    DeltaReceived,
+    FederationConnection,
+    HandshakeComplete,
+    LinkConfig,
+    ProtocolViolation,
+)
+from tests.harness import RawClient, RawServer, delta_json, dumps, feed, make_client, make_server
 from tests.strategies import deterministic
 
 #: a size limit small enough for a drawn message to cross it
@@ -59,17 +67,13 @@ def frame(
 
 @dataclass
 class Stream:
-    data: bytes  # the frames after the client's hello
-    pipelined: bool  # request, hello and frames in one buffer
+    data: bytes  # the frames after the handshake's first message (hello, hello_ack)
+    pipelined: bool  # the upgrade, that message and the frames in one buffer
     cuts: list[int]  # where the bytes are cut into reads
 
 
-keys = st.binary(min_size=4, max_size=4)
-pieces = st.sampled_from([1, 1, 1, 2, 3])
-
-
 @st.composite
-def text_message(draw: st.DrawFn, number: int) -> bytes:
+def text_message(draw: st.DrawFn, number: int, keys: st.SearchStrategy[bytes | None]) -> bytes:
     size = draw(st.sampled_from([0, 10, 200, 3000, 5000, 70_000]))
     text = dumps(
         {
@@ -78,7 +82,7 @@ def text_message(draw: st.DrawFn, number: int) -> bytes:
             "delta": delta_json(f"d{number}", author="ünï", system="s" * size or "s"),
         }
     ).encode()
-    parts = draw(pieces)
+    parts = draw(st.sampled_from([1, 1, 1, 2, 3]))
     cuts = draw(st.lists(st.integers(0, len(text)), min_size=parts - 1, max_size=parts - 1))
     bounds = [0, *sorted(cuts), len(text)]
     chunks = [text[a:b] for a, b in itertools.pairwise(bounds)]
@@ -91,12 +95,15 @@ def text_message(draw: st.DrawFn, number: int) -> bytes:
 
 
 @st.composite
-def streams(draw: st.DrawFn) -> Stream:
+def streams(draw: st.DrawFn, from_client: bool) -> Stream:
+    """Frames a peer sends: a client's masked with random keys, a server's not."""
+    keys = st.binary(min_size=4, max_size=4) if from_client else st.none()
+    key = b"abcd" if from_client else None
     data = b""
     for number in range(draw(st.integers(0, 8))):
         kind = draw(st.sampled_from(["text", "text", "text", "ping", "pong", "binary"]))
         if kind == "text":
-            data += draw(text_message(number))
+            data += draw(text_message(number, keys))
         elif kind == "binary":
             data += frame(0x2, b"\x00\x01", draw(keys))
         else:
@@ -105,15 +112,15 @@ def streams(draw: st.DrawFn) -> Stream:
         st.sampled_from(
             [
                 b"",
-                frame(0x8, b"\x03\xe8bye", b"abcd"),  # close 1000
-                frame(0x1, b'{"type":"\xff"}', b"abcd"),  # not UTF-8
-                frame(0x1, b"{}", b"abcd", rsv1=True),  # compressed, nothing negotiated
-                frame(0x1, b"{}", None),  # unmasked
-                frame(0x3, b"x", b"abcd"),  # reserved opcode
-                frame(0x0, b"{}", b"abcd"),  # continuation without a start
-                frame(0x1, b"{}", b"abcd", length_form=126),  # a length not in its form
-                frame(0x1, b"{}", b"abcd", length_form=127),
-                frame(0x1, b"{}", b"abcd", fin=False) + frame(0x1, b"{}", b"abcd"),
+                frame(0x8, b"\x03\xe8bye", key),  # close 1000
+                frame(0x1, b'{"type":"\xff"}', key),  # not UTF-8
+                frame(0x1, b"{}", key, rsv1=True),  # compressed, nothing negotiated
+                frame(0x1, b"{}", None if from_client else b"abcd"),  # masked the wrong way
+                frame(0x3, b"x", key),  # reserved opcode
+                frame(0x0, b"{}", key),  # continuation without a start
+                frame(0x1, b"{}", key, length_form=126),  # a length not in its shortest form
+                frame(0x1, b"{}", key, length_form=127),
+                frame(0x1, b"{}", key, fin=False) + frame(0x1, b"{}", key),
             ]
         )
     )
@@ -122,15 +129,13 @@ def streams(draw: st.DrawFn) -> Stream:
     return Stream(data, draw(st.booleans()), sorted(cuts))
 
 
-def expected(request: bytes, hello: bytes, data: bytes) -> tuple[list[object], list[bytes], int]:
-    """What wsproto alone reads from the bytes: the messages in order (a delta's id, or
-    ``"binary"``), the payloads of the pings, and the close code (0 if none)."""
-    ws = WSConnection(ConnectionType.SERVER)
-    ws.receive_data(request)
-    for event in ws.events():
-        assert isinstance(event, Request)
-        ws.send(AcceptConnection())
-    ws.receive_data(hello + data)
+def expected(
+    kind: ConnectionType, first: bytes, data: bytes
+) -> tuple[list[object], list[bytes], int]:
+    """What wsproto alone reads from the frames: the messages in order after the first (a
+    delta's id, or ``"binary"``), the payloads of the pings, the close code (0 if none)."""
+    ws = Connection(kind)
+    ws.receive_data(first + data)
     messages: list[object] = []
     pings: list[bytes] = []
     text: list[str] = []
@@ -148,22 +153,23 @@ def expected(request: bytes, hello: bytes, data: bytes) -> tuple[list[object], l
         elif isinstance(event, Ping):
             pings.append(bytes(event.payload))
         elif isinstance(event, CloseConnection):
-            return messages[1:], pings, event.code  # (the first message is the hello)
+            return messages[1:], pings, event.code
     return messages[1:], pings, 0
 
 
-@deterministic(300)
-@given(streams())
-def test_the_server_reads_frames_as_wsproto_does(stream: Stream) -> None:
-    raw = RawClient()
-    request = raw.request()
-    server = make_server(max_message_size=LIMIT)
-    server.start(0.0)
-    raw_hello = RawClient(opened=True)  # frames only: the hello, masked by wsproto
-    hello = raw_hello.hello()
-    whole = request + hello + stream.data
-    start = 0 if stream.pipelined else len(request) + len(hello)
-    reads = [] if stream.pipelined else [request, hello]
+def check(
+    conn: FederationConnection,
+    raw: RawClient | RawServer,
+    upgrade: bytes,
+    first: bytes,
+    stream: Stream,
+    kind: ConnectionType,
+) -> None:
+    """Feed ``conn`` the upgrade (a request, or a 101), ``first`` and the stream, cut as
+    drawn, and compare what it does with what wsproto reads from ``first`` and the stream."""
+    whole = upgrade + first + stream.data
+    start = 0 if stream.pipelined else len(upgrade) + len(first)
+    reads = [] if stream.pipelined else [upgrade, first]
     bounds = [start, *(c for c in stream.cuts if start < c < len(whole)), len(whole)]
     reads += [whole[a:b] for a, b in itertools.pairwise(bounds) if b > a]
 
@@ -171,13 +177,13 @@ def test_the_server_reads_frames_as_wsproto_does(stream: Stream) -> None:
     error = None
     out = b""
     for data in reads:
-        error = feed(server, data, 1.0)
-        events += server.events()
-        out += server.data_to_send()
-        if error is not None or server.closed:
+        error = feed(conn, data, 1.0)
+        events += conn.events()
+        out += conn.data_to_send()
+        if error is not None or conn.closed:
             break
 
-    messages, pings, close = expected(request, hello, stream.data)
+    messages, pings, close = expected(kind, first, stream.data)
     assert isinstance(events[0], HandshakeComplete)
     got: list[object] = []
     for event in events[1:]:
@@ -189,12 +195,67 @@ def test_the_server_reads_frames_as_wsproto_does(stream: Stream) -> None:
         else:
             assert isinstance(event, Closed)
     assert got == messages
-    received = raw.receive(out)  # the 101, the hello_ack, pongs, a close
-    answered = [bytes(e.payload) for e in received if isinstance(e, Pong)]
-    assert answered == pings
+    received = raw.receive(out)  # the answers: pongs, a close
+    assert [bytes(e.payload) for e in received if isinstance(e, Pong)] == pings
     if close in (0, 1000):
         assert error is None
         assert [c.code for c in raw.closes] == ([1000] if close else [])
     else:
         assert error is not None and error.close_code == close
         assert [c.code for c in raw.closes] == [close]
+
+
+@deterministic(300)
+@given(streams(from_client=True))
+def test_a_server_reads_frames_as_wsproto_does(stream: Stream) -> None:
+    server = make_server(max_message_size=LIMIT)
+    server.start(0.0)
+    raw = RawClient()
+    hello = RawClient(opened=True).hello()  # masked by wsproto
+    check(server, raw, raw.request(), hello, stream, ConnectionType.SERVER)
+
+
+@deterministic(300)
+@given(streams(from_client=False))
+def test_a_client_reads_frames_as_wsproto_does(stream: Stream) -> None:
+    client = make_client(max_message_size=LIMIT, config=LinkConfig(initial_sync="none"))
+    client.start(0.0)
+    raw = RawServer()
+    (request,) = raw.receive(client.data_to_send())
+    assert isinstance(request, Request)
+    response = raw.send(AcceptConnection())
+    check(client, raw, response, raw.hello_ack(), stream, ConnectionType.CLIENT)
+
+
+@pytest.mark.parametrize("role", ["server", "client"])
+def test_frames_behind_the_upgrade_are_not_given_to_wsproto(
+    role: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The upgrade's request or response and the peer's first frames come in one read: wsproto
+    is given the response head only (a server's request is read by our h11), no byte of the
+    frames behind it, and the frames are read all the same."""
+    given_to_wsproto: list[bytes] = []
+    receive_data = WSConnection.receive_data
+
+    def spy(self: WSConnection, data: bytes | None) -> None:
+        given_to_wsproto.append(bytes(data or b""))
+        receive_data(self, data)
+
+    delta = dumps({"type": "delta", "timestamp": 3, "delta": delta_json("d1")})
+    if role == "server":
+        conn = make_server()
+        conn.start(0.0)
+        raw_client = RawClient()
+        upgrade = raw_client.request()
+        frames = RawClient(opened=True).hello() + frame(0x1, delta.encode(), b"\x01\x02\x03\x04")
+    else:
+        conn = make_client(config=LinkConfig(initial_sync="none"))
+        conn.start(0.0)
+        raw_server = RawServer()
+        raw_server.receive(conn.data_to_send())
+        upgrade = raw_server.send(AcceptConnection())
+        frames = raw_server.hello_ack() + frame(0x1, delta.encode(), None)
+    monkeypatch.setattr(WSConnection, "receive_data", spy)
+    assert feed(conn, upgrade + frames, 1.0) is None
+    assert [type(e) for e in conn.events()] == [HandshakeComplete, DeltaReceived]
+    assert given_to_wsproto == ([] if role == "server" else [upgrade])

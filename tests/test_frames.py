@@ -26,13 +26,24 @@ from wsproto.events import (
 
 from rhizome_proto import (
     Closed,
+    Delta,
     DeltaReceived,
     FederationConnection,
     HandshakeComplete,
     LinkConfig,
+    Pointer,
     ProtocolViolation,
 )
-from tests.harness import RawClient, RawServer, delta_json, dumps, feed, make_client, make_server
+from tests.harness import (
+    RawClient,
+    RawServer,
+    delta_json,
+    dumps,
+    feed,
+    make_client,
+    make_delta,
+    make_server,
+)
 from tests.strategies import deterministic
 
 #: a size limit small enough for a drawn message to cross it
@@ -259,3 +270,47 @@ def test_frames_behind_the_upgrade_are_not_given_to_wsproto(
     assert feed(conn, upgrade + frames, 1.0) is None
     assert [type(e) for e in conn.events()] == [HandshakeComplete, DeltaReceived]
     assert given_to_wsproto == ([] if role == "server" else [upgrade])
+
+
+@pytest.mark.parametrize("role", ["server", "client"])
+@pytest.mark.parametrize("size", [None, 200, 65_535, 65_536, 200_000])
+def test_frames_written_by_hand_are_read_by_wsproto(role: str, size: int | None) -> None:
+    """Our text frames in each length form (a client's masked), as wsproto reads them: a
+    ``pause`` (under 126 bytes), and deltas whose message is ``size`` bytes exactly."""
+    if role == "server":
+        conn = make_server()
+        conn.start(0.0)
+        peer: RawClient | RawServer = RawClient()
+        assert isinstance(peer, RawClient)
+        peer.connect(conn)
+        first = peer.hello()
+    else:
+        conn = make_client(config=LinkConfig(initial_sync="none"))
+        conn.start(0.0)
+        peer = RawServer()
+        peer.accept(conn)
+        first = peer.hello_ack()
+    assert feed(conn, first, 0.0) is None
+    peer.receive(conn.data_to_send())
+    peer.texts.clear()
+    if size is None:
+        conn.pause()
+    else:
+
+        def delta(number: int, text: str) -> Delta:
+            return make_delta(f"big-{number}", pointers=(Pointer(role="t", target=text),))
+
+        conn.send_delta(delta(0, ""))  # to learn the envelope's size
+        envelope = len(conn.data_to_send()) - (8 if role == "client" else 4)
+        conn.send_delta(delta(1, "a" * (size - envelope)))
+    data = conn.data_to_send()
+    masked, length = data[1] & 0x80, data[1] & 0x7F
+    assert (masked != 0) is (role == "client")
+    if size is None:
+        assert length < 126
+    else:
+        form = 126 if size < 65_536 else 127
+        assert (length, int.from_bytes(data[2 : 4 if form == 126 else 10], "big")) == (form, size)
+    peer.receive(data)
+    (message,) = peer.messages()
+    assert message["type"] == ("pause" if size is None else "delta")

@@ -103,28 +103,43 @@ HELLO_EXT = HELLO[:-1] + b',"extensions":["batch","credit","cursor"],"window":2}
 HELLO_ACK_EXT = HELLO_ACK[:-1] + b',"extensions":["batch","credit"],"window":2}'
 
 
-def _header(opcode: int, length: int, *, fin: bool, rsv1: bool, masked: bool) -> bytes:
+def frame(
+    opcode: int,
+    payload: bytes,
+    key: bytes | None = None,
+    *,
+    fin: bool = True,
+    rsv1: bool = False,
+    length_form: int = 0,
+) -> bytes:
+    """A frame by hand, masked with ``key`` (a client's) or not (``None``: a server's), for
+    frames wsproto refuses to make. ``length_form`` 126 or 127 writes the length in the 2- or
+    8-byte form even where a shorter one would do (which RFC 6455 forbids)."""
     first = (0x80 if fin else 0) | (0x40 if rsv1 else 0) | opcode
-    mask_bit = 0x80 if masked else 0
-    if length < 126:
-        return bytes([first, mask_bit | length])
-    if length < 65536:
-        return bytes([first, mask_bit | 126]) + struct.pack("!H", length)
-    return bytes([first, mask_bit | 127]) + struct.pack("!Q", length)
+    length = len(payload)
+    form = length_form or (length if length < 126 else 126 if length < 65536 else 127)
+    head = bytes([first, (0x80 if key is not None else 0) | min(form, 127)])
+    if form == 126:
+        head += struct.pack("!H", length)
+    elif form == 127:
+        head += struct.pack("!Q", length)
+    if key is None:
+        return head + payload
+    return head + key + bytes(b ^ key[i % 4] for i, b in enumerate(payload))
 
 
 def masked_frame(
     payload: bytes, opcode: int = 0x1, *, fin: bool = True, rsv1: bool = False
 ) -> bytes:
     """A client frame with an all-zero masking key: the payload stays readable to mutate."""
-    return _header(opcode, len(payload), fin=fin, rsv1=rsv1, masked=True) + b"\0\0\0\0" + payload
+    return frame(opcode, payload, b"\0\0\0\0", fin=fin, rsv1=rsv1)
 
 
 def unmasked_frame(
     payload: bytes, opcode: int = 0x1, *, fin: bool = True, rsv1: bool = False
 ) -> bytes:
     """A server frame (servers never mask)."""
-    return _header(opcode, len(payload), fin=fin, rsv1=rsv1, masked=False) + payload
+    return frame(opcode, payload, fin=fin, rsv1=rsv1)
 
 
 def deflated(payload: bytes) -> bytes:

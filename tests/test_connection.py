@@ -28,6 +28,7 @@ from wsproto.events import (
 )
 from wsproto.extensions import PerMessageDeflate
 
+from fuzz.seeds import frame
 from rhizome_proto import (
     Closed,
     DeltaAcked,
@@ -370,16 +371,7 @@ def test_fragmented_text_message_is_reassembled() -> None:
 
 def _frame(opcode: int, payload: bytes, *, fin: bool = True, rsv1: bool = False) -> bytes:
     """A client (masked) frame built by hand, for frames wsproto refuses to produce."""
-    first = (0x80 if fin else 0) | (0x40 if rsv1 else 0) | opcode
-    mask = b"\x11\x22\x33\x44"
-    n = len(payload)
-    if n < 126:
-        head = bytes([first, 0x80 | n])
-    elif n < 65536:
-        head = bytes([first, 0x80 | 126]) + n.to_bytes(2, "big")
-    else:
-        head = bytes([first, 0x80 | 127]) + n.to_bytes(8, "big")
-    return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    return frame(opcode, payload, b"\x11\x22\x33\x44", fin=fin, rsv1=rsv1)
 
 
 @pytest.mark.parametrize(

@@ -24,6 +24,7 @@ from wsproto.events import (
     TextMessage,
 )
 
+from fuzz.seeds import frame
 from rhizome_proto import (
     Closed,
     Delta,
@@ -50,30 +51,9 @@ from tests.strategies import deterministic
 LIMIT = 4096
 
 
-def frame(
-    opcode: int,
-    payload: bytes,
-    key: bytes | None,
-    *,
-    fin: bool = True,
-    rsv1: bool = False,
-    length_form: int = 0,
-) -> bytes:
-    """A client frame by hand (``key`` ``None``: unmasked). ``length_form`` 126 or 127 writes
-    the length in the 2- or 8-byte form even when a shorter one would do (RFC 6455 allows
-    it only for the minimal form; wsproto refuses the others, as our server must)."""
-    first = (0x80 if fin else 0) | (0x40 if rsv1 else 0) | opcode
-    mask_bit = 0x80 if key is not None else 0
-    n = len(payload)
-    form = length_form or (n if n < 126 else 126 if n < 65536 else 127)
-    head = bytes([first, mask_bit | min(form, 127)])
-    if form == 126:
-        head += n.to_bytes(2, "big")
-    elif form == 127:
-        head += n.to_bytes(8, "big")
-    if key is None:
-        return head + payload
-    return head + key + bytes(b ^ key[i % 4] for i, b in enumerate(payload))
+def padding(size: int) -> list[dict[str, str]]:
+    """A delta's pointers that make its message about ``size`` bytes longer."""
+    return [{"role": "text", "target": "é" * (size // 2)}]
 
 
 @dataclass
@@ -90,7 +70,7 @@ def text_message(draw: st.DrawFn, number: int, keys: st.SearchStrategy[bytes | N
         {
             "type": "delta",
             "timestamp": 3,
-            "delta": delta_json(f"d{number}", author="ünï", system="s" * size or "s"),
+            "delta": delta_json(f"d{number}", author="ünï", pointers=padding(size)),
         }
     ).encode()
     parts = draw(st.sampled_from([1, 1, 1, 2, 3]))
@@ -314,3 +294,38 @@ def test_frames_written_by_hand_are_read_by_wsproto(role: str, size: int | None)
     peer.receive(data)
     (message,) = peer.messages()
     assert message["type"] == ("pause" if size is None else "delta")
+
+
+@pytest.mark.parametrize("role", ["server", "client"])
+def test_frames_read_a_byte_at_a_time(role: str) -> None:
+    """Frames of each length form (2, 4 and 10 header bytes), a ping between them, given one
+    byte per read: each is read once whole."""
+    key = b"\x05\x06\x07\x08" if role == "server" else None
+    sizes = (50, 3000, 70_000)
+    texts = [
+        dumps({"type": "delta", "timestamp": 3, "delta": delta_json(f"d{n}", pointers=padding(n))})
+        for n in sizes
+    ]
+    frames = b"".join(frame(0x1, t.encode(), key) + frame(0x9, b"p", key) for t in texts)
+    if role == "server":
+        conn = make_server()
+        conn.start(0.0)
+        raw: RawClient | RawServer = RawClient()
+        assert isinstance(raw, RawClient)
+        raw.connect(conn)
+        first = raw.hello()
+    else:
+        conn = make_client(config=LinkConfig(initial_sync="none"))
+        conn.start(0.0)
+        raw = RawServer()
+        raw.accept(conn)
+        first = raw.hello_ack()
+    assert feed(conn, first, 0.0) is None
+    conn.events()
+    raw.receive(conn.data_to_send())
+    for i in range(len(frames)):
+        assert feed(conn, frames[i : i + 1], 0.0) is None
+    received = [e for e in conn.events() if isinstance(e, DeltaReceived)]
+    assert [e.delta.id for e in received] == [f"d{size}" for size in sizes]
+    answers = raw.receive(conn.data_to_send())
+    assert [bytes(e.payload) for e in answers if isinstance(e, Pong)] == [b"p"] * 3

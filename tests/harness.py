@@ -57,6 +57,8 @@ __all__ = [
     "make_client",
     "make_delta",
     "make_server",
+    "open_client",
+    "open_server",
     "other",
     "reference_session",
     "sample_messages",
@@ -593,6 +595,36 @@ def feed(conn: FederationConnection, data: bytes, now: float = 0.0) -> RemotePro
     except RemoteProtocolError as exc:
         return exc
     return None
+
+
+def open_server(now: float = 0.0, **options: Any) -> tuple[FederationConnection, RawClient]:
+    """Our server, upgraded and past ``hello``, talking to a raw client."""
+    server = make_server(**options)
+    server.start(now)
+    raw = RawClient()
+    raw.connect(server, now)
+    assert feed(server, raw.hello(), now) is None
+    raw.take()
+    assert [type(e) for e in server.events()] == [HandshakeComplete]
+    raw.receive(server.data_to_send())
+    assert raw.types() == ["hello_ack"]
+    raw.texts.clear()
+    return server, raw
+
+
+def open_client(now: float = 0.0, **options: Any) -> tuple[FederationConnection, RawServer]:
+    """Our client, upgraded and past ``hello_ack``, talking to a raw server."""
+    client = make_client(**options)
+    client.start(now)
+    raw = RawServer()
+    raw.accept(client, now)
+    raw.receive(client.data_to_send())
+    assert raw.types() == ["hello"]
+    raw.texts.clear()
+    assert feed(client, raw.hello_ack(), now) is None
+    raw.take()
+    assert [type(e) for e in client.events()] == [HandshakeComplete]
+    return client, raw
 
 
 def delta_json(delta_id: str = "wire-1", **fields: Any) -> dict[str, Any]:

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from wsproto import Connection, ConnectionType, WSConnection
+from wsproto import ConnectionType, WSConnection
+from wsproto.connection import Connection
 from wsproto.events import (
     AcceptConnection,
     BytesMessage,
@@ -44,6 +45,8 @@ from tests.harness import (
     make_client,
     make_delta,
     make_server,
+    open_client,
+    open_server,
 )
 from tests.strategies import deterministic
 
@@ -252,27 +255,20 @@ def test_frames_behind_the_upgrade_are_not_given_to_wsproto(
     assert given_to_wsproto == ([] if role == "server" else [upgrade])
 
 
+def opened(role: str) -> tuple[FederationConnection, RawClient | RawServer]:
+    """Our server or client past the handshake, with a raw peer (a client that asks for no
+    initial sync)."""
+    if role == "server":
+        return open_server()
+    return open_client(config=LinkConfig(initial_sync="none"))
+
+
 @pytest.mark.parametrize("role", ["server", "client"])
 @pytest.mark.parametrize("size", [None, 200, 65_535, 65_536, 200_000])
 def test_frames_written_by_hand_are_read_by_wsproto(role: str, size: int | None) -> None:
     """Our text frames in each length form (a client's masked), as wsproto reads them: a
     ``pause`` (under 126 bytes), and deltas whose message is ``size`` bytes exactly."""
-    if role == "server":
-        conn = make_server()
-        conn.start(0.0)
-        peer: RawClient | RawServer = RawClient()
-        assert isinstance(peer, RawClient)
-        peer.connect(conn)
-        first = peer.hello()
-    else:
-        conn = make_client(config=LinkConfig(initial_sync="none"))
-        conn.start(0.0)
-        peer = RawServer()
-        peer.accept(conn)
-        first = peer.hello_ack()
-    assert feed(conn, first, 0.0) is None
-    peer.receive(conn.data_to_send())
-    peer.texts.clear()
+    conn, peer = opened(role)
     if size is None:
         conn.pause()
     else:
@@ -307,22 +303,7 @@ def test_frames_read_a_byte_at_a_time(role: str) -> None:
         for n in sizes
     ]
     frames = b"".join(frame(0x1, t.encode(), key) + frame(0x9, b"p", key) for t in texts)
-    if role == "server":
-        conn = make_server()
-        conn.start(0.0)
-        raw: RawClient | RawServer = RawClient()
-        assert isinstance(raw, RawClient)
-        raw.connect(conn)
-        first = raw.hello()
-    else:
-        conn = make_client(config=LinkConfig(initial_sync="none"))
-        conn.start(0.0)
-        raw = RawServer()
-        raw.accept(conn)
-        first = raw.hello_ack()
-    assert feed(conn, first, 0.0) is None
-    conn.events()
-    raw.receive(conn.data_to_send())
+    conn, raw = opened(role)
     for i in range(len(frames)):
         assert feed(conn, frames[i : i + 1], 0.0) is None
     received = [e for e in conn.events() if isinstance(e, DeltaReceived)]

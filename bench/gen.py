@@ -4,14 +4,18 @@ drives, so the figures measure the server. Imports no WebSocket or federation li
 
 from __future__ import annotations
 
+import contextlib
 import re
+import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from bench.wire import (
     CLOSE_CLIENT,
     Counter,
+    ack_message,
     client_frame,
     client_upgrade,
     delta_message,
@@ -21,6 +25,7 @@ from bench.wire import (
 
 READ = 1 << 18
 PROCESSED = re.compile(rb'"deltasProcessed":(\d+)[,}]')
+RELAYED = b'"type":"delta",'  # a relayed delta message (not delta_ack, delta_nack, deltas)
 
 
 @dataclass
@@ -32,17 +37,20 @@ class Measure:
     p99: float | None = None
     rss: dict[str, float] = field(default_factory=dict)
     wire: int | None = None
+    cpu: dict[str, float] = field(default_factory=dict)  # CPU seconds in the timed span
 
 
 class Link:
     """A raw client link: upgraded, ``hello`` sent and ``hello_ack`` received."""
 
-    def __init__(self, url: str, initial_sync: str, timeout: float) -> None:
+    def __init__(
+        self, url: str, initial_sync: str, timeout: float, mode: str = "bidirectional"
+    ) -> None:
         self.sock, extra, self.wire = client_upgrade(url, timeout)
         self.last = b""
         answered = Counter(b'"hello_ack"')
         try:
-            self.send(client_frame(hello(initial_sync)))
+            self.send(client_frame(hello(initial_sync, mode)))
             answered.feed(extra)
             while not answered.count:
                 answered.feed(self.recv())
@@ -150,3 +158,72 @@ def sync_read(url: str, n: int, timeout: float) -> Measure:
         return Measure(rate=n / elapsed, wire=link.wire)
     finally:
         link.close()
+
+
+def relay(
+    url: str, n: int, receivers: int, timeout: float, server_cpu: Callable[[], float]
+) -> Measure:
+    """K ``receivers`` (mode pull: the server relays to them) connect, then a sender (mode
+    push: nothing is relayed to it) pipelines N deltas; each receiver counts the relayed ones
+    and acknowledges them in order. Deliveries/s (N * K) from the first byte sent until every
+    receiver has N deltas and the sender N acks; ``cpu``: seconds of CPU in that span, of this
+    process (``bench``) and of the server (``server_cpu()``, read at both ends)."""
+    frames = memoryview(b"".join(client_frame(delta_message(i)) for i in range(n)))
+    acks = memoryview(b"".join(client_frame(ack_message(i)) for i in range(n)))
+    size = len(acks) // n  # every ack frame has the same length (ids of 8 digits)
+    links: list[Link] = []
+    failed: list[BaseException] = []
+    ends: list[float] = []
+    try:
+        for _ in range(receivers):
+            links.append(Link(url, "none", timeout, mode="pull"))
+        sender = Link(url, "none", timeout, mode="push")
+        links.append(sender)
+
+        def receive(link: Link) -> None:
+            relayed, acked = Counter(RELAYED), 0
+            try:
+                while acked < n:
+                    count = min(relayed.feed(link.recv()), n)
+                    if count > acked:
+                        link.send(acks[acked * size : count * size])
+                        acked = count
+                ends.append(time.perf_counter())
+            except BaseException as exc:
+                failed.append(exc)
+
+        def send() -> None:
+            try:
+                for i in range(0, len(frames), 1 << 16):
+                    sender.sock.sendall(frames[i : i + (1 << 16)])
+            except OSError as exc:
+                failed.append(exc)
+
+        threads = [threading.Thread(target=receive, args=(r,), daemon=True) for r in links[:-1]]
+        for thread in threads:
+            thread.start()
+        acked, nacks = Counter(b'"delta_ack"'), Counter(b'"delta_nack"')
+        cpu, server = time.process_time(), server_cpu()
+        start = time.perf_counter()
+        threading.Thread(target=send, daemon=True).start()
+        while acked.count < n and not failed:
+            data = sender.recv()
+            acked.feed(data)
+            if nacks.feed(data):
+                raise RuntimeError(f"the server refused a delta: {data[-300:]!r}")
+        ends.append(time.perf_counter())
+        for thread in threads:
+            if not failed:
+                thread.join(timeout)  # a receiver's every read has the timeout too
+        if failed or len(ends) <= receivers:
+            raise failed[0] if failed else TimeoutError("a receiver did not finish")
+        cpu, server = time.process_time() - cpu, server_cpu() - server
+        sender.wire += len(frames)
+        rate = n * receivers / (max(ends) - start)
+        wire = sum(link.wire for link in links)
+        return Measure(rate=rate, wire=wire, cpu={"bench": cpu, "server": server})
+    finally:
+        for link in links:
+            with contextlib.suppress(OSError):
+                link.sock.shutdown(socket.SHUT_RD)  # wakes a receiver still reading
+            link.close()

@@ -84,6 +84,12 @@ class Proc:
                 return int(text.split()[1]) / 1024
         raise self.fail("no VmHWM in /proc (the process has ended)")
 
+    def cpu_seconds(self) -> float:
+        """The CPU time the running process has used so far (user and system, every
+        thread), in seconds."""
+        fields = Path(f"/proc/{self.pid}/stat").read_text().rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def wait(self, timeout: float) -> float:
         """Wait for a successful exit (killing it after ``timeout``); return its peak RSS
         in MB: the last VmHWM read while it ran (polled every 10 ms).

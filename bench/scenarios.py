@@ -59,7 +59,9 @@ SIZES: dict[str, Size] = {
     "sync-serve": Size(2_000, 100_000, "rate"),
     "sync-client": Size(2_000, 100_000, "rate"),
     "live-batch": Size(500, 50_000, "rate"),
+    "relay": Size(200, 20_000, "rate"),
 }
+RECEIVERS = 8  # the links a relayed delta goes to (relay)
 
 
 def targets(scenario: str, runtimes: list[str]) -> list[Target]:
@@ -76,6 +78,7 @@ def targets(scenario: str, runtimes: list[str]) -> list[Target]:
         "sync-serve": cli[1:] + lib_mem + lib_sql,  # `rhizome serve --memory` starts empty
         "sync-client": cli,
         "live-batch": lib_mem + [Target("lib", rt, "sqlite") for rt in runtimes],
+        "relay": cli + lib_mem + lib_sql,
     }[scenario]
 
 
@@ -162,6 +165,12 @@ class Bench:
             m.rss = {"server": proc.peak_rss_mb()}
         return m
 
+    def relay(self, t: Target, n: int) -> Measure:
+        with self.server(t, "relay", n) as (proc, url):
+            m = gen.relay(url, n, RECEIVERS, self.read_timeout, proc.cpu_seconds)
+            m.rss = {"server": proc.peak_rss_mb()}
+        return m
+
     def sync_serve(self, t: Target, n: int) -> Measure:
         with self.server(t, "sync", n) as (proc, url):
             m = gen.sync_read(url, n, self.read_timeout)
@@ -243,6 +252,7 @@ def describe(m: Measure) -> str:
     if m.p50 is not None and m.p99 is not None:
         parts.append(f"p50 {m.p50:.3f} ms p99 {m.p99:.3f} ms")
     parts += [f"{k} {v:.1f} MB" for k, v in m.rss.items()]
+    parts += [f"{k} CPU {v:.2f} s" for k, v in m.cpu.items()]
     return ", ".join([*parts, f"{(m.wire or 0) / 1e6:.2f} MB on the wire"])
 
 

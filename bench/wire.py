@@ -70,8 +70,10 @@ def delta_objects(start: int, stop: int) -> list[Delta]:
 # ------------------------------------------------------------------ messages (JSON bytes)
 
 
-def hello(initial_sync: str) -> bytes:
-    config = {"mode": "bidirectional", "initialSync": initial_sync}
+def hello(initial_sync: str, mode: str = "bidirectional") -> bytes:
+    """A v1 client's hello; ``mode`` as the client sees it (a server mirrors it: it relays
+    deltas to ``pull`` and ``bidirectional`` clients, never to ``push`` ones)."""
+    config = {"mode": mode, "initialSync": initial_sync}
     return dumps(
         {
             "type": "hello",

@@ -104,7 +104,12 @@ _XOR = [bytes(b ^ k for b in range(256)) for k in range(256)]
 
 def _mask(data: bytes, key: bytes) -> bytes:
     """``data`` XOR the 4-byte masking ``key`` repeated (RFC 6455 section 5.3): masks and
-    unmasks. Every fourth byte at once, by ``bytes.translate`` (about 1 ns a byte)."""
+    unmasks. A short payload as one integer; a longer one every fourth byte at once, by
+    ``bytes.translate`` (about 1 ns a byte, against 3 for integers)."""
+    size = len(data)
+    if size < 512:
+        mask = int.from_bytes(key * ((size >> 2) + 1), "little")
+        return (int.from_bytes(data, "little") ^ mask).to_bytes(size + 4, "little")[:size]
     out = bytearray(data)
     for i in range(4):
         out[i::4] = out[i::4].translate(_XOR[key[i]])

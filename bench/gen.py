@@ -82,12 +82,9 @@ class Link:
         self.sock.close()
 
 
-def live(url: str, n: int, timeout: float) -> Measure:
-    """N delta messages pipelined (a sender thread) while acks are counted: acked deltas/s
-    from the first byte sent to the last ack received."""
-    frames = memoryview(b"".join(client_frame(delta_message(i)) for i in range(n)))
-    link = Link(url, "none", timeout)
-    failed: list[BaseException] = []
+def pipeline(link: Link, frames: memoryview, failed: list[BaseException]) -> threading.Thread:
+    """Write ``frames`` on the link from a thread of its own, started here (an error goes to
+    ``failed``), while the caller reads the answers."""
 
     def send() -> None:
         try:
@@ -96,11 +93,21 @@ def live(url: str, n: int, timeout: float) -> Measure:
         except OSError as exc:
             failed.append(exc)
 
+    thread = threading.Thread(target=send, daemon=True)
+    thread.start()
+    return thread
+
+
+def live(url: str, n: int, timeout: float) -> Measure:
+    """N delta messages pipelined (a sender thread) while acks are counted: acked deltas/s
+    from the first byte sent to the last ack received."""
+    frames = memoryview(b"".join(client_frame(delta_message(i)) for i in range(n)))
+    link = Link(url, "none", timeout)
+    failed: list[BaseException] = []
     acks, nacks = Counter(b'"delta_ack"'), Counter(b'"delta_nack"')
     try:
         start = time.perf_counter()
-        sender = threading.Thread(target=send, daemon=True)
-        sender.start()
+        sender = pipeline(link, frames, failed)
         while acks.count < n:
             data = link.recv()
             acks.feed(data)
@@ -192,20 +199,13 @@ def relay(
             except BaseException as exc:
                 failed.append(exc)
 
-        def send() -> None:
-            try:
-                for i in range(0, len(frames), 1 << 16):
-                    sender.sock.sendall(frames[i : i + (1 << 16)])
-            except OSError as exc:
-                failed.append(exc)
-
         threads = [threading.Thread(target=receive, args=(r,), daemon=True) for r in links[:-1]]
         for thread in threads:
             thread.start()
         acked, nacks = Counter(b'"delta_ack"'), Counter(b'"delta_nack"')
         cpu, server = time.process_time(), server_cpu()
         start = time.perf_counter()
-        threading.Thread(target=send, daemon=True).start()
+        pipeline(sender, frames, failed)
         while acked.count < n and not failed:
             data = sender.recv()
             acked.feed(data)

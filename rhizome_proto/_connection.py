@@ -654,10 +654,12 @@ class FederationConnection:
                     break
                 payload = data[start:end]
                 try:
-                    text = (_mask(payload, data[start - 4 : start]) if masked else payload).decode()
-                except UnicodeDecodeError:
-                    pass  # wsproto fails the connection as it does (1007)
-                else:
+                    text: str | None = (
+                        _mask(payload, data[start - 4 : start]) if masked else payload
+                    ).decode()
+                except UnicodeDecodeError:  # not UTF-8: given to wsproto below, which fails it
+                    text = None
+                if text is not None:
                     at = end
                     if self._proto.state is not State.CLOSING:
                         self._proto.receive_message(text)
